@@ -88,7 +88,7 @@ def list_shards(spec: str | Iterable[str], storage_options: dict[str, Any] | Non
         out: list[str] = []
         for s in spec:
             out.extend(list_shards(s, storage_options))
-        return out
+        return sorted(dict.fromkeys(out))
     urls: list[str] = []
     for one in braceexpand.braceexpand(spec):
         if any(ch in one for ch in "*?["):
@@ -252,7 +252,7 @@ def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool 
     except UnidentifiedImageError:
         raise MediaError("corrupt image: not a recognizable image format") from None
     except Image.DecompressionBombError as e:
-        raise MediaError(f"decompression bomb: {e}") from None
+        raise MediaError(f"image is above the {max_pixels}-pixel limit (decompression bomb?): {e}") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a property of this sample
         raise MediaError(f"corrupt image: {e}") from None
 

@@ -310,14 +310,24 @@ def truncate_bytes(data: bytes, rng: np.random.Generator) -> bytes:
     return data[: max(16, int(len(data) * float(rng.uniform(0.3, 0.6))))]
 
 
-def pick_noise(rng: np.random.Generator, rates: dict[str, float]) -> str:
-    u = float(rng.random())
-    acc = 0.0
-    for name, rate in rates.items():
-        acc += rate
-        if u < acc:
-            return name
-    return "clean"
+def assign_noise(rng: np.random.Generator, rates: dict[str, float], count: int) -> list[str]:
+    """Noise labels for ``count`` samples: exact proportions per shard (largest remainder,
+    random tie-breaks), randomly placed. The first sample is clean when any is, so that
+    duplicates always have a clean source earlier in the shard."""
+    want = {k: v * count for k, v in rates.items() if v > 0}
+    n_noise = min(count, int(round(sum(want.values()))))
+    counts = {k: int(np.floor(v)) for k, v in want.items()}
+    rest = n_noise - sum(counts.values())
+    order = sorted(want, key=lambda k: (want[k] - counts[k]) + float(rng.random()) * 1e-6, reverse=True)
+    for k in order[: max(0, rest)]:
+        counts[k] += 1
+    labels = [k for k, c in counts.items() for _ in range(c)]
+    labels += ["clean"] * (count - len(labels))
+    labels = [labels[i] for i in rng.permutation(len(labels))]
+    if "clean" in labels and labels and labels[0] != "clean":
+        j = labels.index("clean")
+        labels[0], labels[j] = labels[j], labels[0]
+    return labels
 
 
 # --------------------------------------------------------------------------- pairs
@@ -345,9 +355,10 @@ def gen_pair_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: i
     """Yield (webdataset sample, ground-truth row) for one pair shard."""
     rng = np.random.default_rng([cfg.seed, zlib.crc32(spec.name.encode()), shard_idx])
     recent: list[tuple[str, Scene, bytes, str, str, int, int]] = []  # clean samples to duplicate
+    labels = assign_noise(rng, spec.noise, count)
     for i in range(count):
         key = f"{shard_idx:05d}{i:04d}"
-        noise = pick_noise(rng, spec.noise)
+        noise = labels[i]
         if noise in ("exact_duplicate", "near_duplicate") and not recent:
             noise = "clean"
         scene = random_scene(rng)
@@ -408,9 +419,10 @@ def gen_pair_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: i
 def gen_interleaved_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: int, count: int) -> Iterator[tuple[dict, dict]]:
     rng = np.random.default_rng([cfg.seed, zlib.crc32(spec.name.encode()), shard_idx])
     recent: list[tuple[str, dict]] = []
+    labels = assign_noise(rng, spec.noise, count)
     for i in range(count):
         key = f"{shard_idx:05d}{i:04d}"
-        noise = pick_noise(rng, spec.noise)
+        noise = labels[i]
         if noise == "exact_duplicate" and not recent:
             noise = "clean"
         if noise == "exact_duplicate":
@@ -529,9 +541,10 @@ def gen_video_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: 
     rng = np.random.default_rng([cfg.seed, zlib.crc32(spec.name.encode()), shard_idx])
     recent: list[tuple[str, dict]] = []
     dirs = list(DIRECTIONS)
+    labels = assign_noise(rng, spec.noise, count)
     for i in range(count):
         key = f"{shard_idx:05d}{i:04d}"
-        noise = pick_noise(rng, spec.noise)
+        noise = labels[i]
         if noise == "exact_duplicate" and not recent:
             noise = "clean"
         if noise == "exact_duplicate":

@@ -1,0 +1,139 @@
+"""Every kind of bad input yields a sample record with a clear error; the reader goes on."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.shards import count_samples, read_shard
+from curation.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
+
+RNG = np.random.default_rng(0)
+GOOD_JPG = encode_image(render_scene(Scene("circle", "red", "blue", "center"), 48, 40, RNG), "jpg")
+GOOD_MP4 = encode_mp4(render_clip(Scene("square", "red", "black", "center"), "from left to right", 32, 4, RNG), 4)
+
+
+def _bomb_png() -> bytes:
+    # 20000 x 20000 single-bit image: a few KB on disk, 400 megapixels decoded
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _make_tar(path: str, members: list[tuple[str, bytes]], symlink: str | None = None) -> str:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+            if symlink and name.startswith("before."):
+                link = tarfile.TarInfo(symlink)
+                link.type = tarfile.SYMTYPE
+                link.linkname = "/etc/passwd"
+                tf.addfile(link)
+    return path
+
+
+def _pair(key: str, img: bytes = GOOD_JPG, txt: bytes | None = b"a red circle", js: bytes | None = b"{}",
+          ext: str = "jpg") -> list[tuple[str, bytes]]:
+    m = [(f"{key}.{ext}", img)] if img is not None else []
+    if txt is not None:
+        m.append((f"{key}.txt", txt))
+    if js is not None:
+        m.append((f"{key}.json", js))
+    return m
+
+
+CASES = {
+    # name: (members of the bad sample, kind, expected error fragment)
+    "corrupt image": (_pair("bad", img=b"\x00\x01garbage" * 50), "pair", "corrupt image"),
+    "truncated image": (_pair("bad", img=GOOD_JPG[: len(GOOD_JPG) // 2]), "pair", "truncated"),
+    "missing caption": (_pair("bad", txt=None), "pair", "missing caption member"),
+    "missing image": (_pair("bad", img=None), "pair", "missing image member"),
+    "non-utf8 caption": (_pair("bad", txt=b"caf\xe9 \xff"), "pair", "not valid UTF-8"),
+    "invalid json": (_pair("bad", js=b'{"key": '), "pair", "invalid JSON"),
+    "decompression bomb": (_pair("bad", img=_bomb_png(), ext="png"), "pair", "pixel limit"),
+    "dotdot member": ([("../bad.jpg", GOOD_JPG), ("../bad.txt", b"x")], "pair", "'..'"),
+    "absolute member": ([("/abs/bad.jpg", GOOD_JPG), ("/abs/bad.txt", b"x")], "pair", "absolute member path"),
+    "corrupt video": ([("bad.mp4", b"\x00" * 64 + GOOD_MP4[64:]), ("bad.txt", b"clip")], "video", "corrupt video"),
+    "truncated video": ([("bad.mp4", GOOD_MP4[: len(GOOD_MP4) // 3]), ("bad.txt", b"clip")], "video", "corrupt video"),
+    "missing mmc4 image": (
+        [("bad.json", json.dumps({"url": "u", "text_list": ["a"], "image_info": [
+            {"image_name": "x.jpg", "matched_text_index": 0}]}).encode())],
+        "interleaved", "missing image member bad.x.jpg",
+    ),
+    "mmc4 json without text_list": ([("bad.json", b'{"url": "u"}')], "interleaved", "no 'text_list'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_sample_is_reported_and_others_survive(tmp_path, case):
+    members, kind, fragment = CASES[case]
+    good_before = _pair("before") if kind == "pair" else [("before.mp4", GOOD_MP4), ("before.txt", b"c")] if kind == "video" else [
+        ("before.json", json.dumps({"url": "u", "text_list": ["a"], "image_info": [{"image_name": "i.jpg", "matched_text_index": 0}]}).encode()),
+        ("before.i.jpg", GOOD_JPG)]
+    good_after = [(n.replace("before", "after", 1), d) for n, d in good_before]
+    url = _make_tar(str(tmp_path / "00000.tar"), good_before + members + good_after)
+    got = list(read_shard(url, kind=kind))
+    assert len(got) == 3, [(s.key, s.error) for s in got]  # exactly one record per key
+    before, bad, after = got
+    assert before.ok and after.ok, (before.error, after.error)
+    assert before.key == "before" and after.key == "after"
+    assert bad.error and fragment in bad.error, bad.error
+    assert count_samples(url) == 3
+    assert not (tmp_path / "bad.jpg").exists() and not os.path.exists("/abs")  # nothing extracted
+
+
+def test_symlink_member_is_refused(tmp_path):
+    url = _make_tar(str(tmp_path / "s.tar"), _pair("before") + _pair("after"), symlink="before.png")
+    got = {s.key: s for s in read_shard(url, kind="pair")}
+    assert set(got) == {"before", "after"}
+    assert "unsupported tar member type" in got["before"].error
+    assert got["after"].ok
+
+
+def test_truncated_tar_reports_interrupted_sample(tmp_path):
+    members = [m for i in range(5) for m in _pair(f"s{i}")]
+    full = _make_tar(str(tmp_path / "full.tar"), members)
+    data = open(full, "rb").read()
+    # cut in the middle of the 4th sample's image data
+    with tarfile.open(full) as tf:
+        m = [x for x in tf.getmembers() if x.name == "s3.jpg"][0]
+    cut = str(tmp_path / "cut.tar")
+    open(cut, "wb").write(data[: m.offset_data + 100])
+    got = list(read_shard(cut, kind="pair"))
+    assert [s.key for s in got] == ["s0", "s1", "s2", "s3"]
+    assert all(s.ok for s in got[:3])
+    assert "truncated" in got[3].error
+
+
+def test_not_a_tar(tmp_path):
+    p = tmp_path / "junk.tar"
+    p.write_bytes(b"this is not a tar file at all" * 100)
+    got = list(read_shard(str(p)))
+    assert len(got) == 1 and "tar" in got[0].error
+
+
+def test_non_contiguous_key_is_flagged(tmp_path):
+    url = _make_tar(str(tmp_path / "x.tar"), [("a.jpg", GOOD_JPG), ("b.jpg", GOOD_JPG), ("b.txt", b"b"), ("a.txt", b"a")])
+    got = list(read_shard(url, kind="pair"))
+    assert [s.key for s in got] == ["a", "b", "a"]
+    assert "not contiguous" in got[2].error
+
+
+def test_missing_shard_raises_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(read_shard(str(tmp_path / "missing.tar")))
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    url = _make_tar(str(tmp_path / "p.tar"), _pair("a"))
+    assert next(read_shard(url, kind="pair")).ok
+    s = next(read_shard(url, kind="pair", max_pixels=100))
+    assert "100-pixel limit" in s.error
