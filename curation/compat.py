@@ -52,3 +52,18 @@ def ray_filesystem(url: str, storage_options: dict[str, Any] | None = None):
 def ray_paths(urls: list[str]) -> list[str]:
     """Strip the scheme from URLs for a ray read that is given an explicit filesystem."""
     return [u.split("://", 1)[1] if cio.is_remote(u) else u for u in urls]
+
+
+def ray_read_webdataset(urls: list[str], storage_options: dict[str, Any] | None = None, **kwargs: Any):
+    """``ray.data.read_webdataset`` over local or fsspec URLs, members kept as raw bytes.
+
+    Samples of one dataset may carry different members (``jpg`` in one, ``png`` in the
+    next); Ray would try to cast such byte columns to tensors and fail, so that casting
+    is turned off for this read.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_tensor_extension_casting = False
+    kwargs.setdefault("decoder", False)
+    return ray.data.read_webdataset(ray_paths(urls), filesystem=ray_filesystem(urls[0], storage_options), **kwargs)

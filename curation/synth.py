@@ -505,13 +505,16 @@ def encode_mp4(frames: list[np.ndarray], fps: int) -> bytes:
     buf = io.BytesIO()
     h, w = frames[0].shape[:2]
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        # x264's SIMD paths gave different bytes for the same frames from run to run;
+        # asm=0 with one thread is bit-exact (and fast enough at these sizes), which keeps
+        # the corpus deterministic by seed
+        stream = container.add_stream(
+            "libx264", rate=fps, options={"threads": "1", "preset": "veryfast", "crf": "23", "x264-params": "asm=0"}
+        )
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        # one thread: bit-exact output for the same input (deterministic corpus)
-        stream.codec_context.options = {"threads": "1", "preset": "veryfast", "crf": "23"}
-        stream.codec_context.thread_count = 1
-        for arr in frames:
+        for i, arr in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            frame.pts = i
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
