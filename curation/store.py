@@ -1,0 +1,111 @@
+"""The score store: DuckDB views over every score file, local or on S3.
+
+One view per scorer (``basic``, ``clip``, ...) over ``<work>/scores/<scorer>/dataset=*/*.parquet``
+and a joined view ``scores`` keyed by ``(dataset, shard, key)``: identity columns once,
+then every scorer's columns; a column name that two scorers share is prefixed with the
+scorer's name, and each scorer's ``error`` becomes ``<scorer>_error``.
+
+On S3 DuckDB's httpfs extension is not needed: the store registers an fsspec ``s3fs``
+filesystem on the connection (honouring ``AWS_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import duckdb
+
+from curation import io as cio
+
+IDENTITY = ("dataset", "shard", "key")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class ScoreStore:
+    def __init__(self, work: str, storage_options: dict[str, Any] | None = None,
+                 con: duckdb.DuckDBPyConnection | None = None) -> None:
+        self.work = work
+        self.root = cio.join(work, "scores")
+        self.storage_options = storage_options
+        self.con = con or duckdb.connect()
+        if cio.is_remote(work):
+            fs, _ = cio.get_fs(work, storage_options)
+            self.con.register_filesystem(fs)
+        self.views: dict[str, list[str]] = {}
+        self.refresh()
+
+    def scorers(self) -> list[str]:
+        found = []
+        for d in cio.list_dirs(self.root, self.storage_options):
+            name = cio.basename(d)
+            if _NAME_RE.match(name) and any(cio.list_files(x, ".parquet", self.storage_options)
+                                            for x in cio.list_dirs(d, self.storage_options)):
+                found.append(name)
+        return found
+
+    def files_glob(self, scorer: str) -> str:
+        return cio.join(self.root, scorer, "dataset=*", "*.parquet")
+
+    def refresh(self) -> None:
+        """(Re)create the views from the files present now."""
+        self.views = {}
+        for name in self.scorers():
+            glob = self.files_glob(name).replace("'", "''")
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT * FROM read_parquet('{glob}', "
+                f"hive_partitioning = false, union_by_name = true)"
+            )
+            cols = [r[0] for r in self.con.execute(f"DESCRIBE {_quote(name)}").fetchall()]
+            self.views[name] = cols
+        self._create_joined()
+
+    def _create_joined(self) -> None:
+        if not self.views:
+            self.con.execute("CREATE OR REPLACE VIEW scores AS SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS shard, "
+                             "NULL::VARCHAR AS key, NULL::VARCHAR AS kind WHERE false")
+            return
+        counts: dict[str, int] = {}
+        for cols in self.views.values():
+            for c in cols:
+                counts[c] = counts.get(c, 0) + 1
+        names = list(self.views)
+        first = names[0]
+        select = [f"COALESCE({', '.join(f'{_quote(n)}.{c}' for n in names)}) AS {c}" for c in IDENTITY]
+        select.append(f"COALESCE({', '.join(f'{_quote(n)}.kind' for n in names)}) AS kind")
+        for n in names:
+            for c in self.views[n]:
+                if c in IDENTITY or c == "kind":
+                    continue
+                alias = f"{n}_{c}" if (c == "error" or counts[c] > 1) else c
+                select.append(f"{_quote(n)}.{_quote(c)} AS {_quote(alias)}")
+        # explicit ON conditions (not USING) so that qualified identity columns stay addressable;
+        # COALESCE gives each identity column its value whichever table has the row
+        join = _quote(first)
+        for i, n in enumerate(names[1:], 1):
+            on = " AND ".join(
+                f"{_quote(n)}.{c} = COALESCE({', '.join(f'{_quote(m)}.{c}' for m in names[:i])})" for c in IDENTITY
+            )
+            join += f" FULL OUTER JOIN {_quote(n)} ON {on}"
+        sql = f"CREATE OR REPLACE VIEW scores AS SELECT {', '.join(select)} FROM {join}"
+        self.con.execute(sql)
+
+    # ---- querying
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        return self.con.sql(query)
+
+    def query_pl(self, query: str):
+        return self.con.sql(query).pl()
+
+    def query_arrow(self, query: str):
+        return self.con.sql(query).to_arrow_table()
+
+    def count(self, scorer: str) -> int:
+        return int(self.con.execute(f"SELECT count(*) FROM {_quote(scorer)}").fetchone()[0])
+
+    def columns(self, view: str = "scores") -> list[str]:
+        return [r[0] for r in self.con.execute(f"DESCRIBE {_quote(view)}").fetchall()]

@@ -1,0 +1,261 @@
+"""CLIP filter scores (DataComp / DFN) with OpenCLIP.
+
+Cosine similarity of L2-normalized image and text embeddings, raw in [-1, 1] (DataComp's
+convention: e.g. "B/32 score >= 0.28"; not multiplied by 100 as in CLIP's logits).
+
+- pair: one score, image vs caption.
+- interleaved (MMC4): the image x sentence similarity matrix; each image's best sentence
+  (MMC4's assignment) and score; document summaries: mean and min of the matched scores,
+  and how many images fall below ``threshold``.
+- video: ``num_frames`` frames sampled evenly over the clip, each scored against the
+  caption; mean and min over frames.
+
+Models: any ``open_clip`` model name with a ``pretrained`` tag or local weights file, a
+``local-dir:/path`` or ``hf-hub:org/repo`` id, or a plain local directory holding
+``open_clip_config.json`` + ``open_clip_model.safetensors`` (what ``curate train-filter`` saves).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from scorers.base import Prepared, Scorer, dir_sha256, file_sha256
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "clip_configs")
+
+
+def register_configs() -> None:
+    """Make the small configs shipped here (``tiny-clip``, ...) known to open_clip by name."""
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def normalize_model_name(model: str) -> str:
+    if not model.startswith(("local-dir:", "hf-hub:")) and os.path.isdir(model):
+        return f"local-dir:{os.path.abspath(model)}"
+    if model.startswith("local-dir:"):
+        return f"local-dir:{os.path.abspath(model[len('local-dir:'):])}"
+    return model
+
+
+def sample_frames(video: bytes, k: int) -> list[Any]:
+    """Decode a clip and return ``k`` PIL frames spread evenly over it (fewer if it is shorter)."""
+    import av
+
+    with av.open(io.BytesIO(video)) as c:
+        frames = [f.to_image() for f in c.decode(video=0)]
+    if not frames:
+        raise ValueError("video has no decodable frames")
+    if len(frames) <= k:
+        return frames
+    idx = np.linspace(0, len(frames) - 1, k).round().astype(int)
+    return [frames[i] for i in idx]
+
+
+class ClipScorer(Scorer):
+    name = "clip"
+    version = "1"
+
+    def __init__(
+        self,
+        model: str = "ViT-B-32",
+        pretrained: str | None = None,
+        *,
+        device: str = "cpu",
+        batch_size: int = 64,
+        num_frames: int = 4,
+        threshold: float = 0.2,
+        keep_embedding: bool = False,
+        torch_threads: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if num_frames < 1:
+            raise ValueError("num_frames must be >= 1")
+        self.model_name = normalize_model_name(model)
+        self.pretrained = pretrained
+        self.device = device
+        self.batch_size = batch_size
+        self.num_frames = num_frames
+        self.threshold = threshold
+        self.keep_embedding = keep_embedding
+        self.torch_threads = torch_threads
+        self.seed = seed
+        self.model = None
+        self.preprocess = None
+        self.tokenizer = None
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        if self.model_name.startswith("local-dir:"):
+            path = self.model_name[len("local-dir:"):]
+            if not os.path.isfile(os.path.join(path, "open_clip_config.json")):
+                raise FileNotFoundError(f"CLIP model directory {path} has no open_clip_config.json")
+        if self.pretrained and os.sep in self.pretrained and not os.path.isfile(self.pretrained):
+            raise FileNotFoundError(f"CLIP weights file not found: {self.pretrained}")
+
+    # ---- identity
+    def config(self) -> dict[str, Any]:
+        cfg = {"num_frames": self.num_frames, "threshold": self.threshold, "keep_embedding": self.keep_embedding}
+        if self.pretrained is None and not self.model_name.startswith(("local-dir:", "hf-hub:")):
+            cfg["random_init_seed"] = self.seed
+        return cfg
+
+    def model_id(self) -> str:
+        if self.model_name.startswith(("local-dir:", "hf-hub:")):
+            return self.model_name
+        return f"{self.model_name}:{self.pretrained or 'random-init'}"
+
+    def weights_checksum(self) -> str | None:
+        if self.model_name.startswith("local-dir:"):
+            return dir_sha256(self.model_name[len("local-dir:"):])
+        if self.pretrained and os.path.isfile(self.pretrained):
+            return file_sha256(self.pretrained)
+        return None
+
+    def schema(self) -> pa.Schema:
+        fields = [
+            ("clip_score", pa.float32()),  # pair: cosine; document: mean matched; video: mean over frames
+            ("clip_min", pa.float32()),
+            ("clip_num_images", pa.int32()),  # images (document) or frames (video) scored
+            ("clip_images_below", pa.int32()),  # matched scores below the threshold
+            ("clip_best_sentence", pa.list_(pa.int32())),
+            ("clip_best_score", pa.list_(pa.float32())),
+            ("clip_sim_matrix", pa.list_(pa.list_(pa.float32()))),
+            ("clip_frame_scores", pa.list_(pa.float32())),
+        ]
+        if self.keep_embedding:
+            fields.append(("clip_image_emb", pa.list_(pa.float32())))
+        return pa.schema(fields)
+
+    # ---- model
+    def setup(self) -> None:
+        import open_clip
+        import torch
+
+        register_configs()
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        torch.manual_seed(self.seed)  # only matters for random-init models (benchmarks)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            self.model_name, pretrained=self.pretrained, device=self.device
+        )
+        model.eval()
+        self.model, self.preprocess = model, preprocess
+        self.tokenizer = open_clip.get_tokenizer(self.model_name)
+
+    def _ensure(self) -> None:
+        if self.model is None:
+            self.setup()
+
+    # ---- scoring
+    def prepare(self, samples: Sequence[Any]) -> Prepared:
+        """Decode and transform images, sample frames, tokenize text (no model involved)."""
+        from PIL import Image
+
+        self._ensure()
+        errors: list[str | None] = [s.error for s in samples]
+        images: list[Any] = []
+        texts: list[str] = []
+        spans: list[tuple[int, int, int, int] | None] = []
+        for i, s in enumerate(samples):
+            if errors[i] is not None:
+                spans.append(None)
+                continue
+            try:
+                if s.kind == "pair":
+                    ims = [Image.open(io.BytesIO(s.image))]
+                    txt = [s.caption or ""]
+                elif s.kind == "interleaved":
+                    ims = [Image.open(io.BytesIO(s.images[e["image_name"]])) for e in s.image_info]
+                    txt = list(s.text_list)
+                    if not ims or not txt:
+                        raise ValueError("document has no images" if not ims else "document has no sentences")
+                elif s.kind == "video":
+                    ims = sample_frames(s.video, self.num_frames)
+                    txt = [s.caption or ""]
+                else:
+                    raise ValueError(f"unsupported sample kind {s.kind!r}")
+                tensors = [self.preprocess(im.convert("RGB")) for im in ims]
+            except Exception as e:  # noqa: BLE001 - one bad sample is that sample's error
+                errors[i] = f"clip: cannot prepare sample: {e}"
+                spans.append(None)
+                continue
+            spans.append((len(images), len(tensors), len(texts), len(txt)))
+            images.extend(tensors)
+            texts.extend(txt)
+        payload = None
+        if images:
+            import torch
+
+            payload = (torch.stack(images), self.tokenizer(texts))
+        return Prepared(list(samples), errors, payload, {"spans": spans})
+
+    def compute(self, prepared: Prepared) -> dict[str, list]:
+        import torch
+
+        self._ensure()
+        n = len(prepared.samples)
+        cols = self.empty_columns(n)
+        if prepared.payload is None:
+            return cols
+        pixel, tokens = prepared.payload
+        with torch.inference_mode():
+            img = torch.cat([self.model.encode_image(pixel[j: j + self.batch_size].to(self.device))
+                             for j in range(0, len(pixel), self.batch_size)])
+            txt = torch.cat([self.model.encode_text(tokens[j: j + self.batch_size].to(self.device))
+                             for j in range(0, len(tokens), self.batch_size)])
+            img = torch.nn.functional.normalize(img.float(), dim=-1)
+            txt = torch.nn.functional.normalize(txt.float(), dim=-1)
+        img_np, txt_np = img.cpu().numpy(), txt.cpu().numpy()
+        for i, (s, span) in enumerate(zip(prepared.samples, prepared.extra["spans"])):
+            if span is None:
+                continue
+            i0, ni, t0, nt = span
+            sim = img_np[i0: i0 + ni] @ txt_np[t0: t0 + nt].T  # images x texts
+            if s.kind == "pair":
+                score = float(sim[0, 0])
+                cols["clip_score"][i] = cols["clip_min"][i] = score
+                cols["clip_num_images"][i] = 1
+                cols["clip_images_below"][i] = int(score < self.threshold)
+            elif s.kind == "interleaved":
+                best = sim.argmax(axis=1)
+                best_score = sim.max(axis=1)
+                cols["clip_score"][i] = float(best_score.mean())
+                cols["clip_min"][i] = float(best_score.min())
+                cols["clip_num_images"][i] = int(ni)
+                cols["clip_images_below"][i] = int((best_score < self.threshold).sum())
+                cols["clip_best_sentence"][i] = best.astype(int).tolist()
+                cols["clip_best_score"][i] = best_score.astype(float).tolist()
+                cols["clip_sim_matrix"][i] = sim.astype(float).tolist()
+            else:  # video: every frame against the caption
+                frames = sim[:, 0]
+                cols["clip_score"][i] = float(frames.mean())
+                cols["clip_min"][i] = float(frames.min())
+                cols["clip_num_images"][i] = int(ni)
+                cols["clip_images_below"][i] = int((frames < self.threshold).sum())
+                cols["clip_frame_scores"][i] = frames.astype(float).tolist()
+            if self.keep_embedding:
+                cols["clip_image_emb"][i] = img_np[i0: i0 + ni].mean(axis=0).astype(float).tolist()
+        return cols
+
+
+def save_open_clip_dir(model: Any, model_cfg: dict[str, Any], out_dir: str, preprocess_cfg: dict[str, Any] | None = None) -> str:
+    """Save an OpenCLIP model as a directory loadable with ``local-dir:`` (and the Hub layout)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out_dir, "open_clip_model.safetensors"))
+    return out_dir
