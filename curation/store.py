@@ -59,7 +59,7 @@ class ScoreStore:
             self.con.execute(
                 f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT * FROM read_parquet('{glob}', "
                 f"hive_partitioning = false, union_by_name = true)"
-            )
+            ).fetchall()
             cols = [r[0] for r in self.con.execute(f"DESCRIBE {_quote(name)}").fetchall()]
             self.views[name] = cols
         self._create_joined()
@@ -67,7 +67,7 @@ class ScoreStore:
     def _create_joined(self) -> None:
         if not self.views:
             self.con.execute("CREATE OR REPLACE VIEW scores AS SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS shard, "
-                             "NULL::VARCHAR AS key, NULL::VARCHAR AS kind WHERE false")
+                             "NULL::VARCHAR AS key, NULL::VARCHAR AS kind WHERE false").fetchall()
             return
         counts: dict[str, int] = {}
         for cols in self.views.values():
@@ -92,7 +92,7 @@ class ScoreStore:
             )
             join += f" FULL OUTER JOIN {_quote(n)} ON {on}"
         sql = f"CREATE OR REPLACE VIEW scores AS SELECT {', '.join(select)} FROM {join}"
-        self.con.execute(sql)
+        self.con.execute(sql).fetchall()
 
     # ---- querying
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
@@ -105,7 +105,7 @@ class ScoreStore:
         return self.con.sql(query).to_arrow_table()
 
     def count(self, scorer: str) -> int:
-        return int(self.con.execute(f"SELECT count(*) FROM {_quote(scorer)}").fetchone()[0])
+        return int(self.con.execute(f"SELECT count(*) FROM {_quote(scorer)}").fetchall()[0][0])
 
     def columns(self, view: str = "scores") -> list[str]:
         return [r[0] for r in self.con.execute(f"DESCRIBE {_quote(view)}").fetchall()]

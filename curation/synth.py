@@ -373,11 +373,11 @@ def gen_pair_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: i
             if noise == "exact_duplicate":
                 image = src_bytes
             else:
-                # same scene, a couple of pixels shifted, re-encoded at another quality
+                # the same picture re-hosted: rescaled by up to 15 % and re-encoded at another quality
                 src = Image.open(io.BytesIO(src_bytes)).convert("RGB")
-                shifted = Image.new("RGB", src.size, COLORS[scene.bg])
-                shifted.paste(src, (int(rng.integers(1, 3)), int(rng.integers(1, 3))))
-                image = encode_image(shifted, fmt, quality=int(rng.integers(70, 85)))
+                f = float(rng.uniform(0.85, 1.15))
+                w, h = max(8, round(src.width * f)), max(8, round(src.height * f))
+                image = encode_image(src.resize((w, h), Image.BICUBIC), fmt, quality=int(rng.integers(70, 85)))
         elif noise == "noise_image":
             image = encode_image(Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB"), fmt)
         elif noise == "blank_image":

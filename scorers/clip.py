@@ -95,6 +95,16 @@ class ClipScorer(Scorer):
         self._check_paths()
 
     def _check_paths(self) -> None:
+        """Fail at construction (before any work) on a model that cannot load."""
+        if not self.model_name.startswith(("local-dir:", "hf-hub:")):
+            if os.sep in self.model_name or self.model_name.startswith((".", "~")):
+                raise FileNotFoundError(f"CLIP model directory not found: {self.model_name}")
+            import open_clip
+
+            register_configs()
+            if open_clip.get_model_config(self.model_name) is None:
+                raise ValueError(f"unknown open_clip model {self.model_name!r} (not a built-in config, "
+                                 f"a local directory, a local-dir: or an hf-hub: id)")
         if self.model_name.startswith("local-dir:"):
             path = self.model_name[len("local-dir:"):]
             if not os.path.isfile(os.path.join(path, "open_clip_config.json")):

@@ -73,7 +73,8 @@ def test_ground_truth_matches_what_the_reader_sees(noisy_corpus):
                 assert s.image == src.image and s.caption == src.caption
             elif noise == "near_duplicate":
                 src = samples[(r["dataset"], r["source_key"])]
-                assert s.image != src.image and s.caption == src.caption and (s.width, s.height) == (src.width, src.height)
+                assert s.image != src.image and s.caption == src.caption
+                assert abs(s.width / src.width - 1) < 0.2 and abs(s.height / src.height - 1) < 0.2
             # img2dataset metadata agrees with the member
             if noise not in UNREADABLE_NOISE:
                 assert s.meta["sha256"] == hashlib.sha256(s.image).hexdigest()

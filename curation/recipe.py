@@ -1,0 +1,168 @@
+"""Scoring recipes: which shards, which scorers, what resources. Validated before any work.
+
+```yaml
+work: ./work                    # score store root (local folder or s3://bucket/prefix)
+ray: {address: null, num_cpus: 2}
+sources:
+  - {shards: ./corpus/coyo_synth, kind: pair}            # dataset defaults to the folder name
+  - {shards: "s3://bucket/mmc4/{00000..00099}.tar", kind: interleaved, dataset: mmc4}
+scorers:
+  - {name: basic, workers: 2}
+  - name: clip
+    params: {model: ./filters/dfn, num_frames: 4}
+    batch_size: 64
+    workers: 2
+    num_cpus: 1
+```
+
+Relative local paths are resolved against the recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from curation import io as cio
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the offending field."""
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: str | list[str]
+    kind: Literal["pair", "interleaved", "video", "auto"] = "auto"
+    dataset: Optional[str] = None
+
+
+class ScorerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_retries: int = Field(2, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from scorers import scorer_names
+
+        if v not in scorer_names():
+            raise ValueError(f"unknown scorer {v!r}; known scorers: {', '.join(scorer_names())}")
+        return v
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = Field(None, ge=1)
+
+
+class ScoreRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    work: str
+    sources: list[SourceConfig] = Field(min_length=1)
+    scorers: list[ScorerConfig] = Field(min_length=1)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("scorers")
+    @classmethod
+    def _unique(cls, v: list[ScorerConfig]) -> list[ScorerConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each scorer may appear once, got {names}")
+        return v
+
+
+def _resolve(path: str, base: str) -> str:
+    if cio.is_remote(path) or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _format(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid recipe: " + "; ".join(parts)
+
+
+def load_score_recipe(path_or_dict: str | dict[str, Any], base_dir: str | None = None) -> ScoreRecipe:
+    """Parse and validate a recipe; resolve paths; check that shards and models exist."""
+    if isinstance(path_or_dict, str):
+        if not os.path.exists(path_or_dict):
+            raise RecipeError(f"recipe file not found: {path_or_dict}")
+        with open(path_or_dict) as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise RecipeError(f"recipe {path_or_dict} is not valid YAML: {e}") from None
+        base = base_dir or os.path.dirname(os.path.abspath(path_or_dict))
+    else:
+        data, base = path_or_dict, base_dir or os.getcwd()
+    if not isinstance(data, dict):
+        raise RecipeError("recipe must be a mapping with work, sources and scorers")
+    try:
+        recipe = ScoreRecipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format(e)) from None
+    recipe.work = _resolve(recipe.work, base)
+    for i, src in enumerate(recipe.sources):
+        specs = [src.shards] if isinstance(src.shards, str) else src.shards
+        src.shards = [_resolve(s, base) for s in specs]
+    for i, sc in enumerate(recipe.scorers):
+        for key in ("model", "pretrained"):
+            v = sc.params.get(key)
+            if isinstance(v, str) and (v.startswith((".", "/", "~")) or os.sep in v) and not v.startswith(("hf-hub:",)):
+                prefix = "local-dir:" if v.startswith("local-dir:") else ""
+                sc.params[key] = prefix + _resolve(v[len(prefix):], base)
+    return recipe
+
+
+def check_recipe(recipe: ScoreRecipe) -> tuple[list[Any], list[Any]]:
+    """Everything that can fail before work starts: shards exist, scorers build. Returns
+    (shard tasks, scorer specs)."""
+    from curation.engine import ScorerSpec, ShardTask
+    from curation.shards import dataset_of, list_shards
+    from scorers import build_scorer
+
+    tasks: list[ShardTask] = []
+    for i, src in enumerate(recipe.sources):
+        try:
+            urls = list_shards(src.shards)
+        except FileNotFoundError as e:
+            raise RecipeError(f"sources[{i}].shards: {e}") from None
+        if not urls:
+            raise RecipeError(f"sources[{i}].shards: no .tar shards found in {src.shards}")
+        for u in urls:
+            tasks.append(ShardTask(u, src.dataset or dataset_of(u), src.kind))
+    seen: dict[tuple[str, str], str] = {}
+    from curation.shards import shard_name
+
+    for t in tasks:
+        k = (t.dataset, shard_name(t.url))
+        if k in seen and seen[k] != t.url:
+            raise RecipeError(f"sources: shards {seen[k]} and {t.url} would both be {t.dataset}/{k[1]}; "
+                              f"give them different dataset names")
+        seen[k] = t.url
+    specs = []
+    for i, sc in enumerate(recipe.scorers):
+        try:
+            build_scorer(sc.name, **sc.params)
+        except (TypeError, ValueError, FileNotFoundError, RuntimeError) as e:
+            raise RecipeError(f"scorers[{i}].params ({sc.name}): {e}") from None
+        specs.append(ScorerSpec(sc.name, dict(sc.params), sc.batch_size, sc.workers, sc.num_cpus, sc.num_gpus, sc.max_retries))
+    return tasks, specs
