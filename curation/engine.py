@@ -76,6 +76,7 @@ class ShardResult:
     skipped: bool = False
     failed: str | None = None
     attempts: int = 1
+    peak_rss_mb: float | None = None  # of the process that scored the shard, at the end of it
 
 
 @dataclass
@@ -233,7 +234,11 @@ def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int =
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     cio.write_bytes(out_url, buf.getvalue(), storage_options)
-    return ShardResult(task.url, task.dataset, out_url, rows=table.num_rows, errors=errors, seconds=time.time() - t0)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return ShardResult(task.url, task.dataset, out_url, rows=table.num_rows, errors=errors, seconds=time.time() - t0,
+                       peak_rss_mb=round(peak, 1))
 
 
 # --------------------------------------------------------------------------- Ray

@@ -16,9 +16,13 @@ def test_demo_end_to_end_tiny(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
-    assert report["disagreements"] == 0
-    assert report["read"]["samples"] == sum(d["samples"] for d in report["corpus"]["datasets"].values())
+    assert report["read_check"]["disagreements"] == 0
+    assert report["read_check"]["samples"] == sum(d["samples"] for d in report["corpus"]["datasets"].values())
     assert "0 disagreements with the ground truth" in r.stdout
+    # every sample scored exactly once by each scorer, and the filter separates mismatched captions
+    for run in report["scoring"]:
+        assert not run["failed"] and run["rows"] == report["read_check"]["samples"]
+    assert report["clip_auc_clean_vs_mismatched"]["coyo_synth"] >= 0.9
 
 
 def test_inspect_counts_and_errors(noisy_corpus):
