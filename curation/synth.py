@@ -272,8 +272,15 @@ def render_scene(
     scene: Scene, width: int, height: int, rng: np.random.Generator, jitter: tuple[float, float] = (0.0, 0.0)
 ) -> Image.Image:
     bg = np.array(COLORS[scene.bg], dtype=np.float32)
-    # mild texture so images are not trivially compressible or identical
-    pix = bg + rng.normal(0, 8, size=(height, width, 3)).astype(np.float32)
+    # low-frequency shading (like lighting in a photo) makes every image's layout its own,
+    # so perceptual hashes of distinct images differ; fine grain keeps them from compressing
+    # to nothing
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    field = np.zeros((height, width), np.float32)
+    for _ in range(3):
+        fx, fy = rng.uniform(-2.0, 2.0, size=2)
+        field += np.sin(2 * np.pi * (fx * xx / width + fy * yy / height) + rng.uniform(0, 2 * np.pi))
+    pix = bg + 24.0 * field[..., None] + rng.normal(0, 6, size=(height, width, 3)).astype(np.float32)
     im = Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(im)
     fx, fy = POSITIONS[scene.pos]
