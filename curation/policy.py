@@ -269,6 +269,8 @@ def compile_dataset(dataset: str, rules: list[Any], error_columns: list[str], pr
             # unreadable input (the reader's error, recorded by the basic scorer)
             ch.mark("unreadable", "basic_error IS NOT NULL")
         for c in error_columns:
+            if c == "basic_error":
+                continue
             scorer = c[: -len("_error")] if c.endswith("_error") else "scorer"
             ch.mark(f"scorer_error:{scorer}", f"{_q(c)} IS NOT NULL")
     for i, rule in enumerate(rules):

@@ -109,3 +109,42 @@ class ScoreStore:
 
     def columns(self, view: str = "scores") -> list[str]:
         return [r[0] for r in self.con.execute(f"DESCRIBE {_quote(view)}").fetchall()]
+
+    # ---- provenance
+    def file_metadata(self) -> list[dict[str, str]]:
+        """The ``curation.*`` metadata of every score file (one dict per file, with ``file``)."""
+        from curation.engine import read_score_metadata
+
+        out = []
+        for scorer in self.views:
+            for d in cio.list_dirs(cio.join(self.root, scorer), self.storage_options):
+                for f in cio.list_files(d, ".parquet", self.storage_options):
+                    md = read_score_metadata(f, self.storage_options)
+                    if md:
+                        out.append({**md, "file": f})
+        return out
+
+    def inputs(self) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+        """Input shards as the score files recorded them, and each scorer's identities.
+
+        Returns ``({(dataset, shard): {url, checksum, rows}}, {scorer: [{config_hash, identity}, ...]})``.
+        Two scorers that saw different bytes for the same shard make the store inconsistent:
+        that raises, naming the shard.
+        """
+        import json
+
+        from curation.shards import shard_name
+
+        shards: dict[tuple[str, str], dict[str, Any]] = {}
+        scorers: dict[str, dict[str, dict[str, Any]]] = {}
+        for md in self.file_metadata():
+            key = (md["dataset"], shard_name(md["shard_url"]))
+            prev = shards.get(key)
+            if prev is not None and prev["checksum"] != md["shard_checksum"]:
+                raise ValueError(
+                    f"shard {md['shard_url']} was scored in two versions (checksums {prev['checksum']} and "
+                    f"{md['shard_checksum']}); rescore it with every scorer")
+            shards[key] = {"url": md["shard_url"], "checksum": md["shard_checksum"], "rows": int(md["rows"])}
+            scorers.setdefault(md["scorer"], {})[md["config_hash"]] = {
+                "config_hash": md["config_hash"], "identity": json.loads(md["identity"])}
+        return shards, {k: list(v.values()) for k, v in scorers.items()}

@@ -1,0 +1,74 @@
+"""Select, reshard and write the manifest: scores in, curated dataset out."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from curation import io as cio
+from curation.manifest import Manifest, build_manifest, write_manifest
+from curation.policy import Policy, PolicyError, SelectionResult, load_policy, run_selection
+from curation.reshard import InputShard, ReshardConfig, ReshardError, check_inputs_unchanged, reshard
+from curation.store import ScoreStore
+
+
+def kept_keys(decisions_url: str, storage_options: dict | None = None) -> dict[tuple[str, str], list[str]]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(io.BytesIO(cio.read_bytes(decisions_url, storage_options)))
+    out: dict[tuple[str, str], list[str]] = {}
+    for ds, shard, key, dropped in zip(*(t.column(c).to_pylist() for c in ("dataset", "shard", "key", "dropped_by"))):
+        lst = out.setdefault((ds, shard), [])
+        if dropped is None:
+            lst.append(key)
+    return out
+
+
+def select(work: str, policy: str | dict | Policy, storage_options: dict | None = None) -> SelectionResult:
+    pol = policy if isinstance(policy, Policy) else load_policy(policy)
+    return run_selection(ScoreStore(work, storage_options), pol)
+
+
+def curate(
+    work: str,
+    policy: str | dict | Policy,
+    out: str,
+    cfg: ReshardConfig | None = None,
+    *,
+    storage_options: dict | None = None,
+    use_ray: bool = True,
+    progress: Callable[[Any, int, int], None] | None = None,
+) -> tuple[Manifest, str]:
+    """Apply ``policy`` to the scores under ``work``; write curated shards and ``<out>/manifest.json``.
+
+    Everything that can be refused is refused before any shard is written: a policy naming
+    unknown columns or datasets, a stage that does not exist, an input shard whose bytes
+    changed since it was scored.
+    """
+    cfg = cfg or ReshardConfig()
+    pol = policy if isinstance(policy, Policy) else load_policy(policy)
+    store = ScoreStore(work, storage_options)
+    if not store.views:
+        raise PolicyError(f"no score files under {store.root}; run `curate score` first")
+    shards, scorers = store.inputs()
+    selection = run_selection(store, pol)
+    keys = kept_keys(selection.decisions_url, storage_options)
+    inputs = [InputShard(ds, shard, rec["url"], rec["checksum"], keys.get((ds, shard), []))
+              for (ds, shard), rec in sorted(shards.items())]
+    missing = set(keys) - set(shards)
+    if missing:
+        raise ReshardError(f"scores without recorded input shards: {sorted(missing)[:5]}")
+    check_inputs_unchanged(inputs, storage_options)
+    sizes = {}
+    for inp in inputs:
+        fs, path = cio.get_fs(inp.url, storage_options)
+        sizes[inp.url] = int(fs.size(path))
+    result = reshard(inputs, out, cfg, storage_options=storage_options, use_ray=use_ray, progress=progress,
+                     check_inputs=False)
+    from dataclasses import asdict
+
+    manifest = build_manifest(work=work, inputs=shards, sizes=sizes, scorers=scorers, policy=pol, selection=selection,
+                              reshard_result=result, reshard_cfg={k: v for k, v in asdict(cfg).items() if k != "workers"})
+    url = write_manifest(manifest, cio.join(out, "manifest.json"), storage_options)
+    return manifest, url
