@@ -1,7 +1,8 @@
 """Byte-exact resharding: copy the kept samples' members, unchanged, into new shards.
 
 Input shards are streamed (never extracted), kept samples' members are copied byte for byte
-(no decoding, no re-encoding) into new WebDataset shards of at most ``max_samples`` samples
+(no decoding, no re-encoding; each member's tar header and data blocks are copied verbatim)
+into new WebDataset shards of at most ``max_samples`` samples
 or ``max_bytes`` bytes, with an optional deterministic shuffle. Work is split into groups of
 consecutive input shards, each written by one Ray task; a group is recorded as complete
 (``_groups/<dataset>-<group>.json``) only after all its shards are written, so a killed run
@@ -19,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from curation import io as cio
-from curation.shards import file_checksum, iter_raw_samples
-from curation.writer import ShardWriter, WrittenShard
+from curation.shards import file_checksum, split_key
+from curation.tarstream import RawTarWriter, TarFormatError, scan
+from curation.writer import WrittenShard
 
 
 class ReshardError(RuntimeError):
@@ -128,19 +130,90 @@ def _load_done(out: str, g: Group, storage_options: dict | None) -> GroupResult 
     return GroupResult(g.dataset, g.index, rec["shards"], rec["copied"], 0, 0.0, skipped=True)
 
 
-def _samples_of(g: Group, storage_options: dict | None, counter: dict[str, int]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+def _samples_of(g: Group, storage_options: dict | None, counter: dict[str, int]) -> Iterator[tuple[str, str, list[Any]]]:
+    """(input shard, key, raw member blocks) of every kept sample, in tar order."""
     for inp in g.inputs:
         keep = set(inp.kept)
         found = 0
         with cio.open_url(inp.url, "rb", storage_options) as f:
-            for raw in iter_raw_samples(f):
-                if raw.key in keep:
-                    found += 1
-                    yield inp.shard, raw.key, raw.members
+            key: str | None = None
+            raws: list[Any] = []
+            try:
+                for entry in scan(f):
+                    parts = split_key(entry.name)
+                    k = parts[0] if parts else entry.name
+                    if k != key:
+                        if key in keep:
+                            found += 1
+                            yield inp.shard, key, raws
+                        key, raws = k, []
+                    raws.append(entry)
+            except TarFormatError as e:
+                raise ReshardError(f"input shard {inp.url}: {e}") from None
+            if key in keep:
+                found += 1
+                yield inp.shard, key, raws
             counter["bytes_read"] += f.tell() if hasattr(f, "tell") else 0
         if found != len(keep):
             raise ReshardError(f"input shard {inp.url} has {found} of the {len(keep)} kept samples the scores "
                                f"list; it changed since it was scored")
+
+
+class _RawShardWriter:
+    """Numbered output shards of raw member blocks, rolled by sample count and bytes."""
+
+    def __init__(self, ds_url: str, pattern: str, max_samples: int, max_bytes: int, storage_options: dict | None) -> None:
+        self.ds_url, self.pattern = ds_url, pattern
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.storage_options = storage_options
+        self.index = 0
+        self.shards: list[dict[str, Any]] = []
+        self._ctx: Any = None
+        self._w: RawTarWriter | None = None
+        self._n = 0
+        self._sources: dict[str, int] = {}
+        self._url = ""
+
+    def _open(self) -> None:
+        self._url = cio.join(self.ds_url, self.pattern.format(index=self.index))
+        self.index += 1
+        self._ctx = cio.atomic_write(self._url, self.storage_options)
+        self._w = RawTarWriter(self._ctx.__enter__())
+        self._n, self._sources = 0, {}
+
+    def _close(self) -> None:
+        if self._w is None:
+            return
+        self._w.close()
+        self._ctx.__exit__(None, None, None)
+        self.shards.append({"url": self._url, "nsamples": self._n, "filesize": self._w.size,
+                            "md5sum": self._w.md5.hexdigest(), "sources": self._sources})
+        self._w = self._ctx = None
+
+    def write(self, src: str, raws: list[Any]) -> None:
+        size = sum(r.nbytes for r in raws)
+        if self._w is not None and (self._n >= self.max_samples or (self._n and self._w.size + size > self.max_bytes)):
+            self._close()
+        if self._w is None:
+            self._open()
+        for r in raws:
+            self._w.write_raw(r.header, r.body)
+        self._n += 1
+        self._sources[src] = self._sources.get(src, 0) + 1
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+    def abort(self, exc: BaseException) -> None:
+        if self._w is not None:
+            self._w.abort()
+        if self._ctx is not None:
+            try:
+                self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:  # noqa: BLE001 - the context re-raises exc; the caller raises it
+                pass
+            self._w = self._ctx = None
 
 
 def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None = None) -> GroupResult:
@@ -154,25 +227,23 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
     stream = _samples_of(g, storage_options, counter)
     if cfg.shuffle_seed is not None:
         stream = _shuffled(stream, cfg.shuffle_buffer, random.Random(f"{cfg.shuffle_seed}:{g.dataset}:{g.index}"))
-    sources: list[dict[str, int]] = []
-    writer = ShardWriter(ds_url, f"{g.dataset}-{g.index:05d}-{{index:04d}}.tar", max_samples=cfg.max_samples,
-                         max_bytes=cfg.max_bytes, storage_options=storage_options)
+    writer = _RawShardWriter(ds_url, f"{g.dataset}-{g.index:05d}-{{index:04d}}.tar", cfg.max_samples, cfg.max_bytes,
+                             storage_options)
     copied = 0
-    with writer:
-        for src_shard, key, members in stream:
-            n_before = len(writer.written)
-            writer.write({"__key__": key, **members})
-            if len(writer.written) != n_before or not sources:
-                sources.append({})
-            sources[-1][src_shard] = sources[-1].get(src_shard, 0) + 1
+    try:
+        for src_shard, _key, raws in stream:
+            writer.write(src_shard, raws)
             copied += 1
+    except BaseException as e:
+        writer.abort(e)
+        raise
+    written = writer.close()
     if copied != g.expected:
         raise ReshardError(f"group {g.dataset}/{g.index}: copied {copied} samples, expected {g.expected}")
     shards = []
-    for ws, src in zip(writer.written, sources):
-        stats = {"url": ws.url, "nsamples": ws.nsamples, "filesize": ws.filesize, "md5sum": ws.md5sum,
-                 "dataset": g.dataset, "sources": src}
-        cio.write_bytes(ws.url[: -len(".tar")] + "_stats.json", json.dumps(stats, indent=2).encode(), storage_options)
+    for ws in written:
+        stats = {**ws, "dataset": g.dataset}
+        cio.write_bytes(ws["url"][: -len(".tar")] + "_stats.json", json.dumps(stats, indent=2).encode(), storage_options)
         shards.append(stats)
     record = {"plan_hash": g.plan_hash, "dataset": g.dataset, "group": g.index, "copied": copied, "shards": shards}
     cio.write_bytes(_group_record_url(out, g), json.dumps(record, indent=2).encode(), storage_options)
