@@ -436,6 +436,8 @@ def demo(
     for row in report["per_noise"]:
         t.add_row(*(str(row[c]) for c in ("dataset", "noise", "samples", "scored", "mean_clip_score", "undecodable")))
     out_console.print(t)
+    out_console.print(f"injected noise dropped: {report['noise_dropped_fraction']:.1%}, clean kept: "
+                      f"{report['clean_kept_fraction']:.1%}; manifest {report['manifest']['id']}: {report['manifest']['path']}")
     out_console.print(f"timings (s): {report['timings_s']}")
     out_console.print(f"report: {os.path.join(out, 'demo_report.json')}")
 

@@ -23,6 +23,12 @@ def test_demo_end_to_end_tiny(tmp_path):
     for run in report["scoring"]:
         assert not run["failed"] and run["rows"] == report["read_check"]["samples"]
     assert report["clip_auc_clean_vs_mismatched"]["coyo_synth"] >= 0.9
+    # the curated output drops most injected noise and keeps most clean samples
+    assert report["noise_dropped_fraction"] >= 0.5 and report["clean_kept_fraction"] >= 0.8
+    from curation.manifest import load_manifest
+
+    m = load_manifest(report["manifest"]["path"])
+    assert m.id == report["manifest"]["id"] and len(m.stages) == 5
 
 
 def test_inspect_counts_and_errors(noisy_corpus):
