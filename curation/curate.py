@@ -25,6 +25,17 @@ def kept_keys(decisions_url: str, storage_options: dict | None = None) -> dict[t
     return out
 
 
+def _duplicate_keys(keys: dict[tuple[str, str], list[str]]) -> list[tuple[str, str]]:
+    seen: dict[tuple[str, str], str] = {}
+    dup = []
+    for (ds, shard), ks in sorted(keys.items()):
+        for k in ks:
+            if (ds, k) in seen:
+                dup.append((ds, k))
+            seen[(ds, k)] = shard
+    return dup
+
+
 def select(work: str, policy: str | dict | Policy, storage_options: dict | None = None) -> SelectionResult:
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
     return run_selection(ScoreStore(work, storage_options), pol)
@@ -56,6 +67,10 @@ def curate(
     keys = kept_keys(selection.decisions_url, storage_options)
     inputs = [InputShard(ds, shard, rec["url"], rec["checksum"], keys.get((ds, shard), []))
               for (ds, shard), rec in sorted(shards.items())]
+    dup = _duplicate_keys(keys)
+    if dup:
+        raise ReshardError(f"the same key is kept in more than one shard of a dataset, which would give a curated "
+                           f"shard two samples with one key: {dup[:5]}")
     missing = set(keys) - set(shards)
     if missing:
         raise ReshardError(f"scores without recorded input shards: {sorted(missing)[:5]}")

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from curation import io as cio
 from curation.shards import file_checksum, read_shard
-from scorers import build_scorer
+from scorers import build_scorer, scorer_class
 from scorers.base import IDENTITY_SCHEMA, Scorer
 
 log = logging.getLogger(__name__)
@@ -269,11 +269,17 @@ def _make_worker_class():
     class ScoringWorker:
         """Holds one set-up scorer (its model loaded once) and scores shards with it."""
 
-        def __init__(self, name: str, params: dict[str, Any], threads: int) -> None:
+        def __init__(self, name: str, params: dict[str, Any], threads: int, gpus: float = 0.0) -> None:
+            import inspect
+
             import torch
 
             torch.set_num_threads(max(1, threads))
-            self.scorer = build_scorer(name, **params)
+            params = dict(params)
+            cls = scorer_class(name)
+            if gpus > 0 and "device" not in params and "device" in inspect.signature(cls.__init__).parameters:
+                params["device"] = "cuda"  # a worker given a GPU uses it unless told otherwise
+            self.scorer = cls(**params)
             self.scorer.setup()
 
         def score(self, task: ShardTask, out_url: str, batch_size: int) -> ShardResult:
@@ -337,7 +343,7 @@ def run_scoring(
     opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
 
     def new_worker():
-        return Worker.options(**opts).remote(spec.name, spec.params, threads)
+        return Worker.options(**opts).remote(spec.name, spec.params, threads, spec.num_gpus)
 
     workers = [new_worker() for _ in range(n_workers)]
     pending: list[tuple[ShardTask, int]] = [(t, 1) for t in todo]

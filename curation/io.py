@@ -29,6 +29,8 @@ def _s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
 
 def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for a URL; local paths come back absolute."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
     if is_remote(url):
         opts = _s3_options(storage_options) if url.startswith(("s3://", "s3a://")) else dict(storage_options or {})
         return url_to_fs(url, **opts)
@@ -100,6 +102,7 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
             # s3fs: discard the upload instead of committing what was written so far
             if hasattr(f, "discard"):
                 f.discard()
+                f.closed = True  # nothing to commit: the upload was aborted
             raise
         else:
             f.close()

@@ -118,7 +118,8 @@ def import_mmc4(
                 if reason:
                     report.bad_lines.append(f"{label}:{line_no}: {reason}")
                     continue
-                key = f"{file_no:04d}{line_no:07d}"
+                # a running number: line numbers restart in every file (and every jsonl of a zip)
+                key = f"{report.documents:011d}"
                 members: dict[str, bytes] = {}
                 kept_info, kept_rows, missing = [], [], []
                 sim = doc.get("similarity_matrix")

@@ -87,6 +87,7 @@ class ScoreRecipe(BaseModel):
 
 
 def _resolve(path: str, base: str) -> str:
+    path = os.path.expanduser(path)
     if cio.is_remote(path) or os.path.isabs(path):
         return path
     return os.path.normpath(os.path.join(base, path))
@@ -126,7 +127,9 @@ def load_score_recipe(path_or_dict: str | dict[str, Any], base_dir: str | None =
     for i, sc in enumerate(recipe.scorers):
         for key in ("model", "pretrained"):
             v = sc.params.get(key)
-            if isinstance(v, str) and (v.startswith((".", "/", "~")) or os.sep in v) and not v.startswith(("hf-hub:",)):
+            looks_local = v.startswith((".", "/", "~")) or os.sep in v or v.endswith((".pt", ".pth", ".bin", ".safetensors")) \
+                if isinstance(v, str) else False
+            if isinstance(v, str) and looks_local and not v.startswith("hf-hub:"):
                 prefix = "local-dir:" if v.startswith("local-dir:") else ""
                 sc.params[key] = prefix + _resolve(v[len(prefix):], base)
     return recipe

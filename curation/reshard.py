@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 from curation import io as cio
 from curation.shards import file_checksum, split_key
-from curation.tarstream import RawTarWriter, TarFormatError, scan
+from curation.tarstream import RawTarWriter, TarFormatError, final_size, scan
 from curation.writer import WrittenShard
 
 
@@ -103,7 +103,9 @@ def plan_groups(inputs: list[InputShard], cfg: ReshardConfig) -> list[Group]:
         if current:
             groups.append(Group(ds, idx, current))
     for g in groups:
-        g.plan_hash = _hash({"cfg": asdict(cfg), "dataset": g.dataset, "index": g.index,
+        # workers only change how fast the plan runs, not what it writes
+        layout = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+        g.plan_hash = _hash({"cfg": layout, "dataset": g.dataset, "index": g.index,
                              "inputs": [(i.url, i.checksum, sorted(i.kept)) for i in g.inputs]})
     return groups
 
@@ -138,15 +140,21 @@ def _samples_of(g: Group, storage_options: dict | None, counter: dict[str, int])
         with cio.open_url(inp.url, "rb", storage_options) as f:
             key: str | None = None
             raws: list[Any] = []
+            seen: set[str] = set()
             try:
                 for entry in scan(f):
                     parts = split_key(entry.name)
                     k = parts[0] if parts else entry.name
                     if k != key:
+                        if k in seen:
+                            continue  # a repeated, non-contiguous key: the reader skipped it too
                         if key in keep:
                             found += 1
                             yield inp.shard, key, raws
                         key, raws = k, []
+                        seen.add(k)
+                    if not entry.is_file:
+                        raise ReshardError(f"input shard {inp.url}: member {entry.name!r} is a link or device")
                     raws.append(entry)
             except TarFormatError as e:
                 raise ReshardError(f"input shard {inp.url}: {e}") from None
@@ -192,7 +200,8 @@ class _RawShardWriter:
 
     def write(self, src: str, raws: list[Any]) -> None:
         size = sum(r.nbytes for r in raws)
-        if self._w is not None and (self._n >= self.max_samples or (self._n and self._w.size + size > self.max_bytes)):
+        if self._w is not None and (self._n >= self.max_samples or
+                                    (self._n and final_size(self._w.size + size) > self.max_bytes)):
             self._close()
         if self._w is None:
             self._open()
@@ -224,6 +233,7 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
     t0 = time.time()
     counter = {"bytes_read": 0}
     ds_url = cio.join(out, g.dataset)
+    _remove_parts(ds_url, f"{g.dataset}-{g.index:05d}-", storage_options)  # leftovers of an earlier plan
     stream = _samples_of(g, storage_options, counter)
     if cfg.shuffle_seed is not None:
         stream = _shuffled(stream, cfg.shuffle_buffer, random.Random(f"{cfg.shuffle_seed}:{g.dataset}:{g.index}"))
@@ -248,6 +258,15 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
     record = {"plan_hash": g.plan_hash, "dataset": g.dataset, "group": g.index, "copied": copied, "shards": shards}
     cio.write_bytes(_group_record_url(out, g), json.dumps(record, indent=2).encode(), storage_options)
     return GroupResult(g.dataset, g.index, shards, copied, counter["bytes_read"], time.time() - t0)
+
+
+def _remove_parts(ds_url: str, prefix: str, storage_options: dict | None) -> None:
+    """Delete output shards (and stats) of one group left by an earlier, different plan."""
+    for url in cio.list_files(ds_url, storage_options=storage_options):
+        name = cio.basename(url)
+        if name.startswith(prefix) and (name.endswith(".tar") or name.endswith("_stats.json")):
+            fs, path = cio.get_fs(url, storage_options)
+            fs.rm(path)
 
 
 def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:

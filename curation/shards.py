@@ -5,7 +5,7 @@ A shard is a POSIX tar whose members are grouped into samples by key: the member
 WebDataset convention: the key runs up to the first dot of the base name). Members of a
 sample are contiguous in the tar.
 
-The reader streams the tar (``tarfile`` in ``r|`` mode over an fsspec file object), holds
+The reader streams the tar (``curation.tarstream.scan`` over an fsspec file object), holds
 one sample in memory at a time, never extracts anything to disk, and yields exactly one
 record per key it finds. A sample it cannot read still comes out, with ``error`` set.
 """
@@ -15,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import gzip
 import logging
 import re
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import braceexpand
 
 from curation import io as cio
+from curation.tarstream import TarFormatError, scan
 from curation.samples import (
     IMAGE_EXTS,
     KINDS,
@@ -132,50 +133,24 @@ def unsafe_name(name: str) -> str | None:
 
 
 def iter_members(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawMember]:
-    """Stream the regular-file members of a tar.
+    """Stream the members of a tar (never extracting anything).
 
     Ends with a member named ``""`` carrying the error when the tar itself is broken
-    (truncated, bad header), after yielding everything that came before.
+    (truncated, bad header), after yielding everything that came before; a member the
+    stream broke inside is yielded first with its own error.
     """
     try:
-        tf = tarfile.open(fileobj=fileobj, mode="r|*")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        yield RawMember("", None, f"not a readable tar: {e}")
-        return
-    try:
-        while True:
-            try:
-                info = tf.next()
-            except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-                yield RawMember("", None, f"truncated or corrupt tar: {e}")
-                return
-            if info is None:
-                return
-            if info.isdir():
-                continue
-            if not info.isfile():
-                yield RawMember(info.name, None, f"unsupported tar member type for {info.name!r} (links and devices are refused)")
-                continue
-            if info.size > max_member_bytes:
-                yield RawMember(info.name, None, f"member {info.name!r} is {info.size} bytes, above the {max_member_bytes}-byte limit")
-                continue
-            try:
-                f = tf.extractfile(info)
-                data = f.read() if f is not None else b""
-            except (tarfile.TarError, EOFError, OSError) as e:
-                yield RawMember(info.name, None, f"truncated member {info.name!r}: {e}")
-                yield RawMember("", None, f"truncated or corrupt tar: {e}")
-                return
-            if len(data) != info.size:
-                yield RawMember(info.name, None, f"truncated member {info.name!r}: {len(data)} of {info.size} bytes")
-                yield RawMember("", None, "truncated tar: ends inside a member")
-                return
-            yield RawMember(info.name, data)
-    finally:
-        try:
-            tf.close()
-        except Exception:  # noqa: BLE001 - closing a broken stream must not mask the real error
-            pass
+        for e in scan(fileobj, max_size=max_member_bytes):
+            if not e.is_file:
+                yield RawMember(e.name, None, f"unsupported tar member type for {e.name!r} (links and devices are refused)")
+            elif e.skipped:
+                yield RawMember(e.name, None, f"member {e.name!r} is {e.size} bytes, above the {max_member_bytes}-byte limit")
+            else:
+                yield RawMember(e.name, e.data)
+    except TarFormatError as err:
+        if err.member:
+            yield RawMember(err.member, None, f"truncated member {err.member!r}")
+        yield RawMember("", None, f"truncated or corrupt tar: {err}")
 
 
 @dataclass
@@ -188,8 +163,9 @@ class RawSample:
 def iter_raw_samples(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample]:
     """Group tar members into samples by key (contiguous members, WebDataset style).
 
-    A broken tar ends the stream: the sample being assembled gets the error.
-    A key that reappears after other keys gets its own record with an error.
+    A broken tar ends the stream: the sample being assembled gets the error. Members of a
+    key that reappears after other keys are not a sample of their own (WebDataset would
+    yield the key twice); they are skipped with a warning so that every key has one record.
     """
     current: RawSample | None = None
     seen: set[str] = set()
@@ -205,11 +181,13 @@ def iter_raw_samples(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BY
         parts = split_key(m.name)
         key, ext = parts if parts else (m.name, "")
         if current is None or key != current.key:
+            if key in seen:
+                log.warning("tar member %r: key %r already appeared earlier in this shard (members not "
+                            "contiguous); skipping it", m.name, key)
+                continue
             if current is not None:
                 yield current
             current = RawSample(key=key)
-            if key in seen:
-                current.errors.append(f"key {key!r} appears again after other samples (members not contiguous)")
             seen.add(key)
         if bad:
             current.errors.append(bad)
@@ -473,9 +451,17 @@ def read_shard(
     opts = options or ReadOptions(kind=kind, verify=verify, max_pixels=max_pixels)
     ds = dataset or dataset_of(url)
     name = shard_name(url)
-    with cio.open_url(url, "rb", storage_options) as f:
+    with open_shard(url, storage_options) as f:
         for raw in iter_raw_samples(f, opts.max_member_bytes):
             yield to_sample(raw, ds, name, url, opts)
+
+
+def open_shard(url: str, storage_options: dict[str, Any] | None = None):
+    """Open a shard for streaming; ``.tar.gz`` / ``.tgz`` are decompressed on the fly."""
+    f = cio.open_url(url, "rb", storage_options)
+    if url.endswith((".gz", ".tgz")):
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    return f
 
 
 # --------------------------------------------------------------------------- shard info
@@ -530,6 +516,6 @@ def shard_info(url: str, dataset: str | None = None, storage_options: dict[str, 
 
 def count_samples(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """Number of keys in a shard, without decoding any media."""
-    with cio.open_url(url, "rb", storage_options) as f:
+    with open_shard(url, storage_options) as f:
         return sum(1 for raw in iter_raw_samples(f) if raw.key)
 

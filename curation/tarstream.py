@@ -3,11 +3,12 @@
 Resharding copies kept samples unchanged. Re-creating headers with ``tarfile`` costs more
 than moving the bytes, so this module reads each member's raw blocks (its header, any GNU
 long-name or PAX blocks before it, its data and padding) and writes them back as they were:
-the output members are byte-identical to the input members, headers included.
+the output members are byte-identical to the input members, headers included. The shard
+reader uses the same scanner, so both see a tar the same way.
 
-Only what WebDataset shards contain is supported: regular files and directories (skipped),
-GNU long names (``L``), PAX extended headers (``x``, ``g``). Anything else, a bad header
-checksum or a truncated stream raises :class:`TarFormatError`.
+Regular files, GNU long names (``L``) and PAX extended headers (``x``, ``g``) are understood;
+directories are skipped; links and devices are reported (``typeflag``) with no data. A bad
+header checksum or a truncated stream raises :class:`TarFormatError`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ RECORD = 20 * BLOCK  # tar's default blocking factor; archives end on a record b
 
 
 class TarFormatError(ValueError):
-    pass
+    def __init__(self, msg: str, member: str | None = None) -> None:
+        super().__init__(msg)
+        self.member = member  # the member being read when the stream broke, if any
+
+
+REGULAR = (b"0", b"\0", b"7")
 
 
 @dataclass
@@ -29,7 +35,13 @@ class RawEntry:
     name: str
     size: int
     header: bytes  # GNU long-name / PAX blocks, then the member's own header block
-    body: bytes  # data, padded to whole blocks
+    body: bytes  # data, padded to whole blocks (empty when skipped: oversize or not a file)
+    typeflag: bytes = b"0"
+    skipped: bool = False  # body not read: larger than max_size
+
+    @property
+    def is_file(self) -> bool:
+        return self.typeflag in REGULAR
 
     @property
     def data(self) -> bytes:
@@ -40,11 +52,20 @@ class RawEntry:
         return len(self.header) + len(self.body)
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
+def _read_exact(f: BinaryIO, n: int, member: str | None = None) -> bytes:
     data = f.read(n)
     if len(data) != n:
-        raise TarFormatError(f"truncated tar: wanted {n} bytes, got {len(data)}")
+        where = f"inside member {member!r}" if member else "inside a header"
+        raise TarFormatError(f"truncated tar: ends {where} ({len(data)} of {n} bytes)", member)
     return data
+
+
+def _skip(f: BinaryIO, n: int, member: str) -> None:
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise TarFormatError(f"truncated tar: ends inside member {member!r}", member)
+        n -= len(chunk)
 
 
 def _octal(field: bytes, what: str) -> int:
@@ -63,7 +84,7 @@ def _check(header: bytes) -> None:
     stored = _octal(header[148:156], "checksum")
     actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
     if stored != actual:
-        raise TarFormatError("corrupt tar header: checksum mismatch")
+        raise TarFormatError("corrupt tar header: checksum mismatch (not a tar, or damaged)")
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -81,17 +102,21 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def scan(f: BinaryIO) -> Iterator[RawEntry]:
-    """Yield the regular-file members of a tar stream with their raw blocks."""
+def scan(f: BinaryIO, max_size: int | None = None) -> Iterator[RawEntry]:
+    """Yield the members of a tar stream (directories skipped) with their raw blocks.
+
+    Raises :class:`TarFormatError` on a bad header, a stream that ends inside a header or a
+    member, or one that ends without tar's end-of-archive blocks (a truncated tar).
+    """
     pending: list[bytes] = []
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
         header = f.read(BLOCK)
         if not header:
-            return  # no end-of-archive blocks: accept, like tar does with a warning
+            raise TarFormatError("truncated tar: ends without the end-of-archive blocks")
         if len(header) != BLOCK:
-            raise TarFormatError("truncated tar: partial header block")
+            raise TarFormatError("truncated tar: ends inside a header block")
         if header == b"\0" * BLOCK:
             return
         _check(header)
@@ -121,13 +146,22 @@ def scan(f: BinaryIO) -> Iterator[RawEntry]:
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
         prefix_blocks = b"".join(pending)
         pending, long_name, pax = [], None, {}
-        if typeflag == b"5":
-            _read_exact(f, padded)
+        if typeflag in (b"1", b"2", b"3", b"4", b"6"):  # links and devices carry no data
+            yield RawEntry(name, 0, prefix_blocks + header, b"", typeflag)
             continue
-        if typeflag not in (b"0", b"\0", b"7"):
-            raise TarFormatError(f"unsupported tar member type {typeflag!r} for {name!r}")
-        body = _read_exact(f, padded)
-        yield RawEntry(name, size, prefix_blocks + header, body)
+        if typeflag == b"5" or (max_size is not None and size > max_size) or typeflag not in REGULAR:
+            _skip(f, padded, name)
+            if typeflag != b"5":
+                yield RawEntry(name, size, prefix_blocks + header, b"", typeflag, skipped=True)
+            continue
+        body = _read_exact(f, padded, name)
+        yield RawEntry(name, size, prefix_blocks + header, body, typeflag)
+
+
+def final_size(nbytes: int) -> int:
+    """Size of a tar holding ``nbytes`` of member blocks once closed (end blocks, record padding)."""
+    total = nbytes + 2 * BLOCK
+    return total + (RECORD - total % RECORD) % RECORD
 
 
 class RawTarWriter:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from curation import io as cio
 from curation.samples import Sample
+from curation.tarstream import final_size
 
 
 @dataclass
@@ -176,7 +177,9 @@ class ShardWriter:
             key, members = str(sample["__key__"]), {k: v for k, v in sample.items() if not k.startswith("__")}
         size = tar_size_of({k: _member_bytes(v) for k, v in members.items()}, key)
         sink = self._sink
-        if sink is not None and (sink.nsamples >= self.max_samples or (sink.nsamples > 0 and self._bytes + size > self.max_bytes)):
+        # the closed file also holds tar's end blocks and record padding: count them too
+        if sink is not None and (sink.nsamples >= self.max_samples or
+                                 (sink.nsamples > 0 and final_size(self._bytes + size) > self.max_bytes)):
             self._roll()
             sink = None
         if sink is None:

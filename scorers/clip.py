@@ -109,8 +109,18 @@ class ClipScorer(Scorer):
             path = self.model_name[len("local-dir:"):]
             if not os.path.isfile(os.path.join(path, "open_clip_config.json")):
                 raise FileNotFoundError(f"CLIP model directory {path} has no open_clip_config.json")
-        if self.pretrained and os.sep in self.pretrained and not os.path.isfile(self.pretrained):
-            raise FileNotFoundError(f"CLIP weights file not found: {self.pretrained}")
+        if self.pretrained:
+            looks_like_file = os.sep in self.pretrained or self.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            if looks_like_file:
+                if not os.path.isfile(self.pretrained):
+                    raise FileNotFoundError(f"CLIP weights file not found: {self.pretrained}")
+            elif not self.model_name.startswith(("local-dir:", "hf-hub:")):
+                import open_clip
+
+                tags = open_clip.list_pretrained_tags_by_model(self.model_name)
+                if self.pretrained not in tags:
+                    raise ValueError(f"unknown pretrained tag {self.pretrained!r} for {self.model_name} "
+                                     f"(known: {', '.join(tags) or 'none'}; or give a weights file path)")
 
     # ---- identity
     def config(self) -> dict[str, Any]:

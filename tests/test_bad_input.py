@@ -87,7 +87,8 @@ def test_bad_sample_is_reported_and_others_survive(tmp_path, case):
     assert before.key == "before" and after.key == "after"
     assert bad.error and fragment in bad.error, bad.error
     assert count_samples(url) == 3
-    assert not (tmp_path / "bad.jpg").exists() and not os.path.exists("/abs")  # nothing extracted
+    # nothing was extracted anywhere a bad name points
+    assert not (tmp_path.parent / "bad.jpg").exists() and not os.path.exists("/abs") and not (tmp_path / "bad.jpg").exists()
 
 
 def test_symlink_member_is_refused(tmp_path):
@@ -120,11 +121,27 @@ def test_not_a_tar(tmp_path):
     assert len(got) == 1 and "tar" in got[0].error
 
 
-def test_non_contiguous_key_is_flagged(tmp_path):
+def test_non_contiguous_key_keeps_one_record_per_key(tmp_path, caplog):
     url = _make_tar(str(tmp_path / "x.tar"), [("a.jpg", GOOD_JPG), ("b.jpg", GOOD_JPG), ("b.txt", b"b"), ("a.txt", b"a")])
     got = list(read_shard(url, kind="pair"))
-    assert [s.key for s in got] == ["a", "b", "a"]
-    assert "not contiguous" in got[2].error
+    assert [s.key for s in got] == ["a", "b"]
+    assert got[0].error == "missing caption member (.txt)" and got[1].ok
+    assert "already appeared earlier" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["inside header", "at header boundary", "inside data"])
+def test_truncated_tar_anywhere_is_reported(tmp_path, where):
+    members = [m for i in range(5) for m in _pair(f"s{i}")]
+    full = _make_tar(str(tmp_path / "full.tar"), members)
+    data = open(full, "rb").read()
+    with tarfile.open(full) as tf:
+        m = [x for x in tf.getmembers() if x.name == "s3.jpg"][0]
+    cut = {"inside header": m.offset + 200, "at header boundary": m.offset, "inside data": m.offset_data + 100}[where]
+    path = str(tmp_path / "cut.tar")
+    open(path, "wb").write(data[:cut])
+    got = list(read_shard(path, kind="pair"))
+    assert [s.key for s in got][:3] == ["s0", "s1", "s2"] and all(s.ok for s in got[:2])
+    assert any(s.error and "truncated" in s.error for s in got), [(s.key, s.error) for s in got]
 
 
 def test_missing_shard_raises_clearly(tmp_path):

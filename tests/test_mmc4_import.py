@@ -33,8 +33,9 @@ def _mmc4_fixture(tmp_path):
     plain = tmp_path / "docs_shard_0_v2.jsonl"
     plain.write_text("\n".join(lines) + "\n")
     zipped = tmp_path / "docs_shard_1_v2.jsonl.zip"
-    with zipfile.ZipFile(zipped, "w") as zf:
-        zf.writestr("docs_shard_1_v2.jsonl", "\n".join(json.dumps(d) for d in docs[3:]) + "\n")
+    with zipfile.ZipFile(zipped, "w") as zf:  # two jsonl inside one zip: line numbers restart
+        zf.writestr("part_a.jsonl", json.dumps(docs[3]) + "\n")
+        zf.writestr("part_b.jsonl", json.dumps(docs[4]) + "\n")
     gz = tmp_path / "docs_shard_2_v2.jsonl.gz"
     with gzip.open(gz, "wt") as f:
         f.write(json.dumps(docs[0]) + "\n")

@@ -300,6 +300,8 @@ def test_bad_recipes_fail_before_work(tmp_path, noisy_corpus, tiny_clip_dir):
     bad(lambda d: d["sources"][0].update(kind="audio"), r"sources\[0\]\.kind")
     bad(lambda d: d["scorers"][0].update(batch_size=0), r"scorers\[0\]\.batch_size")
     bad(lambda d: d.update(colour="blue"), r"colour")
+    bad(lambda d: d["scorers"][1]["params"].update(model="ViT-B-32", pretrained="missing.pt"), r"weights file not found")
+    bad(lambda d: d["scorers"][1]["params"].update(model="ViT-B-32", pretrained="no_such_tag"), r"unknown pretrained tag")
     r = _run_cli("score", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "recipe file not found" in r.stderr
     assert not (tmp_path / "w").exists()
