@@ -1,0 +1,60 @@
+"""The SigLIP vision tower and the Dynamic-S2 merge of multi-scale feature maps."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.image_processing import ImageLayout
+
+
+class VisionTower(nn.Module):
+    """SigLIP (transformers) returning the patch-token map of one hidden layer.
+
+    SigLIP has no CLS token: every token of ``feature_layer`` (default -2, the penultimate
+    layer) is a patch; they are returned as a (N, P, P, C) map.
+    """
+
+    def __init__(self, model: nn.Module, feature_layer: int = -2) -> None:
+        super().__init__()
+        self.model = model
+        self.feature_layer = feature_layer
+        cfg = model.config
+        self.grid = cfg.image_size // cfg.patch_size
+        self.hidden_size = cfg.hidden_size
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=tiles.to(self.dtype), output_hidden_states=True)
+        h = out.hidden_states[self.feature_layer]  # (N, P*P, C)
+        return h.view(h.shape[0], self.grid, self.grid, h.shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def stitch(feats: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows*cols, P, P, C) tiles in row-major order -> one (rows*P, cols*P, C) map."""
+    n, p, _, c = feats.shape
+    return feats.view(rows, cols, p, p, c).permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, c)
+
+
+def merge_s2(feats: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+    """Stitch each scale's tiles, resize every map to the last (largest) scale's map size, and
+    concatenate on channels: (n_tiles, P, P, C) -> (H, W, C * n_scales)."""
+    maps, i = [], 0
+    for rows, cols in layout.grids:
+        maps.append(stitch(feats[i: i + rows * cols], rows, cols))
+        i += rows * cols
+    h, w = maps[-1].shape[:2]
+    out = []
+    for m in maps:
+        if m.shape[:2] != (h, w):
+            # area resampling when shrinking, bilinear when growing (smaller scales are upsampled)
+            mode = "area" if m.shape[0] > h else "bilinear"
+            kwargs = {} if mode == "area" else {"align_corners": False}
+            m = F.interpolate(m.permute(2, 0, 1)[None].float(), size=(h, w), mode=mode, **kwargs)[0]
+            m = m.permute(1, 2, 0).to(feats.dtype)
+        out.append(m)
+    return torch.cat(out, dim=-1)
