@@ -273,3 +273,22 @@ def test_real_fp8_refused_without_hardware(model):
         convert_to_fp8(copy.deepcopy(model), "rowwise", emulate=False)
     with pytest.raises(ValueError, match="unknown FP8 recipe"):
         convert_to_fp8(copy.deepcopy(model), "blockwise")
+
+
+def test_fp8_optimizer_states_train(model, tok):
+    """AdamW with FP8 moment buffers (torchao low-bit optimizer) trains the tiny model on CPU."""
+    from model.fp8 import fp8_optimizer
+
+    batches = _batches(model, tok, 2)
+    opt = fp8_optimizer([p for p in model.projector.parameters()], lr=2e-3)
+    losses = []
+    for s in range(8):
+        loss = model(**batches[s % 2]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # torchao keeps tiny tensors (norms, biases) in full precision; the big matrices go to FP8
+    biggest = max(model.projector.parameters(), key=lambda p: p.numel())
+    assert type(opt.state[biggest]["exp_avg"]).__name__ == "OptimStateFp8"
+    assert losses[-1] < losses[0]
