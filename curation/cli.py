@@ -390,6 +390,45 @@ def manifest_show(
 
 
 @app.command()
+def train(
+    manifest: str = typer.Option(..., "--manifest", "-m", help="Curated manifest.json: the only data input training needs"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Training recipe (YAML): init, output, stages, ..."),
+) -> None:
+    """Train NVILA stage by stage from a curated manifest (Ray Train or in-process)."""
+    from training_hooks.kickoff import TrainingInputError, train_from_manifest
+    from training_hooks.recipe import TrainRecipeError
+
+    try:
+        report = train_from_manifest(manifest, recipe, info=lambda t: out_console.print(t, markup=False, highlight=False))
+    except (TrainingInputError, TrainRecipeError) as e:
+        _fail(str(e))
+    out_console.print(f"trained on manifest {report['manifest_id']}; final checkpoint {report['final_checkpoint']}; "
+                      f"report {os.path.join(os.path.dirname(report['loss_plot']), 'training_report.json')}")
+
+
+@app.command("init-model")
+def init_model(
+    manifest: str = typer.Option(..., "--manifest", "-m", help="Manifest whose curated text trains the tokenizer"),
+    out: str = typer.Option(..., "--out", "-o", help="Where to save the NVILA directory"),
+    size: str = typer.Option("tiny", help="tiny | small"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build a small NVILA (and a BPE tokenizer from the curated captions) to train from when
+    no pretrained checkpoint is at hand."""
+    from curation.manifest import load_manifest
+    from training_hooks.bootstrap import init_tiny_model
+
+    if size not in ("tiny", "small"):
+        _fail(f"unknown size {size!r}: use tiny or small")
+    try:
+        m = load_manifest(manifest)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    init_tiny_model(m, out, size=size, seed=seed)
+    out_console.print(f"saved a {size} NVILA to {out}")
+
+
+@app.command()
 def demo(
     out: str = typer.Option("./curate-demo", "--out", "-o", help="Working folder for everything the demo writes"),
     size: str = typer.Option("small", help="Corpus size: tiny | small | medium | large | <number of pairs>"),

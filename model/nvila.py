@@ -265,8 +265,16 @@ class NVILAForCausalLM(nn.Module):
 
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(path)
+    # AutoTokenizer peeks at config.json, whose model_type (nvila) transformers does not know;
+    # the tokenizer's own files say what it is, so that notice is noise here
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

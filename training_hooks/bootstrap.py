@@ -1,0 +1,68 @@
+"""A tiny NVILA to start from, built for a manifest (tests, the demo, the pruning benchmark).
+
+Real runs start from a real NVILA (or SigLIP + Qwen2) directory. Here, where no weights can
+be downloaded, a small byte-level BPE tokenizer is trained on the curated captions and a
+small NVILA is built from configs, saved, and loaded back through ``from_pretrained`` like any
+user checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY = {
+    "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8),
+    "llm": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+}
+SMALL = {
+    "vision": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                   image_size=48, patch_size=8),
+    "llm": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True),
+}
+
+
+def corpus_texts(manifest: Any, limit: int = 2000) -> list[str]:
+    from curation.shards import read_shard
+
+    texts: list[str] = []
+    for ds, out in manifest.outputs.items():
+        n = 0
+        for shard in out.shards:
+            for s in read_shard(shard.url, kind=out.kind, dataset=ds, verify=False):
+                if s.error:
+                    continue
+                if s.kind == "interleaved":
+                    texts.extend(s.text_list)
+                elif s.caption:
+                    texts.append(s.caption)
+                n += 1
+                if n >= limit:
+                    break
+            if n >= limit:
+                break
+    return texts
+
+
+def init_tiny_model(manifest: Any, out_dir: str, size: str = "tiny", seed: int = 0, vocab_size: int = 600,
+                    image_mode: str = "dynamic_s2") -> str:
+    import torch
+
+    from model import NVILAConfig, NVILAForCausalLM
+    from model.tokenizer import train_bpe_tokenizer
+
+    spec = {"tiny": TINY, "small": SMALL}[size]
+    texts = corpus_texts(manifest) + ["Describe the image.", "What is in this picture?", "Write a short caption.",
+                                      "Describe the video.", "What happens in this clip?"]
+    tok = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    tile = spec["vision"]["image_size"]
+    cfg = NVILAConfig(vision_config=dict(spec["vision"]), llm_config=dict(spec["llm"], vocab_size=len(tok)),
+                      image_mode=image_mode, s2_scales=[tile, 2 * tile], max_tiles=4,
+                      video_num_frames=4, video_pool_size=2)
+    torch.manual_seed(seed)
+    model = NVILAForCausalLM(cfg)
+    model.attach_tokenizer(tok)
+    model.save_pretrained(out_dir, tok)
+    return out_dir

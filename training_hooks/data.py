@@ -1,0 +1,271 @@
+"""From a manifest's curated shards to training batches.
+
+Streaming (local or S3, through the shard reader), deterministic shuffling (shard order and a
+shuffle buffer, seeded by stage, epoch, rank and worker), weighted mixing across datasets by
+the manifest's weights, split across data-parallel ranks and loader workers (by shard when
+there are enough shards, by sample otherwise). Every sample becomes a conversation:
+
+- pair: ``<image>`` + prompt -> caption;
+- MMC4 document: interleaved text with ``<image>`` before each image's matched sentence
+  (pretraining: loss on the text);
+- video: ``<vila/video>`` + prompt -> caption.
+
+A sample that cannot be used (unreadable, no caption, too long for ``max_length``) is skipped
+and counted; a held-out slice (every n-th key by hash) is kept out of training for evaluation.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from curation.shards import read_shard
+
+
+@dataclass
+class DataSplit:
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.rank * self.num_workers + self.worker
+
+    @property
+    def total(self) -> int:
+        return self.world_size * self.num_workers
+
+
+@dataclass
+class SourceDataset:
+    name: str
+    kind: str
+    urls: list[str]
+    weight: float
+    heldout_every: int | None = None  # every n-th key (by hash) is held out of training
+
+
+def key_bucket(dataset: str, key: str, n: int) -> int:
+    return zlib.crc32(f"{dataset}/{key}".encode()) % n
+
+
+def stream_samples(src: SourceDataset, seed: int, split: DataSplit, *, heldout: bool | None = None,
+                   shuffle_buffer: int = 256, loop: bool = True) -> Iterator[Any]:
+    """Samples of one dataset for this rank/worker, shuffled, epoch after epoch (``loop``).
+
+    ``heldout=False`` leaves out the held-out slice (training), ``True`` yields only it
+    (evaluation), ``None`` yields everything."""
+    heldout_every = src.heldout_every if heldout is not None else None
+    epoch = 0
+    while True:
+        rng = random.Random(f"{seed}:{src.name}:{epoch}:{split.index}")
+        urls = list(src.urls)
+        random.Random(f"{seed}:{src.name}:{epoch}").shuffle(urls)  # same order on every rank
+        by_shard = len(urls) >= split.total
+        mine = urls[split.index::split.total] if by_shard else urls
+        buf: list[Any] = []
+        n = 0
+        for url in mine:
+            for s in read_shard(url, kind=src.kind, dataset=src.name):
+                n += 1
+                if not by_shard and (n - 1) % split.total != split.index:
+                    continue
+                if heldout_every:
+                    is_held = key_bucket(src.name, s.key, heldout_every) == 0
+                    if is_held != heldout:
+                        continue
+                buf.append(s)
+                if len(buf) >= shuffle_buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+        epoch += 1
+        if not loop:
+            return
+
+
+def mix(streams: dict[str, Iterator[Any]], weights: dict[str, float], seed: int) -> Iterator[tuple[str, Any]]:
+    """Draw from each stream with probability proportional to its weight (deterministic by seed)."""
+    names = sorted(streams)
+    total = sum(weights[n] for n in names)
+    cum, acc = [], 0.0
+    for n in names:
+        acc += weights[n] / total
+        cum.append(acc)
+    rng = random.Random(f"mix:{seed}")
+    while True:
+        u = rng.random()
+        for n, c in zip(names, cum):
+            if u < c or n == names[-1]:
+                try:
+                    yield n, next(streams[n])
+                except StopIteration:
+                    return
+                break
+
+
+@dataclass
+class ExampleBuilder:
+    """Turn samples into tokenized conversations for a model and tokenizer."""
+
+    model: Any
+    tokenizer: Any
+    max_length: int
+    prompts: Sequence[str] = ("Describe the image.",)
+    video_prompts: Sequence[str] = ("Describe the video.",)
+    skipped: Counter = field(default_factory=Counter)
+
+    def __call__(self, sample: Any) -> Any | None:
+        from model.conversation import build_chat, build_pretrain_text
+
+        if sample.error:
+            self.skipped["unreadable"] += 1
+            return None
+        pick = zlib.crc32(sample.key.encode())
+        try:
+            if sample.kind == "pair":
+                if not sample.caption or not sample.caption.strip():
+                    self.skipped["no_caption"] += 1
+                    return None
+                media = [self.model.preprocess_image(sample.image)]
+                ex = build_chat(self.tokenizer, [
+                    {"role": "user", "content": f"<image>\n{self.prompts[pick % len(self.prompts)]}"},
+                    {"role": "assistant", "content": sample.caption.strip()}], media,
+                    media_lengths=[self._image_len(media[0])])
+            elif sample.kind == "video":
+                if not sample.caption or not sample.caption.strip():
+                    self.skipped["no_caption"] += 1
+                    return None
+                media = [self.model.preprocess_video(sample.video)]
+                ex = build_chat(self.tokenizer, [
+                    {"role": "user", "content": f"<vila/video>\n{self.video_prompts[pick % len(self.video_prompts)]}"},
+                    {"role": "assistant", "content": sample.caption.strip()}], media,
+                    media_lengths=[self._video_len(media[0])])
+            else:
+                text, names = interleave(sample.text_list, sample.image_info)
+                if not text.strip():
+                    self.skipped["no_text"] += 1
+                    return None
+                media = [self.model.preprocess_image(sample.images[n]) for n in names]
+                ex = build_pretrain_text(self.tokenizer, text, media, [self._image_len(m) for m in media])
+        except ValueError as e:
+            self.skipped[f"bad_media: {str(e)[:60]}"] += 1
+            return None
+        if ex.length > self.max_length:
+            self.skipped["too_long"] += 1
+            return None
+        return ex
+
+    def _image_len(self, media: Any) -> int:
+        from model.image_processing import projector_grid
+
+        c = self.model.config
+        p = c.tile_size // c.patch_size
+        if c.image_mode == "dynamic_s2":
+            rows, cols = media.layout.grids[-1]
+            gh, gw = projector_grid(rows * p, cols * p, c.projector_type)
+            return gh * gw
+        gh, gw = projector_grid(p, p, c.projector_type)
+        return len(media.tiles) * gh * gw
+
+    def _video_len(self, media: Any) -> int:
+        from model.image_processing import video_token_count
+
+        c = self.model.config
+        return video_token_count(len(media.tiles), c.video_pool_size, tile=c.tile_size, patch=c.patch_size,
+                                 projector=c.projector_type)
+
+
+def interleave(text_list: Sequence[str], image_info: Sequence[dict]) -> tuple[str, list[str]]:
+    """MMC4 document -> text with ``<image>`` before each image's matched sentence, and image order."""
+    before: dict[int, list[str]] = {}
+    for e in image_info:
+        before.setdefault(int(e.get("matched_text_index", 0)), []).append(e["image_name"])
+    parts, names = [], []
+    for i, sent in enumerate(text_list):
+        for n in before.get(i, []):
+            parts.append("<image>")
+            names.append(n)
+        parts.append(sent)
+    for i in sorted(k for k in before if k >= len(text_list)):  # indexes past the text: at the end
+        for n in before[i]:
+            parts.append("<image>")
+            names.append(n)
+    return " ".join(parts), names
+
+
+def batches(examples: Iterator[Any], batch_size: int, pad_id: int, max_length: int) -> Iterator[dict]:
+    from model.conversation import collate
+
+    buf = []
+    for ex in examples:
+        buf.append(ex)
+        if len(buf) == batch_size:
+            yield collate(buf, pad_id, max_length)
+            buf = []
+
+
+def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run an iterator on a thread, ``depth`` items ahead (decoding overlaps the training step)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for x in it:
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="batch-prefetch")
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        t.join(timeout=30)  # let the worker finish its item: no thread left running into shutdown
+
+
+def stage_sources(manifest: Any, datasets: dict[str, float], heldout_every: int = 20,
+                  heldout_samples: int = 32) -> list[SourceDataset]:
+    """The stage's datasets. The held-out slice is every ``heldout_every``-th key, or a larger
+    share for small datasets so that about ``heldout_samples`` are held out."""
+    out = []
+    for ds, w in sorted(datasets.items()):
+        o = manifest.outputs[ds]
+        every = max(2, min(heldout_every, o.samples // max(1, heldout_samples)))
+        out.append(SourceDataset(ds, o.kind, [s.url for s in o.shards], w, every))
+    return out
+
+
+def example_stream(sources: list[SourceDataset], build: Callable[[Any], Any], seed: int, split: DataSplit,
+                   counts: Counter | None = None) -> Iterator[Any]:
+    streams = {s.name: stream_samples(s, seed, split, heldout=False) for s in sources}
+    for name, sample in mix(streams, {s.name: s.weight for s in sources}, seed + 7919 * split.index):
+        ex = build(sample)
+        if ex is not None:
+            if counts is not None:
+                counts[name] += 1
+            yield ex

@@ -1,0 +1,145 @@
+"""``curate train``: a manifest and a recipe in, NVILA checkpoints stage by stage out.
+
+Everything is checked before the first step: the manifest verifies (its id matches its
+content), its curated shards exist with the recorded sizes and checksums, the recipe names
+real stages and modules, and each stage's first samples fit its sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+from curation import io as cio
+from curation.manifest import Manifest, load_manifest
+from training_hooks.recipe import StagePlan, TrainRecipe, TrainRecipeError, load_train_recipe, plan_stages
+
+
+class TrainingInputError(ValueError):
+    pass
+
+
+def verify_manifest_shards(m: Manifest, stages: list[StagePlan]) -> None:
+    """Every shard a stage reads exists, with the size and md5 the manifest recorded."""
+    import hashlib
+
+    needed = {ds for st in stages for ds in st.datasets}
+    for ds in sorted(needed):
+        for s in m.outputs[ds].shards:
+            if not cio.exists(s.url):
+                raise TrainingInputError(f"manifest {m.id}: shard {s.url} of {ds} is missing")
+            fs, path = cio.get_fs(s.url)
+            size = int(fs.size(path))
+            if size != s.filesize:
+                raise TrainingInputError(f"manifest {m.id}: shard {s.url} is {size} bytes, the manifest says {s.filesize}")
+            if not cio.is_remote(s.url):
+                h = hashlib.md5()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                if h.hexdigest() != s.md5sum:
+                    raise TrainingInputError(f"manifest {m.id}: shard {s.url} has md5 {h.hexdigest()}, "
+                                             f"the manifest says {s.md5sum}")
+
+
+def check_fits(m: Manifest, stages: list[StagePlan], init_dir: str, probe: int = 16) -> None:
+    """Refuse a sequence length that no sample of a dataset can fit (checked on its first samples)."""
+    from model import NVILAForCausalLM
+    from model.nvila import load_tokenizer
+    from training_hooks.data import DataSplit, ExampleBuilder, stage_sources, stream_samples
+
+    model = NVILAForCausalLM.from_pretrained(init_dir)
+    tok = load_tokenizer(init_dir)
+    for st in stages:
+        for src in stage_sources(m, st.datasets):
+            builder = ExampleBuilder(model, tok, max_length=10 ** 9)
+            lengths = []
+            for s in stream_samples(src, 0, DataSplit(), loop=False):
+                ex = builder(s)
+                if ex is not None:
+                    lengths.append(ex.length)
+                if len(lengths) >= probe:
+                    break
+            if lengths and min(lengths) > st.max_length:
+                raise TrainingInputError(
+                    f"stage {st.name}: max_length {st.max_length} cannot fit any sample of {src.name} "
+                    f"(its first samples need {min(lengths)}-{max(lengths)} positions with their media)")
+
+
+def describe_plan(m: Manifest, stages: list[StagePlan], skipped: list[str], recipe: TrainRecipe) -> str:
+    lines = [f"training from manifest {m.id}; start: {recipe.init}; output: {recipe.output}",
+             f"precision {recipe.precision}; FP8 {'on (' + recipe.fp8.recipe + ')' if recipe.fp8.enabled else 'off'}; "
+             f"Ray Train {'on, ' + str(recipe.ray.num_workers) + ' worker(s)' if recipe.ray.enabled else 'off'}"]
+    for st in stages:
+        mix = ", ".join(f"{d} x{w:g}" for d, w in st.datasets.items())
+        steps = f"{st.steps} steps" if st.steps else f"{st.epochs} epochs"
+        lines.append(f"  {st.name:<16} trains {'+'.join(st.train):<30} lr {st.lr:g} (vision {st.vision_lr():g}), "
+                     f"{steps}, batch {st.batch_size}, max_length {st.max_length}; data: {mix}")
+    lines.extend(f"  {s}" for s in skipped)
+    return "\n".join(lines)
+
+
+def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Callable[[str], None] = print,
+                        _stop_after: dict[str, int] | None = None) -> dict[str, Any]:
+    """Validate, print the plan, run every stage in order (each from the previous one's final
+    checkpoint), and write ``<output>/training_report.json`` naming the manifest id."""
+    try:
+        m = load_manifest(manifest_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainingInputError(str(e)) from None
+    recipe = load_train_recipe(recipe_src) if isinstance(recipe_src, str) else load_train_recipe(recipe_src)
+    stages, skipped = plan_stages(recipe, m)
+    if not stages:
+        raise TrainingInputError("no stage to run: " + "; ".join(skipped))
+    verify_manifest_shards(m, stages)
+    check_fits(m, stages, recipe.init)
+    info(describe_plan(m, stages, skipped, recipe))
+    os.makedirs(recipe.output, exist_ok=True)
+    from training_hooks.trainer import plot_losses, run_stage, run_stage_on_ray
+
+    prev = recipe.init
+    results = []
+    t0 = time.time()
+    for st in stages:
+        stage_dir = os.path.join(recipe.output, st.name)
+        done = os.path.join(stage_dir, "metrics.json")
+        if os.path.isfile(done) and os.path.isfile(os.path.join(stage_dir, "final", "config.json")):
+            with open(done) as f:
+                res = json.load(f)
+            info(f"stage {st.name}: already complete, {res['steps']} steps (delete {stage_dir} to retrain)")
+        else:
+            cfg = {"plan": st.model_dump(), "stage_dir": stage_dir, "init_dir": prev, "manifest": os.path.abspath(manifest_path)
+                   if not cio.is_remote(manifest_path) else manifest_path, "seed": recipe.seed, "precision": recipe.precision,
+                   "fp8": recipe.fp8.model_dump(), "strategy": recipe.ray.strategy, "prompts": recipe.prompts,
+                   "video_prompts": recipe.video_prompts,
+                   "_stop_after": (_stop_after or {}).get(st.name)}
+            info(f"stage {st.name}: training from {prev}")
+            if recipe.ray.enabled:
+                res = run_stage_on_ray(cfg, recipe.ray.num_workers, recipe.ray.use_gpu)
+            else:
+                res = run_stage(cfg)
+            info(f"stage {st.name}: {res['steps']} steps, loss {res['metrics'][0]['loss']:.3f} -> "
+                 f"{res['metrics'][-1]['loss']:.3f}, held-out {res['heldout_loss']}, skipped samples {res['skipped_samples']}")
+        results.append(res)
+        prev = res["final"]
+    plot_losses({r["stage"]: r["metrics"] for r in results}, os.path.join(recipe.output, "loss.png"))
+    report = {
+        "manifest_id": m.id,
+        "manifest": manifest_path,
+        "init": recipe.init,
+        "final_checkpoint": prev,
+        "skipped_stages": skipped,
+        "seconds": round(time.time() - t0, 1),
+        "stages": [{k: v for k, v in r.items() if k != "metrics"} | {
+            "first_loss": r["metrics"][0]["loss"], "last_loss": r["metrics"][-1]["loss"],
+            "tokens_per_s": round(sum(x["tokens_per_s"] for x in r["metrics"]) / len(r["metrics"]), 1)} for r in results],
+        "loss_plot": os.path.join(recipe.output, "loss.png"),
+    }
+    with open(os.path.join(recipe.output, "training_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+__all__ = ["train_from_manifest", "TrainingInputError", "TrainRecipeError"]
