@@ -13,6 +13,7 @@ from scorers.base import Scorer
 _REGISTRY: dict[str, str] = {
     "basic": "scorers.basic:BasicScorer",
     "clip": "scorers.clip:ClipScorer",
+    "deltaloss": "scorers.deltaloss:DeltaLossScorer",
 }
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from curation.shards import read_shard
+from model.examples import ExampleBuilder, interleave  # noqa: F401 - the sample -> conversation rules live with the model
 
 
 @dataclass
@@ -109,96 +110,6 @@ def mix(streams: dict[str, Iterator[Any]], weights: dict[str, float], seed: int)
                 except StopIteration:
                     return
                 break
-
-
-@dataclass
-class ExampleBuilder:
-    """Turn samples into tokenized conversations for a model and tokenizer."""
-
-    model: Any
-    tokenizer: Any
-    max_length: int
-    prompts: Sequence[str] = ("Describe the image.",)
-    video_prompts: Sequence[str] = ("Describe the video.",)
-    skipped: Counter = field(default_factory=Counter)
-
-    def __call__(self, sample: Any) -> Any | None:
-        from model.conversation import build_chat, build_pretrain_text
-
-        if sample.error:
-            self.skipped["unreadable"] += 1
-            return None
-        pick = zlib.crc32(sample.key.encode())
-        try:
-            if sample.kind == "pair":
-                if not sample.caption or not sample.caption.strip():
-                    self.skipped["no_caption"] += 1
-                    return None
-                media = [self.model.preprocess_image(sample.image)]
-                ex = build_chat(self.tokenizer, [
-                    {"role": "user", "content": f"<image>\n{self.prompts[pick % len(self.prompts)]}"},
-                    {"role": "assistant", "content": sample.caption.strip()}], media,
-                    media_lengths=[self._image_len(media[0])])
-            elif sample.kind == "video":
-                if not sample.caption or not sample.caption.strip():
-                    self.skipped["no_caption"] += 1
-                    return None
-                media = [self.model.preprocess_video(sample.video)]
-                ex = build_chat(self.tokenizer, [
-                    {"role": "user", "content": f"<vila/video>\n{self.video_prompts[pick % len(self.video_prompts)]}"},
-                    {"role": "assistant", "content": sample.caption.strip()}], media,
-                    media_lengths=[self._video_len(media[0])])
-            else:
-                text, names = interleave(sample.text_list, sample.image_info)
-                if not text.strip():
-                    self.skipped["no_text"] += 1
-                    return None
-                media = [self.model.preprocess_image(sample.images[n]) for n in names]
-                ex = build_pretrain_text(self.tokenizer, text, media, [self._image_len(m) for m in media])
-        except ValueError as e:
-            self.skipped[f"bad_media: {str(e)[:60]}"] += 1
-            return None
-        if ex.length > self.max_length:
-            self.skipped["too_long"] += 1
-            return None
-        return ex
-
-    def _image_len(self, media: Any) -> int:
-        from model.image_processing import projector_grid
-
-        c = self.model.config
-        p = c.tile_size // c.patch_size
-        if c.image_mode == "dynamic_s2":
-            rows, cols = media.layout.grids[-1]
-            gh, gw = projector_grid(rows * p, cols * p, c.projector_type)
-            return gh * gw
-        gh, gw = projector_grid(p, p, c.projector_type)
-        return len(media.tiles) * gh * gw
-
-    def _video_len(self, media: Any) -> int:
-        from model.image_processing import video_token_count
-
-        c = self.model.config
-        return video_token_count(len(media.tiles), c.video_pool_size, tile=c.tile_size, patch=c.patch_size,
-                                 projector=c.projector_type)
-
-
-def interleave(text_list: Sequence[str], image_info: Sequence[dict]) -> tuple[str, list[str]]:
-    """MMC4 document -> text with ``<image>`` before each image's matched sentence, and image order."""
-    before: dict[int, list[str]] = {}
-    for e in image_info:
-        before.setdefault(int(e.get("matched_text_index", 0)), []).append(e["image_name"])
-    parts, names = [], []
-    for i, sent in enumerate(text_list):
-        for n in before.get(i, []):
-            parts.append("<image>")
-            names.append(n)
-        parts.append(sent)
-    for i in sorted(k for k in before if k >= len(text_list)):  # indexes past the text: at the end
-        for n in before[i]:
-            parts.append("<image>")
-            names.append(n)
-    return " ".join(parts), names
 
 
 def batches(examples: Iterator[Any], batch_size: int, pad_id: int, max_length: int) -> Iterator[dict]:
