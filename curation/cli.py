@@ -428,6 +428,26 @@ def init_model(
     out_console.print(f"saved a {size} NVILA to {out}")
 
 
+@app.command("train-proxies")
+def train_proxies_cmd(
+    trusted: list[str] = typer.Option(..., "--trusted", help="Trusted seed shards (folders, patterns, URLs)"),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the proxies: <out>/small and <out>/large"),
+    steps: int = typer.Option(60, help="Training steps per stage for each proxy"),
+    batch_size: int = typer.Option(8),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a small and a large NVILA proxy on trusted data, for the DeltaLoss scorer."""
+    from training_hooks.proxies import train_proxies
+
+    try:
+        res = train_proxies(trusted, out, steps=steps, batch_size=batch_size, seed=seed,
+                            info=lambda t: out_console.print(t, markup=False, highlight=False))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    for name, r in res.items():
+        out_console.print(f"{name} proxy: {r['dir']}  " + ", ".join(f"{s}: {a:.3f}->{b:.3f}" for s, a, b in r["stages"]))
+
+
 @app.command()
 def demo(
     out: str = typer.Option("./curate-demo", "--out", "-o", help="Working folder for everything the demo writes"),
