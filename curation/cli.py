@@ -453,52 +453,36 @@ def demo(
     out: str = typer.Option("./curate-demo", "--out", "-o", help="Working folder for everything the demo writes"),
     size: str = typer.Option("small", help="Corpus size: tiny | small | medium | large | <number of pairs>"),
     seed: int = typer.Option(0),
+    train: bool = typer.Option(True, help="Also train the tiny NVILA through its stages from the manifest"),
 ) -> None:
-    """Run the service end to end on its embedded defaults (grows as the pipeline lands)."""
-    from curation.demo import DemoHooks, run_demo
+    """The whole service end to end on embedded defaults, as a Prefect flow (ephemeral server,
+    local Ray): synthesize, train the DFN filter and DeltaLoss proxies, score, select, reshard,
+    write the manifest, train NVILA stage by stage, and write a report with plots."""
     from curation.synth import SynthConfig
 
     try:
         SynthConfig.preset(size)
     except ValueError as e:
         _fail(str(e))
-    prog = _progress()
-    tasks: dict[str, int] = {}
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from flows.demo import demo_flow
 
-    def synth_tick(ds: str, n: int) -> None:
-        if "synth" not in tasks:
-            tasks["synth"] = prog.add_task("synthesizing", total=None, rate="")
-        prog.update(tasks["synth"], advance=n, description=ds)
-
-    def train_tick(step: int, loss: float) -> None:
-        if "train" not in tasks:
-            tasks["train"] = prog.add_task("DFN filter", total=None, rate="")
-        prog.update(tasks["train"], completed=step, rate=f"loss {loss:.3f}")
-
-    def score_tick(result, done: int, total: int) -> None:
-        name = "score " + result.out.split("/scores/")[-1].split("/")[0]
-        if name not in tasks:
-            tasks[name] = prog.add_task(name, total=total, rate="")
-        prog.update(tasks[name], completed=done, rate=f"{result.rows} rows in last shard")
-
-    hooks = DemoHooks(section=lambda t: console.rule(f"[bold]{t}"), info=lambda t: out_console.print(t),
-                      synth_progress=synth_tick, train_progress=train_tick, score_progress=score_tick)
-    with prog:
-        try:
-            report = run_demo(out, size, seed, hooks)
-        except RuntimeError as e:
-            _fail(str(e), 1)
+    report = demo_flow(out=out, size=size, seed=seed, train=train)
     _print_synth_summary(report["corpus"])
-    t = Table(title="CLIP filter score by injected noise (DuckDB over the score store)")
-    for col in ("dataset", "noise", "samples", "scored", "mean_clip_score", "undecodable"):
+    t = Table(title="injected noise vs the curated selection (ground truth)")
+    for col in ("dataset", "noise", "samples", "kept", "main reason"):
         t.add_column(col)
-    for row in report["per_noise"]:
-        t.add_row(*(str(row[c]) for c in ("dataset", "noise", "samples", "scored", "mean_clip_score", "undecodable")))
+    for row in report["noise_caught"]:
+        t.add_row(row["dataset"], row["noise"], str(row["samples"]), str(row["kept"]), str(row["main_reason"] or "-"))
     out_console.print(t)
     out_console.print(f"injected noise dropped: {report['noise_dropped_fraction']:.1%}, clean kept: "
-                      f"{report['clean_kept_fraction']:.1%}; manifest {report['manifest']['id']}: {report['manifest']['path']}")
+                      f"{report['clean_kept_fraction']:.1%}; CLIP AUC {report['clip_auc_clean_vs_mismatched']}")
+    out_console.print(f"manifest {report['manifest']['id']}: {report['manifest']['path']}")
+    if report.get("training"):
+        out_console.print("training: " + ", ".join(f"{s['stage']} {s['first_loss']:.2f}->{s['last_loss']:.2f}"
+                                                   for s in report["training"]["stages"]))
     out_console.print(f"timings (s): {report['timings_s']}")
-    out_console.print(f"report: {os.path.join(out, 'demo_report.json')}")
+    out_console.print(f"report: {report['report']['html']} (and {report['report']['markdown']})")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m curation.cli`

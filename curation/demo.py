@@ -1,34 +1,29 @@
-"""The end-to-end demo on embedded defaults (``curate demo``), growing as the pipeline lands.
+"""Pieces of the end-to-end demo (``curate demo``; the flow is ``flows.demo.demo_flow``).
 
-Today: synthesize a noisy corpus and a trusted clean set; read everything back and check
-it against the ground truth; train a DFN filter on the trusted set; score the corpus with
-the basic and CLIP scorers on Ray; query the score store with DuckDB and report how well
-the scores separate injected noise from clean samples; select with an embedded policy,
-reshard the kept samples byte for byte and write the manifest; report how much injected
-noise was dropped and how many clean samples were kept.
+The embedded defaults: the policy, the scoring and training recipes, the ground-truth checks
+of the readers, the analysis of what the selection caught, and the report (markdown + HTML
+with plots).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import yaml
-
-from curation.dfn import FilterTrainConfig, roc_auc, train_filter
+from curation.dfn import roc_auc
 from curation.shards import list_shards, read_shard
-from curation.synth import UNREADABLE_NOISE, DatasetSpec, SynthConfig, load_ground_truth, synthesize
+from curation.synth import UNREADABLE_NOISE, load_ground_truth
 
-# The demo's embedded policy: validity, exact and near dedup, the CLIP filter, stage plan
+# The demo's embedded policy: validity, exact and near dedup, the CLIP filter, DeltaLoss, stage plan
 DEFAULT_POLICY: dict[str, Any] = {
     "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 2}],
     "datasets": {
         "coyo_synth": [{"rule": "dedup"}, {"rule": "near_dedup", "max_distance": 4},
-                       {"rule": "threshold", "column": "clip_score", "min": 0.3}],
+                       {"rule": "threshold", "column": "clip_score", "min": 0.3},
+                       {"rule": "top_k", "column": "delta_loss", "fraction": 0.9}],
         "cc3m_synth": [{"rule": "dedup"}, {"rule": "near_dedup", "max_distance": 4},
                        {"rule": "threshold", "column": "clip_score", "min": 0.3}],
         "mmc4_synth": [{"rule": "dedup"}, {"rule": "threshold", "column": "clip_score", "min": 0.3}],
@@ -38,24 +33,37 @@ DEFAULT_POLICY: dict[str, Any] = {
         "align": {"coyo_synth": 1.0, "cc3m_synth": 1.0},
         "vision_pretrain": {"coyo_synth": 1.0},
         "pretrain": {"mmc4_synth": 1.0, "coyo_synth": 0.5},
-        "image_sft": {"cc3m_synth": 1.0},
+        "image_sft": {"cc3m_synth": 1.0, "coyo_synth": 1.0},
         "video_sft": {"video_synth": 1.0, "cc3m_synth": 0.25},
     },
 }
 
-# DFN steps per corpus size: enough to separate mismatched captions on this CPU
-_FILTER_STEPS = {"tiny": 60, "small": 150, "medium": 400, "large": 1000}
+# per corpus size: DFN steps, proxy steps per stage, NVILA steps per stage
+SIZES = {"tiny": (60, 4, 4), "small": (150, 10, 12), "medium": (400, 30, 40), "large": (1000, 60, 100)}
 
 
-@dataclass
-class DemoHooks:
-    """How the demo talks to its caller (the CLI prints, a flow logs)."""
+def steps_for(size: str) -> tuple[int, int, int]:
+    return SIZES.get(size, SIZES["medium"])
 
-    section: Callable[[str], None] = print
-    info: Callable[[str], None] = print
-    synth_progress: Callable[[str, int], None] | None = None
-    train_progress: Callable[[int, float], None] | None = None
-    score_progress: Callable[[Any, int, int], None] | None = None
+
+def score_recipe(cfg_datasets: list[Any], filter_dir: str, proxies: dict[str, str]) -> dict[str, Any]:
+    return {
+        "work": "work",
+        "ray": {"num_cpus": min(2, os.cpu_count() or 1)},
+        "sources": [{"shards": f"corpus/{d.name}", "kind": d.kind} for d in cfg_datasets],
+        "scorers": [
+            {"name": "basic", "workers": 1, "batch_size": 64},
+            {"name": "clip", "params": {"model": filter_dir, "num_frames": 4}, "batch_size": 64, "workers": 2},
+            {"name": "deltaloss", "params": {"small": proxies["small"], "large": proxies["large"], "max_length": 512},
+             "batch_size": 16, "workers": 1},
+        ],
+    }
+
+
+def train_recipe(init: str, steps: int) -> dict[str, Any]:
+    return {"init": init, "output": "train", "ray": {"enabled": True, "num_workers": 1},
+            "defaults": {"batch_size": 8, "max_length": 512, "save_every": max(5, steps // 2), "warmup_steps": 2},
+            "stages": {s: {"steps": steps} for s in DEFAULT_POLICY["stages"]}}
 
 
 def check_against_ground_truth(corpus: str, shard_urls: list[str]) -> dict[str, Any]:
@@ -74,121 +82,173 @@ def check_against_ground_truth(corpus: str, shard_urls: list[str]) -> dict[str, 
             "in_ground_truth": len(truth)}
 
 
-def run_demo(out: str = "./curate-demo", size: str = "small", seed: int = 0, hooks: DemoHooks | None = None) -> dict[str, Any]:
-    from curation.engine import run_scoring
-    from curation.recipe import check_recipe, load_score_recipe
+def analyze(work: str, corpus: str, decisions: str) -> dict[str, Any]:
+    """Score distributions by injected noise, CLIP AUC per dataset, and noise caught by the selection."""
     from curation.store import ScoreStore
 
-    h = hooks or DemoHooks()
-    t_start = time.time()
-    os.makedirs(out, exist_ok=True)
-    corpus, trusted_dir = os.path.join(out, "corpus"), os.path.join(out, "trusted")
-    report: dict[str, Any] = {"out": os.path.abspath(out), "size": size, "seed": seed, "timings_s": {}}
-
-    h.section("1. synthesize a corpus with known noise, and a trusted clean set")
-    t0 = time.time()
-    cfg = SynthConfig.preset(size, seed=seed)
-    result = synthesize(corpus, cfg, workers=min(2, os.cpu_count() or 1), progress=h.synth_progress)
-    n_trusted = max(400, cfg.datasets[0].samples)
-    trusted_cfg = SynthConfig(seed=seed + 1000, datasets=[DatasetSpec("trusted_pairs", "pair", n_trusted, {}, 200)])
-    synthesize(trusted_dir, trusted_cfg)
-    report["corpus"] = result.summary()
-    report["timings_s"]["synthesize"] = round(time.time() - t0, 1)
-
-    h.section("2. read every shard back and check it against the ground truth")
-    check = check_against_ground_truth(corpus, [s.url for v in result.shards.values() for s in v])
-    report["read_check"] = {**check, "disagreements": len(check["disagreements"])}
-    h.info(f"read {check['samples']} samples, {check['unreadable']} unreadable; "
-           f"{len(check['disagreements'])} disagreements with the ground truth")
-    if check["disagreements"]:
-        raise RuntimeError(f"reader and ground truth disagree: {check['disagreements'][:5]}")
-
-    h.section("3. train a DFN-style CLIP filter on the trusted pairs")
-    t0 = time.time()
-    steps = _FILTER_STEPS.get(size, 400)
-    filt_dir = os.path.join(out, "models", "dfn-filter")
-    fr = train_filter(os.path.join(trusted_dir, "trusted_pairs"), filt_dir,
-                      FilterTrainConfig(steps=steps, batch_size=64, warmup=10, seed=seed, shuffle_buffer=512),
-                      progress=h.train_progress)
-    report["filter"] = {"dir": filt_dir, "steps": fr.steps, "final_loss": round(fr.final_loss, 4), "seconds": fr.seconds}
-    report["timings_s"]["train_filter"] = round(time.time() - t0, 1)
-    h.info(f"filter trained: {fr.steps} steps, loss {fr.losses[0]:.3f} -> {fr.final_loss:.3f}, saved to {filt_dir}")
-
-    h.section("4. score every sample (basic facts + CLIP filter) on Ray")
-    t0 = time.time()
-    work = os.path.join(out, "work")
-    recipe_path = os.path.join(out, "score.yaml")
-    recipe = {
-        "work": "work",
-        "ray": {"num_cpus": min(2, os.cpu_count() or 1)},
-        "sources": [{"shards": f"corpus/{d.name}", "kind": d.kind} for d in cfg.datasets],
-        "scorers": [
-            {"name": "basic", "workers": 1, "batch_size": 64},
-            {"name": "clip", "params": {"model": "models/dfn-filter", "num_frames": 4}, "batch_size": 64, "workers": 2},
-        ],
-    }
-    with open(recipe_path, "w") as f:
-        yaml.safe_dump(recipe, f, sort_keys=False)
-    tasks, specs = check_recipe(load_score_recipe(recipe_path))
-    runs = []
-    for spec in specs:
-        r = run_scoring(tasks, spec, work, progress=h.score_progress, num_cpus=recipe["ray"]["num_cpus"])
-        runs.append(r.summary())
-        h.info(f"{spec.name}: {len(r.scored)} shards scored, {len(r.skipped)} already done, {len(r.failed)} failed, "
-               f"{r.summary()['samples_per_s']} samples/s")
-        if r.failed:
-            raise RuntimeError(f"scoring failed for {[(s.url, s.failed) for s in r.failed]}")
-    report["scoring"] = runs
-    report["timings_s"]["score"] = round(time.time() - t0, 1)
-
-    h.section("5. query the score store (DuckDB) against the ground truth")
     store = ScoreStore(work)
-    gt_path = os.path.join(corpus, "ground_truth.parquet").replace("'", "''")
-    store.con.execute(f"CREATE OR REPLACE VIEW truth AS SELECT * FROM read_parquet('{gt_path}')").fetchall()
+    gt = os.path.join(corpus, "ground_truth.parquet").replace("'", "''")
+    store.con.execute(f"CREATE OR REPLACE VIEW truth AS SELECT * FROM read_parquet('{gt}')").fetchall()
+    dl = ", round(avg(s.delta_loss), 3) AS mean_delta_loss" if "delta_loss" in store.columns() else ""
     per_noise = store.query_pl(
-        "SELECT s.dataset, t.noise, count(*) AS samples, count(s.clip_score) AS scored, "
-        "round(avg(s.clip_score), 3) AS mean_clip_score, sum(CASE WHEN NOT s.decodable THEN 1 ELSE 0 END) AS undecodable "
-        "FROM scores s JOIN truth t USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 4 DESC"
-    )
-    report["per_noise"] = per_noise.to_dicts()
-    sep = {}
+        "SELECT s.dataset, t.noise, count(*) AS samples, round(avg(s.clip_score), 3) AS mean_clip_score"
+        f"{dl} FROM scores s JOIN truth t USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 3 DESC")
+    auc = {}
     for ds in per_noise["dataset"].unique().sort().to_list():
-        df = store.query_pl(
-            f"SELECT t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
-            f"WHERE s.dataset = '{ds}' AND s.clip_score IS NOT NULL")
+        df = store.query_pl(f"SELECT t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
+                            f"WHERE s.dataset = '{ds}' AND s.clip_score IS NOT NULL")
         clean = df.filter(df["noise"] == "clean")["clip_score"].to_numpy()
         mism = df.filter(df["noise"].is_in(["mismatched_caption", "mismatched_doc"]))["clip_score"].to_numpy()
         if len(clean) and len(mism):
-            sep[ds] = round(roc_auc(clean, mism), 3)
-    report["clip_auc_clean_vs_mismatched"] = sep
-    h.info("ROC AUC of the CLIP filter, clean vs mismatched, per dataset: "
-           + ", ".join(f"{k} {v}" for k, v in sep.items()))
-
-    h.section("6. select with the default policy, reshard byte for byte, write the manifest")
-    t0 = time.time()
-    from curation.curate import curate
-    from curation.manifest import summarize
-    from curation.reshard import ReshardConfig
-
-    policy_path = os.path.join(out, "policy.yaml")
-    with open(policy_path, "w") as f:
-        yaml.safe_dump(DEFAULT_POLICY, f, sort_keys=False)
-    manifest, manifest_url = curate(work, policy_path, os.path.join(out, "curated"),
-                                    ReshardConfig(max_samples=256, shuffle_seed=seed))
-    h.info(summarize(manifest))
+            auc[ds] = round(roc_auc(clean, mism), 3)
+    dec = decisions.replace("'", "''")
     caught = store.query_pl(
-        f"SELECT t.dataset, t.noise, count(*) AS samples, count(*) FILTER (WHERE d.dropped_by IS NULL) AS kept "
-        f"FROM read_parquet('{manifest.decisions}') d JOIN truth t USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 2")
-    report["noise_caught"] = caught.to_dicts()
+        f"SELECT t.dataset, t.noise, count(*) AS samples, count(*) FILTER (WHERE d.dropped_by IS NULL) AS kept, "
+        f"mode(d.dropped_by) AS main_reason FROM read_parquet('{dec}') d JOIN truth t USING (dataset, shard, key) "
+        f"GROUP BY 1, 2 ORDER BY 1, 2")
     noisy = caught.filter(caught["noise"] != "clean")
     clean = caught.filter(caught["noise"] == "clean")
-    report["noise_dropped_fraction"] = round(1 - noisy["kept"].sum() / max(1, noisy["samples"].sum()), 3)
-    report["clean_kept_fraction"] = round(clean["kept"].sum() / max(1, clean["samples"].sum()), 3)
-    report["manifest"] = {"id": manifest.id, "path": manifest_url}
-    report["timings_s"]["curate"] = round(time.time() - t0, 1)
-    h.info(f"injected noise dropped: {report['noise_dropped_fraction']:.1%}; clean samples kept: "
-           f"{report['clean_kept_fraction']:.1%}; manifest {manifest.id} at {manifest_url}")
-    report["timings_s"]["total"] = round(time.time() - t_start, 1)
-    with open(os.path.join(out, "demo_report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    return report
+    scores = store.query_pl("SELECT s.dataset, t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
+                            "WHERE s.clip_score IS NOT NULL")
+    return {
+        "per_noise": per_noise.to_dicts(),
+        "clip_auc_clean_vs_mismatched": auc,
+        "noise_caught": caught.to_dicts(),
+        "noise_dropped_fraction": round(1 - noisy["kept"].sum() / max(1, noisy["samples"].sum()), 3),
+        "clean_kept_fraction": round(clean["kept"].sum() / max(1, clean["samples"].sum()), 3),
+        "_clip_scores": scores.to_dicts(),
+    }
+
+
+def _save(fig: Any, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def make_plots(out: str, analysis: dict[str, Any], manifest: Any, training: dict[str, Any] | None) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = os.path.join(out, "report")
+    os.makedirs(d, exist_ok=True)
+    plots = {}
+    # score distributions: clean vs noise
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    rows = analysis["_clip_scores"]
+    for label, pick in (("clean", lambda n: n == "clean"), ("injected noise", lambda n: n != "clean")):
+        ax.hist([r["clip_score"] for r in rows if pick(r["noise"])], bins=40, alpha=0.6, label=label)
+    ax.set_xlabel("CLIP filter score (cosine)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    plots["score_distributions"] = _save(fig, os.path.join(d, "score_distributions.png"))
+    # kept / dropped per reason
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels, values = [], []
+    for ds, sel in manifest.selection.items():
+        labels.append(f"{ds}: kept")
+        values.append(sel.kept)
+        for r, n in sel.dropped.items():
+            labels.append(f"{ds}: {r}")
+            values.append(n)
+    ax.barh(labels[::-1], values[::-1])
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set_xlabel("samples")
+    plots["kept_dropped"] = _save(fig, os.path.join(d, "kept_dropped.png"))
+    # noise caught vs ground truth
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    agg: dict[str, list[int]] = {}
+    for r in analysis["noise_caught"]:
+        a = agg.setdefault(r["noise"], [0, 0])
+        a[0] += r["samples"] - r["kept"]
+        a[1] += r["kept"]
+    names = sorted(agg)
+    ax.barh(names, [agg[n][0] for n in names], label="dropped")
+    ax.barh(names, [agg[n][1] for n in names], left=[agg[n][0] for n in names], label="kept")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend()
+    ax.set_xlabel("samples (ground truth)")
+    plots["noise_caught"] = _save(fig, os.path.join(d, "noise_caught.png"))
+    if training and os.path.isfile(training.get("loss_plot", "")):
+        plots["loss_curves"] = training["loss_plot"]
+    return plots
+
+
+def write_report(out: str, report: dict[str, Any], plots: dict[str, str]) -> tuple[str, str]:
+    """``demo_report.md`` and a self-contained ``demo_report.html`` (plots embedded)."""
+    lines = ["# Curation demo report", "",
+             f"Manifest `{report['manifest']['id']}` at `{report['manifest']['path']}`", "",
+             f"- injected noise dropped: **{report['noise_dropped_fraction']:.1%}**; clean samples kept: "
+             f"**{report['clean_kept_fraction']:.1%}**",
+             f"- CLIP filter ROC AUC, clean vs mismatched: {report['clip_auc_clean_vs_mismatched']}",
+             f"- readers vs ground truth: {report['read_check']['samples']} samples, "
+             f"{report['read_check']['disagreements']} disagreements",
+             f"- timings (s): {report['timings_s']}", "",
+             "## Noise caught vs ground truth", "", "| dataset | noise | samples | kept | main reason |", "|---|---|---|---|---|"]
+    for r in report["noise_caught"]:
+        lines.append(f"| {r['dataset']} | {r['noise']} | {r['samples']} | {r['kept']} | {r['main_reason'] or '-'} |")
+    if report.get("training"):
+        lines += ["", "## Training (NVILA, stage by stage)", "", "| stage | steps | first loss | last loss | held-out |",
+                  "|---|---|---|---|---|"]
+        for s in report["training"]["stages"]:
+            lines.append(f"| {s['stage']} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['heldout_loss']} |")
+    for name, path in plots.items():
+        lines += ["", f"## {name.replace('_', ' ')}", "", f"![{name}]({os.path.relpath(path, out)})"]
+    md = "\n".join(lines) + "\n"
+    md_path = os.path.join(out, "demo_report.md")
+    with open(md_path, "w") as f:
+        f.write(md)
+    html = md
+    for name, path in plots.items():
+        with open(path, "rb") as f:
+            uri = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+        html = html.replace(f"({os.path.relpath(path, out)})", f"({uri})")
+    html_path = os.path.join(out, "demo_report.html")
+    with open(html_path, "w") as f:
+        f.write(_md_to_html(html))
+    return md_path, html_path
+
+
+def _md_to_html(md: str) -> str:
+    """A tiny markdown renderer for the report (headings, lists, tables, images)."""
+    import html as h
+    import re
+
+    out, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                out.append("<table border=1 cellspacing=0 cellpadding=3>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<td>{h.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        m = re.match(r"!\[(.*)\]\((.*)\)", line)
+        if m:
+            out.append(f'<img alt="{h.escape(m.group(1))}" src="{m.group(2)}" style="max-width:100%">')
+        elif line.startswith("## "):
+            out.append(f"<h2>{h.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            out.append(f"<h1>{h.escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            out.append(f"<li>{h.escape(line[2:]).replace('**', '')}</li>")
+        elif line.strip():
+            out.append(f"<p>{h.escape(line).replace('`', '')}</p>")
+    if in_table:
+        out.append("</table>")
+    return "<!doctype html><html><head><meta charset='utf-8'><title>Curation demo</title></head><body>" + "\n".join(out) + "</body></html>"
+
+
+def save_json(path: str, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in data.items() if not k.startswith("_")}, f, indent=2, default=str)

@@ -1,0 +1,62 @@
+"""Curation flows: score, select, reshard, and all three (``curate``) with a manifest at the end."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+
+from flows.tasks import curate_task, curation_report, score_task, select_task, selection_table
+
+
+def _scorer_names(recipe_path: str) -> list[str]:
+    from curation.recipe import check_recipe, load_score_recipe
+
+    if not os.path.exists(recipe_path):
+        raise FileNotFoundError(f"scoring recipe not found: {recipe_path}")
+    _, specs = check_recipe(load_score_recipe(recipe_path))  # a bad recipe fails the run here, before any work
+    return [s.name for s in specs]
+
+
+@flow(name="score", log_prints=True)
+def score_flow(recipe: str) -> list[dict[str, Any]]:
+    """Score every shard of the recipe's sources with each of its scorers (Ray inside the tasks)."""
+    return [score_task(recipe, name) for name in _scorer_names(recipe)]
+
+
+@flow(name="select", log_prints=True)
+def select_flow(work: str, policy: str) -> dict[str, Any]:
+    res = select_task(work, policy)
+    rows = [{"dataset": ds, "reason": r, "samples": n} for ds, c in res["counts"].items()
+            for r, n in [("(kept)", c["kept"]), *c["dropped"].items()]]
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(rows, key="selection", description="Kept and dropped samples per dataset and reason")
+    return res
+
+
+@flow(name="reshard", log_prints=True)
+def reshard_flow(work: str, policy: str, out: str, max_samples: int = 1000, shuffle_seed: Optional[int] = None) -> dict[str, Any]:
+    curated = curate_task(work, policy, out, max_samples, shuffle_seed)
+    selection_table(curated)
+    curation_report(work, curated)
+    return curated
+
+
+@flow(name="curate", log_prints=True)
+def curate_flow(score_recipe: str, policy: str, out: str, max_samples: int = 1000,
+                shuffle_seed: Optional[int] = None) -> dict[str, Any]:
+    """Score, select, reshard, manifest. Publishes the kept/dropped table and a report with histograms."""
+    from curation.recipe import load_score_recipe
+
+    log = get_run_logger()
+    if not os.path.exists(policy):
+        raise FileNotFoundError(f"policy not found: {policy}")
+    scores = score_flow(score_recipe)
+    work = load_score_recipe(score_recipe).work
+    curated = curate_task(work, policy, out, max_samples, shuffle_seed, _scores=[s["config_hash"] for s in scores])
+    selection_table(curated)
+    curation_report(work, curated)
+    log.info("manifest %s written to %s", curated["id"], curated["manifest"])
+    return curated
