@@ -1,0 +1,188 @@
+"""Prefect flows under prefect_test_harness, and a real server + process worker running a deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curation.synth import DatasetSpec, SynthConfig, synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flows")
+    synthesize(str(root / "corpus"), SynthConfig(seed=9, datasets=[
+        DatasetSpec("coyo_synth", "pair", 40, {"exact_duplicate": 0.1, "empty_caption": 0.05}, 20),
+        DatasetSpec("mmc4_synth", "interleaved", 8, {}, 8)]))
+    (root / "score.yaml").write_text(yaml.safe_dump({
+        "work": str(root / "work"), "ray": {"num_cpus": 2},
+        "sources": [{"shards": str(root / "corpus" / "coyo_synth"), "kind": "pair"},
+                    {"shards": str(root / "corpus" / "mmc4_synth"), "kind": "interleaved"}],
+        "scorers": [{"name": "basic"}]}))
+    (root / "policy.yaml").write_text(yaml.safe_dump({
+        "defaults": [{"rule": "valid", "min_caption_words": 1}],
+        "datasets": {"coyo_synth": [{"rule": "dedup"}]},
+        "stages": {"align": {"coyo_synth": 1.0}, "pretrain": {"mmc4_synth": 1.0}}}))
+    return root
+
+
+def _artifacts(flow_run_id) -> dict[str, str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a.data for a in asyncio.run(read()) if a.key}
+
+
+def test_curate_flow_publishes_table_and_report(harness, corpus):
+    from flows.curation_flows import curate_flow
+
+    state = curate_flow(str(corpus / "score.yaml"), str(corpus / "policy.yaml"), str(corpus / "curated"), 16,
+                        return_state=True)
+    assert state.is_completed(), state
+    curated = state.result()
+    assert os.path.isfile(curated["manifest"]) and curated["selection"]["coyo_synth"]["dropped"]["dedup:sha256"] == 4
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert {"kept-and-dropped", "curation-report"} <= set(arts)
+    table = json.loads(arts["kept-and-dropped"]) if isinstance(arts["kept-and-dropped"], str) else arts["kept-and-dropped"]
+    assert {"dataset": "coyo_synth", "kind": "pair", "reason": "dedup:sha256", "samples": 4} in table
+    assert curated["id"] in arts["curation-report"] and "data:image/png;base64," in arts["curation-report"]
+
+
+def test_rerun_with_same_inputs_hits_the_cache(harness, corpus):
+    from prefect import flow
+
+    from flows.tasks import curate_task, score_task
+
+    @flow
+    def twice(recipe: str, policy: str, out: str):
+        a = score_task(recipe, "basic", return_state=True)
+        b = score_task(recipe, "basic", return_state=True)
+        c = curate_task(str(corpus / "work"), policy, out, return_state=True)
+        d = curate_task(str(corpus / "work"), policy, out, return_state=True)
+        return [s.name for s in (a, b, c, d)]
+
+    names = twice(str(corpus / "score.yaml"), str(corpus / "policy.yaml"), str(corpus / "curated2"))
+    assert names[1] == "Cached" and names[3] == "Cached", names
+
+
+def test_bad_parameters_fail_at_once(harness, corpus, monkeypatch):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.curation_flows import curate_flow, score_flow
+    from flows.training_flows import train_flow
+
+    with pytest.raises(ParameterTypeError):
+        curate_flow(str(corpus / "score.yaml"), str(corpus / "policy.yaml"), str(corpus / "x"), max_samples="many")
+    with pytest.raises(FileNotFoundError, match="scoring recipe not found: /nonexistent/score.yaml"):
+        score_flow("/nonexistent/score.yaml")
+    with pytest.raises(FileNotFoundError, match="training recipe not found"):
+        train_flow(str(corpus / "curated" / "manifest.json"), str(corpus / "missing-train.yaml"))
+    # an unreachable Ray cluster fails the run at once, naming the address, and writes nothing
+    import ray
+
+    ray.shutdown()  # earlier flows started a local Ray in this process
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    bad = corpus / "score-bad.yaml"
+    bad.write_text((corpus / "score.yaml").read_text().replace(str(corpus / "work"), str(corpus / "work-bad")))
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+        score_flow(str(bad))
+    assert time.time() - t0 < 60 and not (corpus / "work-bad").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RUN = """
+import asyncio, json, sys
+from prefect.deployments import run_deployment
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+fr = run_deployment("curate/nightly-curation", parameters=json.loads(sys.argv[1]), timeout=600)
+async def arts():
+    async with get_client() as c:
+        return await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+print(json.dumps({"state": fr.state.type.value, "artifacts": sorted(a.key or "" for a in asyncio.run(arts()))}))
+"""
+
+
+@pytest.mark.slow
+def test_deployment_served_by_a_process_worker(corpus, tmp_path):
+    """A real `prefect server` on loopback, the work pool, `prefect deploy --all` from prefect.yaml,
+    a process worker, and a triggered run of the nightly curation deployment."""
+    bindir = Path(sys.executable).parent
+    prefect = str(bindir / "prefect")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_AUTH_MODE="disabled", PATH=f"{bindir}:{env.get('PATH', '')}")
+    procs = []
+    try:
+        procs.append(subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                      stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT))
+        import urllib.request
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except Exception:  # noqa: BLE001
+                assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        run = lambda *a: subprocess.run([prefect, *a], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)  # noqa: E731
+        r = run("work-pool", "create", "curation-pool", "--type", "process")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = run("--no-prompt", "deploy", "--all")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        r = run("deployment", "ls")
+        assert "curate/nightly-curation" in r.stdout and "train/train-from-manifest" in r.stdout
+        r = run("deployment", "inspect", "curate/nightly-curation")
+        assert "0 2 * * *" in r.stdout  # the nightly cron schedule
+        procs.append(subprocess.Popen([prefect, "worker", "start", "--pool", "curation-pool", "--type", "process"], env=env,
+                                      cwd=REPO, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT))
+        params = {"score_recipe": str(corpus / "score.yaml"), "policy": str(corpus / "policy.yaml"),
+                  "out": str(tmp_path / "curated")}
+        r = subprocess.run([sys.executable, "-c", RUN, json.dumps(params)], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        assert result["state"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+        assert {"kept-and-dropped", "curation-report"} <= set(result["artifacts"])
+        assert (tmp_path / "curated" / "manifest.json").is_file()
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
