@@ -47,8 +47,7 @@ class _Side:
         self.tokenizer: Any = None
 
     def load(self) -> None:
-        import torch
-
+        # no global torch state is touched here: scoring runs under torch.inference_mode()
         if self.nvila:
             from model import NVILAForCausalLM
             from model.nvila import load_tokenizer
@@ -63,7 +62,6 @@ class _Side:
             if self.tokenizer.pad_token_id is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.to(self.device).eval()
-        torch.set_grad_enabled(False)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

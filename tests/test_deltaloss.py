@@ -183,3 +183,9 @@ def test_train_proxies_cli_then_score(tmp_path):
     samples = list(read_shard(list_shards(str(tmp_path / "t" / "trusted"))[0]))[:4]
     cols = sc.score(samples)
     assert all(d is not None for d in cols["delta_loss"])
+
+
+def test_scoring_leaves_global_torch_state_alone(models):
+    """A scorer used in a notebook or a trainer's process must not switch autograd off globally."""
+    DeltaLossScorer(models["small"], models["large"]).score([_pair("a", A)])
+    assert torch.is_grad_enabled()
