@@ -49,7 +49,7 @@ def heldout_loss(model_dir: str, shards: list[str], max_samples: int = 200) -> f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", type=int, default=1200, help="pairs in the noisy pool")
-    ap.add_argument("--noise-scale", type=float, default=2.5, help="x the default noise rates (default: ~75 %% noise)")
+    ap.add_argument("--noise-scale", type=float, default=1.5, help="x the default pair noise rates (1.5: about 58 %% noise)")
     ap.add_argument("--steps", type=int, default=150, help="training steps per arm (same budget for all)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--clip-threshold", type=float, default=0.3)
