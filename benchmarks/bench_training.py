@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 
@@ -39,7 +38,8 @@ def main() -> None:
     from model import NVILAForCausalLM
     from model.nvila import load_tokenizer
     from training_hooks.bootstrap import init_tiny_model
-    from training_hooks.data import DataSplit, ExampleBuilder, batches, example_stream, stage_sources
+    from model.examples import ExampleBuilder
+    from training_hooks.data import DataSplit, batches, example_stream, stage_sources
     from training_hooks.recipe import StagePlan
     from training_hooks.trainer import freeze_for, run_stage
 

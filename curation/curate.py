@@ -74,11 +74,7 @@ def curate(
     missing = set(keys) - set(shards)
     if missing:
         raise ReshardError(f"scores without recorded input shards: {sorted(missing)[:5]}")
-    check_inputs_unchanged(inputs, storage_options)
-    sizes = {}
-    for inp in inputs:
-        fs, path = cio.get_fs(inp.url, storage_options)
-        sizes[inp.url] = int(fs.size(path))
+    sizes = check_inputs_unchanged(inputs, storage_options)
     result = reshard(inputs, out, cfg, storage_options=storage_options, use_ray=use_ray, progress=progress,
                      check_inputs=False)
     from dataclasses import asdict

@@ -20,8 +20,6 @@ import io
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -30,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import io as cio
+from curation.prefetch import prefetch
 from curation.shards import file_checksum, read_shard
 from scorers import build_scorer, scorer_class
 from scorers.base import IDENTITY_SCHEMA, Scorer
@@ -156,43 +155,10 @@ def _batches(task: ShardTask, batch_size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-_END = object()
-
-
 def _prefetch(task: ShardTask, scorer: Scorer, batch_size: int, depth: int) -> Iterator[Any]:
     """Read + prepare batches on a thread, ``depth`` batches ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for batch in _batches(task, batch_size):
-                prepared = scorer.prepare(batch)
-                while not stop.is_set():
-                    try:
-                        q.put(prepared, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            q.put(e)
-
-    t = threading.Thread(target=work, name=f"prefetch-{task.url}", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
+    return prefetch((scorer.prepare(b) for b in _batches(task, batch_size)), depth, name=f"prefetch-{task.url}",
+                    join_timeout=5)
 
 
 def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int = 64, prefetch: int = 2,
@@ -202,7 +168,6 @@ def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int =
     schema = pa.schema(list(IDENTITY_SCHEMA) + list(scorer.schema()))
     tables: list[pa.Table] = []
     errors = 0
-    seen: set[str] = set()
     for prepared in _prefetch(task, scorer, batch_size, prefetch):
         cols = scorer.compute(prepared)
         n = len(prepared.samples)
@@ -213,8 +178,6 @@ def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int =
             "kind": [s.kind for s in prepared.samples],
             "error": list(prepared.errors),
         }
-        for k in ident["key"]:
-            seen.add(k)
         errors += sum(e is not None for e in prepared.errors)
         data = {**ident, **{f.name: cols.get(f.name, [None] * n) for f in scorer.schema()}}
         tables.append(pa.Table.from_pydict(data, schema=schema))

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 from curation import io as cio
 from curation.shards import file_checksum, split_key
 from curation.tarstream import RawTarWriter, TarFormatError, final_size, scan
-from curation.writer import WrittenShard
 
 
 class ReshardError(RuntimeError):
@@ -281,15 +280,18 @@ def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
-def check_inputs_unchanged(inputs: list[InputShard], storage_options: dict | None = None) -> None:
-    """Refuse to reshard from shards whose bytes differ from the ones that were scored."""
+def check_inputs_unchanged(inputs: list[InputShard], storage_options: dict | None = None) -> dict[str, int]:
+    """Refuse to reshard from shards whose bytes differ from the ones that were scored.
+    Returns each input's size, read on the way."""
+    sizes = {}
     for inp in inputs:
         if not cio.exists(inp.url, storage_options):
             raise ReshardError(f"input shard {inp.url} ({inp.dataset}/{inp.shard}) no longer exists")
-        _, now = file_checksum(inp.url, storage_options)
+        sizes[inp.url], now = file_checksum(inp.url, storage_options)
         if now != inp.checksum:
             raise ReshardError(f"input shard {inp.url} ({inp.dataset}/{inp.shard}) changed since it was scored "
                                f"(checksum {inp.checksum} then, {now} now); score it again")
+    return sizes
 
 
 def write_index(out: str, dataset: str, shards: list[dict[str, Any]], storage_options: dict | None = None) -> str:
@@ -378,6 +380,3 @@ def reshard(
                         "shards": shards, "samples": sum(s["nsamples"] for s in shards)}
     return ReshardResult(out, datasets, results, time.time() - t0)
 
-
-def written(shards: list[dict[str, Any]]) -> list[WrittenShard]:
-    return [WrittenShard(s["url"], s["nsamples"], s["filesize"], s["md5sum"]) for s in shards]

@@ -71,16 +71,11 @@ class ExampleBuilder:
         return ex
 
     def _image_len(self, media: Any) -> int:
-        from model.image_processing import projector_grid
+        from model.image_processing import layout_token_count
 
         c = self.model.config
-        p = c.tile_size // c.patch_size
-        if c.image_mode == "dynamic_s2":
-            rows, cols = media.layout.grids[-1]
-            gh, gw = projector_grid(rows * p, cols * p, c.projector_type)
-            return gh * gw
-        gh, gw = projector_grid(p, p, c.projector_type)
-        return len(media.tiles) * gh * gw
+        return layout_token_count(media.layout, mode=c.image_mode, tile=c.tile_size, patch=c.patch_size,
+                                  projector=c.projector_type)
 
     def _video_len(self, media: Any) -> int:
         from model.image_processing import video_token_count

@@ -146,6 +146,11 @@ def image_token_count(width: int, height: int, *, mode: str, tile: int, patch: i
                       max_tiles: int, projector: str) -> int:
     """How many LLM tokens one image becomes."""
     layout = plan_image(width, height, mode, tile, scales, max_tiles)
+    return layout_token_count(layout, mode=mode, tile=tile, patch=patch, projector=projector)
+
+
+def layout_token_count(layout: ImageLayout, *, mode: str, tile: int, patch: int, projector: str) -> int:
+    """How many LLM tokens an image with this tile layout becomes."""
     p = tile // patch
     if mode == "dynamic_s2":
         rows, cols = layout.grids[-1]

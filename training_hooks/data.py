@@ -3,7 +3,8 @@
 Streaming (local or S3, through the shard reader), deterministic shuffling (shard order and a
 shuffle buffer, seeded by stage, epoch, rank and worker), weighted mixing across datasets by
 the manifest's weights, split across data-parallel ranks and loader workers (by shard when
-there are enough shards, by sample otherwise). Every sample becomes a conversation:
+there are enough shards, by sample otherwise). Every sample becomes a conversation
+(`model.examples`, the rules the DeltaLoss scorer shares):
 
 - pair: ``<image>`` + prompt -> caption;
 - MMC4 document: interleaved text with ``<image>`` before each image's matched sentence
@@ -16,16 +17,13 @@ and counted; a held-out slice (every n-th key by hash) is kept out of training f
 
 from __future__ import annotations
 
-import queue
 import random
-import threading
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from curation.shards import read_shard
-from model.examples import ExampleBuilder, interleave  # noqa: F401 - the sample -> conversation rules live with the model
 
 
 @dataclass
@@ -121,42 +119,6 @@ def batches(examples: Iterator[Any], batch_size: int, pad_id: int, max_length: i
         if len(buf) == batch_size:
             yield collate(buf, pad_id, max_length)
             buf = []
-
-
-def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run an iterator on a thread, ``depth`` items ahead (decoding overlaps the training step)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for x in it:
-                while not stop.is_set():
-                    try:
-                        q.put(x, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-
-    t = threading.Thread(target=work, daemon=True, name="batch-prefetch")
-    t.start()
-    try:
-        while True:
-            x = q.get()
-            if x is end:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
-        t.join(timeout=30)  # let the worker finish its item: no thread left running into shutdown
 
 
 def stage_sources(manifest: Any, datasets: dict[str, float], heldout_every: int = 20,

@@ -23,32 +23,27 @@ class TrainingInputError(ValueError):
 
 def verify_manifest_shards(m: Manifest, stages: list[StagePlan]) -> None:
     """Every shard a stage reads exists, with the size and md5 the manifest recorded."""
-    import hashlib
+    from curation.shards import file_checksum
 
     needed = {ds for st in stages for ds in st.datasets}
     for ds in sorted(needed):
         for s in m.outputs[ds].shards:
             if not cio.exists(s.url):
                 raise TrainingInputError(f"manifest {m.id}: shard {s.url} of {ds} is missing")
-            fs, path = cio.get_fs(s.url)
-            size = int(fs.size(path))
+            size, checksum = file_checksum(s.url)  # md5 of a local file; the ETag on an object store
             if size != s.filesize:
                 raise TrainingInputError(f"manifest {m.id}: shard {s.url} is {size} bytes, the manifest says {s.filesize}")
-            if not cio.is_remote(s.url):
-                h = hashlib.md5()
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                if h.hexdigest() != s.md5sum:
-                    raise TrainingInputError(f"manifest {m.id}: shard {s.url} has md5 {h.hexdigest()}, "
-                                             f"the manifest says {s.md5sum}")
+            if not cio.is_remote(s.url) and checksum != s.md5sum:
+                raise TrainingInputError(f"manifest {m.id}: shard {s.url} has md5 {checksum}, "
+                                         f"the manifest says {s.md5sum}")
 
 
 def check_fits(m: Manifest, stages: list[StagePlan], init_dir: str, probe: int = 16) -> None:
     """Refuse a sequence length that no sample of a dataset can fit (checked on its first samples)."""
     from model import NVILAForCausalLM
     from model.nvila import load_tokenizer
-    from training_hooks.data import DataSplit, ExampleBuilder, stage_sources, stream_samples
+    from model.examples import ExampleBuilder
+    from training_hooks.data import DataSplit, stage_sources, stream_samples
 
     model = NVILAForCausalLM.from_pretrained(init_dir)
     tok = load_tokenizer(init_dir)

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from training_hooks.data import DataSplit, ExampleBuilder, batches, example_stream, prefetch, stage_sources, stream_samples
+from curation.prefetch import prefetch
+from model.examples import ExampleBuilder
+from training_hooks.data import DataSplit, batches, example_stream, stage_sources, stream_samples
 from training_hooks.recipe import StagePlan
 
 
