@@ -123,8 +123,8 @@ def main() -> None:
     out = {"pool": args.pool, "noise_rates": rates, "steps": args.steps, "batch": args.batch, "arms": results,
            "seconds": round(time.time() - t_all, 1)}
     print()
-    print(f"| arm | kept | injected noise surviving | noise share of kept | held-out clean loss |")
-    print(f"|---|---|---|---|---|")
+    print("| arm | kept | injected noise surviving | noise share of kept | held-out clean loss |")
+    print("|---|---|---|---|---|")
     for arm, r in results.items():
         print(f"| {arm} | {r['kept']} | {r['noise_survived']:.1%} | {r['noise_share_of_kept']:.1%} | {r['heldout_clean_loss']:.4f} |")
     print(f"\ntotal {out['seconds']} s")

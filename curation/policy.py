@@ -238,13 +238,9 @@ class _Chain:
         self.ctes: list[tuple[str, str]] = []
         self.n = 0
 
-    @property
-    def last(self) -> str:
-        return f"{self.prefix}{self.n}"
-
     def add(self, body: str) -> None:
         self.n += 1
-        self.ctes.append((self.last, body))
+        self.ctes.append((self.prev, body))
 
     def mark(self, reason: str, drop_when: str) -> None:
         """Drop kept rows for which ``drop_when`` is true (NULL counts as not dropped: callers coalesce)."""
@@ -253,6 +249,7 @@ class _Chain:
 
     @property
     def prev(self) -> str:
+        """The newest CTE: what the next step reads."""
         return f"{self.prefix}{self.n}"
 
 
@@ -374,7 +371,7 @@ def compile_policy(policy: Policy, datasets: list[str], columns: list[str]) -> C
     for j, ds in enumerate(sorted(datasets)):
         ch = compile_dataset(ds, policy.rules_for(ds), error_cols, f"d{j}_s")
         ctes.extend(ch.ctes)
-        parts.append(f"SELECT dataset, shard, key, kind, dropped_by FROM {ch.last}")
+        parts.append(f"SELECT dataset, shard, key, kind, dropped_by FROM {ch.prev}")
     body = ",\n".join(f"{name} AS (\n  {sql}\n)" for name, sql in ctes)
     sql = f"WITH\n{body}\n" + "\nUNION ALL\n".join(parts) + "\nORDER BY dataset, shard, key"
     return CompiledPolicy(sql, sorted(datasets), list(columns))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-from collections import Counter
 
 import numpy as np
 import pytest

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from model import NVILAConfig, NVILAForCausalLM
 from model.config import ConfigError
