@@ -347,6 +347,7 @@ def reshard(
     from curation.manifest import summarize
     from curation.policy import PolicyError
     from curation.reshard import ReshardConfig, ReshardError
+    from curation.outlock import OutputLockedError
 
     try:
         cfg = ReshardConfig(max_samples=max_samples, max_bytes=max_bytes, shuffle_seed=shuffle_seed, workers=workers)
@@ -361,7 +362,7 @@ def reshard(
 
         try:
             manifest, url = curate(work, policy, out, cfg, progress=tick)
-        except (PolicyError, ReshardError, ValueError) as e:
+        except (PolicyError, ReshardError, OutputLockedError, ValueError) as e:
             _fail(str(e))
     out_console.print(summarize(manifest), markup=False, highlight=False)
     out_console.print(f"manifest: {url}")
@@ -375,15 +376,26 @@ app.add_typer(manifest_app, name="manifest")
 def manifest_show(
     path: str = typer.Argument(..., help="manifest.json (local or s3://)"),
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest"),
+    show_lineage: bool = typer.Option(False, "--lineage", help="List the manifests this one replaced, newest first"),
 ) -> None:
     """Summarize a manifest: inputs, scorers, kept/dropped per dataset and reason, stages."""
-    from curation.manifest import load_manifest, summarize
+    from curation.manifest import lineage, load_manifest, summarize
 
     try:
         m = load_manifest(path)
+        chain = lineage(path) if show_lineage else []
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    if as_json:
+    if show_lineage:
+        rows = [{"id": x.id, "created_at": x.created_at, "parent": x.parent,
+                 "kept": {ds: sel.kept for ds, sel in x.selection.items()}} for x in chain]
+        if as_json:
+            out_console.print(json.dumps(rows, indent=2), markup=False, highlight=False)
+        else:
+            for r in rows:
+                kept = ", ".join(f"{ds}={n}" for ds, n in r["kept"].items())
+                out_console.print(f"{r['id']}  {r['created_at']}  kept {kept}", markup=False, highlight=False)
+    elif as_json:
         out_console.print(m.to_json(), markup=False, highlight=False)
     else:
         out_console.print(summarize(m), markup=False, highlight=False)
@@ -466,8 +478,12 @@ def demo(
         _fail(str(e))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from flows.demo import demo_flow
+    from flows.local_server import local_prefect
 
-    report = demo_flow(out=out, size=size, seed=seed, train=train)
+    # no Prefect server configured: the run gets its own database under --out (see flows/local_server.py)
+    with local_prefect(os.path.join(out, ".prefect"), info=lambda m: console.print(m, markup=False)) as where:
+        console.print(f"Prefect runs recorded at {where}", markup=False, highlight=False)
+        report = demo_flow(out=out, size=size, seed=seed, train=train)
     _print_synth_summary(report["corpus"])
     t = Table(title="injected noise vs the curated selection (ground truth)")
     for col in ("dataset", "noise", "samples", "kept", "main reason"):

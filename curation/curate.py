@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from curation import io as cio
 from curation.manifest import Manifest, build_manifest, write_manifest
+from curation.outlock import output_lock
 from curation.policy import Policy, PolicyError, SelectionResult, load_policy, run_selection
 from curation.reshard import InputShard, ReshardConfig, ReshardError, check_inputs_unchanged, reshard
 from curation.store import ScoreStore
@@ -41,7 +42,15 @@ def select(work: str, policy: str | dict | Policy, storage_options: dict | None 
     return run_selection(ScoreStore(work, storage_options), pol)
 
 
-def curate(
+def curate(work: str, policy: str | dict | Policy, out: str, cfg: ReshardConfig | None = None,
+           **kwargs: Any) -> tuple[Manifest, str]:
+    """``curate_unlocked`` holding ``out``'s lock: a second run to the same ``out`` is refused at
+    once (``OutputLockedError``, naming the run that holds it) and writes nothing."""
+    with output_lock(out, kwargs.get("storage_options")):
+        return curate_unlocked(work, policy, out, cfg, **kwargs)
+
+
+def curate_unlocked(
     work: str,
     policy: str | dict | Policy,
     out: str,

@@ -155,3 +155,30 @@ def list_dirs(url: str, storage_options: dict[str, Any] | None = None) -> list[s
         if entry.get("type") == "directory":
             out.append(join(url, posixpath.basename(entry["name"].rstrip("/"))))
     return sorted(out)
+
+
+def versions(url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """``(url, version)`` of the file at ``url``, or of every file under it, from metadata only.
+
+    The version is the ETag on object stores (it changes whenever an object is rewritten) and
+    ``size:mtime_ns`` locally; contents are never read. A missing path gives ``[(url, "missing")]``.
+    Cache keys built on this see a new, changed or removed file without reading any data.
+    """
+    fs, path = get_fs(url, storage_options)
+    if not fs.exists(path):
+        return [(url, "missing")]
+    if fs.isdir(path):
+        found = fs.find(path, detail=True)
+        return sorted((to_url(fs, p), _version(info)) for p, info in found.items()
+                      if not posixpath.basename(p).startswith("."))
+    return [(url, _version(fs.info(path)))]
+
+
+def _version(info: dict[str, Any]) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"{info.get('size')}:{mtime}"

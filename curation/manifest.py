@@ -81,6 +81,7 @@ class Manifest(BaseModel):
     manifest_version: int = MANIFEST_VERSION
     id: str = ""
     created_at: str = ""
+    parent: Optional[str] = None  # id of the manifest this one replaced at the same place (a nightly lineage)
     work: str
     inputs: dict[str, list[InputShardRef]]
     scorers: list[ScorerRef]
@@ -106,7 +107,7 @@ class Manifest(BaseModel):
         return self
 
     def content_hash(self) -> str:
-        data = self.model_dump(mode="json", exclude={"id", "created_at"})
+        data = self.model_dump(mode="json", exclude={"id", "created_at", "parent"})
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def with_id(self) -> "Manifest":
@@ -137,8 +138,39 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None, verif
 
 
 def write_manifest(m: Manifest, url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Write ``m`` to ``url``; a different manifest already there becomes its parent.
+
+    The replaced manifest is kept as ``manifests/<id>.json`` beside ``url``, so a nightly lineage
+    can be followed back (``curate manifest show --lineage``). Rewriting the same content (same
+    id) keeps the existing parent.
+    """
+    if cio.exists(url, storage_options):
+        try:
+            old = load_manifest(url, storage_options, verify=False)
+        except (ValueError, OSError):
+            old = None  # unreadable: nothing to link to (it is still replaced atomically)
+        if old is not None and old.id == m.id:
+            m.parent = old.parent
+        elif old is not None and old.id:
+            cio.write_bytes(archived_url(url, old.id), old.to_json().encode(), storage_options)
+            m.parent = old.id
     cio.write_bytes(url, m.to_json().encode(), storage_options)
     return url
+
+
+def archived_url(url: str, manifest_id: str) -> str:
+    return cio.join(cio.dirname(url), "manifests", f"{manifest_id}.json")
+
+
+def lineage(url: str, storage_options: dict[str, Any] | None = None, limit: int = 100) -> list[Manifest]:
+    """The manifest at ``url`` followed by its ancestors, newest first, as far as they were kept."""
+    chain = [load_manifest(url, storage_options)]
+    while chain[-1].parent and len(chain) < limit:
+        prev = archived_url(url, chain[-1].parent)
+        if not cio.exists(prev, storage_options):
+            break
+        chain.append(load_manifest(prev, storage_options))
+    return chain
 
 
 def build_manifest(
@@ -181,7 +213,7 @@ def build_manifest(
 
 
 def summarize(m: Manifest) -> str:
-    lines = [f"manifest {m.id}  (created {m.created_at})", f"work: {m.work}",
+    lines = [f"manifest {m.id}  (created {m.created_at}; parent {m.parent or '-'})", f"work: {m.work}",
              f"policy {m.policy_fingerprint}; scorers: " + ", ".join(f"{s.name}[{s.config_hash}]" for s in m.scorers), ""]
     lines.append(f"{'dataset':<16}{'kind':<13}{'inputs':>7}{'scored':>8}{'kept':>8}{'shards':>8}  dropped by")
     for ds, sel in m.selection.items():

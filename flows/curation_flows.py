@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from flows.tasks import curate_task, curation_report, score_task, select_task, selection_table
+from flows.tasks import curation_report, run_curate, run_score, select_task, selection_table
 
 
 def _scorer_names(recipe_path: str) -> list[str]:
@@ -22,7 +22,7 @@ def _scorer_names(recipe_path: str) -> list[str]:
 @flow(name="score", log_prints=True)
 def score_flow(recipe: str) -> list[dict[str, Any]]:
     """Score every shard of the recipe's sources with each of its scorers (Ray inside the tasks)."""
-    return [score_task(recipe, name) for name in _scorer_names(recipe)]
+    return [run_score(recipe, name) for name in _scorer_names(recipe)]
 
 
 @flow(name="select", log_prints=True)
@@ -38,7 +38,7 @@ def select_flow(work: str, policy: str) -> dict[str, Any]:
 
 @flow(name="reshard", log_prints=True)
 def reshard_flow(work: str, policy: str, out: str, max_samples: int = 1000, shuffle_seed: Optional[int] = None) -> dict[str, Any]:
-    curated = curate_task(work, policy, out, max_samples, shuffle_seed)
+    curated = run_curate(work, policy, out, max_samples, shuffle_seed)
     selection_table(curated)
     curation_report(work, curated)
     return curated
@@ -55,7 +55,7 @@ def curate_flow(score_recipe: str, policy: str, out: str, max_samples: int = 100
         raise FileNotFoundError(f"policy not found: {policy}")
     scores = score_flow(score_recipe)
     work = load_score_recipe(score_recipe).work
-    curated = curate_task(work, policy, out, max_samples, shuffle_seed, _scores=[s["config_hash"] for s in scores])
+    curated = run_curate(work, policy, out, max_samples, shuffle_seed, _scores=[s["config_hash"] for s in scores])
     selection_table(curated)
     curation_report(work, curated)
     log.info("manifest %s written to %s", curated["id"], curated["manifest"])

@@ -17,14 +17,14 @@ import yaml
 from prefect import flow, get_run_logger
 
 from flows.tasks import (
-    curate_task,
     curation_report,
-    score_task,
+    run_curate,
+    run_score,
+    run_train,
     selection_table,
     synthesize_task,
     train_filter_task,
     train_proxies_task,
-    train_task,
     training_report,
 )
 
@@ -70,7 +70,7 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     recipe_path = os.path.join(out, "score.yaml")
     with open(recipe_path, "w") as f:
         yaml.safe_dump(d.score_recipe(cfg.datasets, filt["dir"], proxies), f, sort_keys=False)
-    scores = [score_task(recipe_path, name) for name in ("basic", "clip", "deltaloss")]
+    scores = [run_score(recipe_path, name) for name in ("basic", "clip", "deltaloss")]
     timings["score"] = round(time.time() - t0, 1)
 
     t0 = time.time()
@@ -78,7 +78,7 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     with open(policy_path, "w") as f:
         yaml.safe_dump(d.DEFAULT_POLICY, f, sort_keys=False)
     work = os.path.join(out, "work")
-    curated = curate_task(work, policy_path, os.path.join(out, "curated"), 256, seed,
+    curated = run_curate(work, policy_path, os.path.join(out, "curated"), 256, seed,
                           _scores=[s["config_hash"] for s in scores])
     selection_table(curated)
     curation_report(work, curated)
@@ -94,7 +94,7 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
         train_path = os.path.join(out, "train.yaml")
         with open(train_path, "w") as f:
             yaml.safe_dump(d.train_recipe(init, train_steps), f, sort_keys=False)
-        training = train_task(curated["manifest"], train_path)
+        training = run_train(curated["manifest"], train_path)
         training_report(training)
         timings["train"] = round(time.time() - t0, 1)
 

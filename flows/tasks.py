@@ -1,9 +1,12 @@
 """Prefect tasks: thin wrappers over the libraries, passing paths and small summaries only.
 
 Ray work happens inside the tasks (``ray.init`` locally, or the cluster in ``RAY_ADDRESS``);
-Prefect never ships samples. Tasks retry, and cache on their inputs: a rerun with the same
-inputs returns the cached summary without doing the work again (the libraries below are
-themselves resumable, so a retried task also skips what was already done).
+Prefect never ships samples. Tasks retry. Scoring, curation and training cache on the
+*content* they read (``flows/caching.py``): a rerun over unchanged shards, recipe and policy
+returns the cached summary, while a new or changed shard is always seen. The libraries below
+are themselves resumable, so a retried or re-run task also skips what was already done (one
+new shard: only that shard is scored). The demo's own steps (synthesis, filter and proxy
+training) are not cached: their outputs live in the demo's folder, which a user may delete.
 """
 
 from __future__ import annotations
@@ -11,15 +14,12 @@ from __future__ import annotations
 import base64
 import io
 import os
-from datetime import timedelta
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-CACHE = (INPUTS + TASK_SOURCE)
-CACHE_TTL = timedelta(days=7)
+from flows.caching import CACHE_TTL, ByContent, curate_key, fresh_unless, score_key, train_key, train_output_present
 
 
 def _check_file(path: str, what: str) -> str:
@@ -28,7 +28,7 @@ def _check_file(path: str, what: str) -> str:
     return path
 
 
-@task(name="synthesize-corpus", retries=1, cache_policy=CACHE, cache_expiration=CACHE_TTL, persist_result=True)
+@task(name="synthesize-corpus", retries=1)
 def synthesize_task(out: str, size: str = "small", seed: int = 0, noise_scale: float = 1.0) -> dict[str, Any]:
     from curation.synth import SynthConfig, synthesize
 
@@ -39,7 +39,7 @@ def synthesize_task(out: str, size: str = "small", seed: int = 0, noise_scale: f
     return summary
 
 
-@task(name="train-dfn-filter", retries=1, cache_policy=CACHE, cache_expiration=CACHE_TTL, persist_result=True)
+@task(name="train-dfn-filter", retries=1)
 def train_filter_task(trusted: str, out: str, steps: int = 150, seed: int = 0) -> dict[str, Any]:
     from curation.dfn import FilterTrainConfig, train_filter
 
@@ -49,7 +49,7 @@ def train_filter_task(trusted: str, out: str, steps: int = 150, seed: int = 0) -
     return {"dir": out, "steps": r.steps, "final_loss": r.final_loss}
 
 
-@task(name="train-deltaloss-proxies", retries=1, cache_policy=CACHE, cache_expiration=CACHE_TTL, persist_result=True)
+@task(name="train-deltaloss-proxies", retries=1)
 def train_proxies_task(trusted: str, out: str, steps: int = 20, seed: int = 0) -> dict[str, Any]:
     from training_hooks.proxies import train_proxies
 
@@ -58,7 +58,8 @@ def train_proxies_task(trusted: str, out: str, steps: int = 20, seed: int = 0) -
     return {k: v["dir"] for k, v in res.items()}
 
 
-@task(name="score", retries=2, retry_delay_seconds=5, cache_policy=CACHE, cache_expiration=CACHE_TTL, persist_result=True)
+@task(name="score", retries=2, retry_delay_seconds=5,
+      cache_policy=ByContent(content=score_key), cache_expiration=CACHE_TTL, persist_result=True)
 def score_task(recipe_path: str, scorer: str) -> dict[str, Any]:
     """One scorer of a recipe over all its shards, on Ray."""
     from curation.engine import run_scoring
@@ -81,7 +82,8 @@ def score_task(recipe_path: str, scorer: str) -> dict[str, Any]:
     return summary
 
 
-@task(name="select-reshard-manifest", retries=1, cache_policy=CACHE, cache_expiration=CACHE_TTL, persist_result=True)
+@task(name="select-reshard-manifest", retries=1, 
+      cache_policy=ByContent(content=curate_key), cache_expiration=CACHE_TTL, persist_result=True)
 def curate_task(work: str, policy_path: str, out: str, max_samples: int = 1000, shuffle_seed: int | None = None,
                 _scores: Any = None) -> dict[str, Any]:
     """Selection, byte-exact resharding and the manifest (``_scores`` only orders it after scoring)."""
@@ -106,7 +108,8 @@ def select_task(work: str, policy_path: str) -> dict[str, Any]:
     return {"decisions": res.decisions_url, "counts": res.counts, "sql": res.sql}
 
 
-@task(name="train-stages", retries=1, cache_policy=CACHE, cache_expiration=CACHE_TTL, persist_result=True)
+@task(name="train-stages", retries=1, 
+      cache_policy=ByContent(content=train_key), cache_expiration=CACHE_TTL, persist_result=True)
 def train_task(manifest: str, recipe: str | dict) -> dict[str, Any]:
     from training_hooks.kickoff import train_from_manifest
 
@@ -114,6 +117,27 @@ def train_task(manifest: str, recipe: str | dict) -> dict[str, Any]:
     if isinstance(recipe, str):
         _check_file(recipe, "training recipe")
     return train_from_manifest(manifest, recipe, info=log.info)
+
+
+def run_score(recipe_path: str, scorer: str) -> dict[str, Any]:
+    """``score_task``, forced to run (and re-cache) when any score file it writes is missing."""
+    from curation.recipe import score_files_present
+
+    _check_file(recipe_path, "scoring recipe")
+    return fresh_unless(score_task, score_files_present(recipe_path, scorer))(recipe_path, scorer)
+
+
+def run_curate(work: str, policy_path: str, out: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``curate_task``, forced to run when ``out`` has no manifest."""
+    from curation import io as cio
+
+    present = cio.exists(cio.join(out, "manifest.json"))
+    return fresh_unless(curate_task, present)(work, policy_path, out, *args, **kwargs)
+
+
+def run_train(manifest: str, recipe: str | dict) -> dict[str, Any]:
+    """``train_task``, forced to run when the recipe's output folder is missing."""
+    return fresh_unless(train_task, train_output_present(recipe))(manifest, recipe)
 
 
 # --------------------------------------------------------------------------- artifacts

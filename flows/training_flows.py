@@ -8,7 +8,7 @@ from typing import Any, Optional
 from prefect import flow
 
 from flows.curation_flows import curate_flow
-from flows.tasks import train_task, training_report
+from flows.tasks import run_train, training_report
 
 
 @flow(name="train", log_prints=True)
@@ -17,7 +17,7 @@ def train_flow(manifest: str, recipe: str) -> dict[str, Any]:
     for path, what in ((manifest, "manifest"), (recipe, "training recipe")):
         if "://" not in path and not os.path.exists(path):
             raise FileNotFoundError(f"{what} not found: {path}")
-    report = train_task(manifest, recipe)
+    report = run_train(manifest, recipe)
     training_report(report)
     return report
 

@@ -1,0 +1,84 @@
+"""One writer per output folder: a second curate run to the same ``out`` is refused, clearly.
+
+Locally the lock is an ``flock`` on ``<out>/.curate.lock``: the kernel releases it when the
+holder exits, even on ``kill -9``, so a crashed run never leaves a stale lock. On S3 the lock
+is an object created with ``If-None-Match: *`` (an exclusive create); a run that was killed
+leaves it behind, and the refusal names it so that it can be removed once no run is active.
+The lock file says who holds it (host, pid, start time, command).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from curation import io as cio
+
+LOCK_NAME = ".curate.lock"
+
+
+class OutputLockedError(RuntimeError):
+    """Another run is writing to the same output folder."""
+
+
+def _holder() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)[:300]}
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        h = json.loads(raw.decode())
+        return f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']})"
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return "an unknown run"
+
+
+@contextmanager
+def output_lock(out: str, storage_options: dict[str, Any] | None = None) -> Iterator[None]:
+    """Hold the lock on ``out`` for the block; raise ``OutputLockedError`` at once if it is taken."""
+    url = cio.join(out, LOCK_NAME)
+    if cio.is_remote(out):
+        with _object_lock(url, storage_options):
+            yield
+        return
+    import fcntl
+
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(url, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLockedError(f"{out} is being written by another curate run: "
+                                    f"{_describe(os.pread(fd, 4096, 0))}; wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+@contextmanager
+def _object_lock(url: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+    fs, path = cio.get_fs(url, storage_options)
+    try:
+        fs.pipe_file(path, json.dumps(_holder()).encode(), mode="create")
+    except (FileExistsError, OSError) as e:
+        if not isinstance(e, FileExistsError) and "PreconditionFailed" not in str(e) and "412" not in str(e):
+            raise
+        try:
+            who = _describe(fs.cat_file(path))
+        except OSError:
+            who = "an unknown run"
+        raise OutputLockedError(f"{cio.dirname(url)} is being written by another curate run: {who}. If no run is "
+                                f"active (a killed run leaves its lock), remove {url}") from None
+    try:
+        yield
+    finally:
+        fs.rm_file(path)
