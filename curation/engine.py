@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -76,6 +77,7 @@ class ShardResult:
     failed: str | None = None
     attempts: int = 1
     peak_rss_mb: float | None = None  # of the process that scored the shard, at the end of it
+    node: str = ""  # the Ray node that scored it (empty when scored in-process)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class RunReport:
             "sample_errors": sum(s.errors for s in self.scored),
             "seconds": round(self.seconds, 2),
             "samples_per_s": round(rows / self.seconds, 1) if self.seconds > 0 else None,
+            "shards_per_node": dict(Counter(s.node for s in self.scored if s.node)),
         }
 
 
@@ -264,7 +267,9 @@ def _make_worker_class():
             self.scorer.setup()
 
         def score(self, task: ShardTask, out_url: str, batch_size: int) -> ShardResult:
-            return score_shard(self.scorer, task, out_url, batch_size)
+            result = score_shard(self.scorer, task, out_url, batch_size)
+            result.node = ray.get_runtime_context().get_node_id()
+            return result
 
     return ScoringWorker
 

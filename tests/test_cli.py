@@ -13,12 +13,17 @@ from curation.cli import app
 
 
 def test_demo_end_to_end_tiny(tmp_path):
-    """The README's first command, at the smallest size: a Prefect flow on the ephemeral server."""
+    """The README's first command, at the smallest size, as a new user runs it: a fresh HOME (no
+    ~/.prefect), no Prefect variables, so the flow runs on Prefect's temporary local server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["HOME"] = str(tmp_path / "home")
+    os.makedirs(env["HOME"])
     r = subprocess.run([sys.executable, "-m", "curation.cli", "demo", "--out", str(tmp_path / "demo"), "--size", "tiny"],
-                       capture_output=True, text=True, timeout=900, env=env)
+                       capture_output=True, text=True, timeout=900, env=env, cwd=env["HOME"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the run's Prefect database is its own, migrated before the server started, and nothing locked
+    assert (tmp_path / "demo" / ".prefect" / "prefect.db").is_file()
+    assert "database is locked" not in r.stderr and "Timed out" not in r.stderr
     report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert report["read_check"]["disagreements"] == 0
     assert report["read_check"]["samples"] == sum(d["samples"] for d in report["corpus"]["datasets"].values())

@@ -185,3 +185,84 @@ def test_deployment_served_by_a_process_worker(corpus, tmp_path):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _score_file_mtimes(work: Path) -> dict[str, int]:
+    return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in sorted((work / "scores").rglob("*.parquet"))}
+
+
+def test_nightly_run_sees_a_new_shard_and_rescores_only_it(harness, tmp_path):
+    """The nightly deployment passes the same paths every night: a shard added between two
+    nights must be scored (only it) and land in the second manifest, whose parent is the first."""
+    from curation.manifest import lineage, load_manifest
+    from flows.curation_flows import curate_flow
+
+    corpus = tmp_path / "corpus"
+    synthesize(str(corpus), SynthConfig(seed=3, datasets=[DatasetSpec("coyo_synth", "pair", 36, {}, 12)]))
+    later = tmp_path / "later"  # the third shard arrives on the second night
+    later.mkdir()
+    for f in (corpus / "coyo_synth").glob("00002*"):
+        f.rename(later / f.name)
+    work, out = tmp_path / "work", tmp_path / "curated"
+    (tmp_path / "score.yaml").write_text(yaml.safe_dump({
+        "work": str(work), "ray": {"num_cpus": 2},
+        "sources": [{"shards": str(corpus / "coyo_synth"), "kind": "pair"}], "scorers": [{"name": "basic"}]}))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"defaults": [{"rule": "valid"}],
+                                                         "stages": {"align": {"coyo_synth": 1.0}}}))
+    args = (str(tmp_path / "score.yaml"), str(tmp_path / "policy.yaml"), str(out))
+
+    first = curate_flow(*args)
+    night1 = _score_file_mtimes(work)
+    assert len(night1) == 2 and first["selection"]["coyo_synth"]["scored"] == 24
+
+    # an unchanged night is a cache hit: nothing is re-scored and the manifest stays
+    again = curate_flow(*args, return_state=True)
+    assert again.is_completed() and _score_file_mtimes(work) == night1
+    assert again.result()["id"] == first["id"]
+
+    for f in later.iterdir():
+        f.rename(corpus / "coyo_synth" / f.name)
+    second = curate_flow(*args)
+    night2 = _score_file_mtimes(work)
+    assert {k: night2[k] for k in night1} == night1, "an old shard was re-scored"
+    assert set(night2) - set(night1) == {"scores/basic/dataset=coyo_synth/00002.parquet"}
+    assert second["selection"]["coyo_synth"]["scored"] == 36 and second["id"] != first["id"]
+    m = load_manifest(str(out / "manifest.json"))
+    assert m.parent == first["id"] and m.outputs["coyo_synth"].samples == 36
+    assert [x.id for x in lineage(str(out / "manifest.json"))] == [second["id"], first["id"]]
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    r = CliRunner().invoke(app, ["manifest", "show", str(out / "manifest.json"), "--lineage", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [(x["id"], x["kept"]["coyo_synth"]) for x in json.loads(r.stdout)] == [(second["id"], 36), (first["id"], 24)]
+
+
+def test_cache_keys_follow_content_not_names(harness, tmp_path):
+    """Same paths, changed bytes: a rewritten shard or an edited policy is never a cache hit."""
+    from prefect import flow
+
+    from flows.tasks import curate_task, score_task
+
+    corpus = tmp_path / "corpus"
+    synthesize(str(corpus), SynthConfig(seed=4, datasets=[DatasetSpec("coyo_synth", "pair", 16, {}, 8)]))
+    recipe, policy = tmp_path / "score.yaml", tmp_path / "policy.yaml"
+    recipe.write_text(yaml.safe_dump({"work": str(tmp_path / "work"), "ray": {"num_cpus": 2},
+                                      "sources": [{"shards": str(corpus / "coyo_synth")}], "scorers": [{"name": "basic"}]}))
+    policy.write_text(yaml.safe_dump({"defaults": [{"rule": "valid"}]}))
+
+    @flow
+    def once():
+        s = score_task(str(recipe), "basic", return_state=True)
+        c = curate_task(str(tmp_path / "work"), str(policy), str(tmp_path / "out"), return_state=True)
+        return s.name, c.name
+
+    assert once() == ("Completed", "Completed")
+    assert once() == ("Cached", "Cached")
+    shard = corpus / "coyo_synth" / "00001.tar"
+    shard.write_bytes(shard.read_bytes())  # same name, new version (mtime)
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert once()[0] == "Completed"
+    policy.write_text(yaml.safe_dump({"defaults": [{"rule": "valid", "min_caption_words": 2}]}))
+    assert once()[1] == "Completed"
