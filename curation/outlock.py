@@ -1,7 +1,8 @@
 """One writer per output folder: a second curate run to the same ``out`` is refused, clearly.
 
 Locally the lock is an ``flock`` on ``<out>/.curate.lock``: the kernel releases it when the
-holder exits, even on ``kill -9``, so a crashed run never leaves a stale lock. On S3 the lock
+holder exits, even on ``kill -9``, so a crashed run never leaves a stale lock (the file may stay;
+it is the flock that counts). On S3 the lock
 is an object created with ``If-None-Match: *`` (an exclusive create); a run that was killed
 leaves it behind, and the refusal names it so that it can be removed once no run is active.
 The lock file says who holds it (host, pid, start time, command).
@@ -47,21 +48,37 @@ def output_lock(out: str, storage_options: dict[str, Any] | None = None) -> Iter
         with _object_lock(url, storage_options):
             yield
         return
-    import fcntl
-
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    fd = os.open(url, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _locked_fd(url, out)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputLockedError(f"{out} is being written by another curate run: "
-                                    f"{_describe(os.pread(fd, 4096, 0))}; wait for it to finish") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the flock
+        os.unlink(url)  # while still holding it: a run that opened the old file re-checks (see _locked_fd)
+        os.close(fd)
+        if created and not os.listdir(out):
+            os.rmdir(out)  # a refused run leaves no trace
+
+
+def _locked_fd(url: str, out: str) -> int:
+    import fcntl
+
+    while True:
+        fd = os.open(url, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _describe(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise OutputLockedError(f"{out} is being written by another curate run: {who}; wait for it to finish") from None
+        try:
+            if os.stat(url).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed this file as we locked it: take the new one
 
 
 @contextmanager

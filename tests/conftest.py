@@ -14,6 +14,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the Prefect test server never needs telemetry; its read-then-write transaction can also meet
+# SQLite's immediate "database is locked" (see flows/local_server.py)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _free_port() -> int:
