@@ -351,7 +351,7 @@ def reshard(
     max_samples: int = typer.Option(1000, help="Samples per output shard"),
     max_bytes: int = typer.Option(1 << 30, help="Bytes per output shard"),
     shuffle_seed: Optional[int] = typer.Option(None, help="Shuffle deterministically with this seed"),
-    workers: int = typer.Option(2, help="Parallel Ray tasks"),
+    workers: int = typer.Option(2, help="Parallel Ray tasks (1: in this process, without Ray)"),
 ) -> None:
     """Select, copy kept samples byte for byte into new shards, and write the manifest."""
     from curation.curate import curate
@@ -371,7 +371,7 @@ def reshard(
                         + (" (already done)" if r.skipped else ""))
 
         try:
-            manifest, url = curate(work, policy, out, cfg, progress=tick)
+            manifest, url = curate(work, policy, out, cfg, progress=tick, use_ray=workers > 1)
         except (PolicyError, ReshardError, ValueError) as e:
             _fail(str(e))
     out_console.print(summarize(manifest), markup=False, highlight=False)
