@@ -96,8 +96,8 @@ def analyze(work: str, corpus: str, decisions: str) -> dict[str, Any]:
         f"{dl} FROM scores s JOIN truth t USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 3 DESC")
     auc = {}
     for ds in per_noise["dataset"].unique().sort().to_list():
-        df = store.con.execute("SELECT t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
-                               "WHERE s.dataset = ? AND s.clip_score IS NOT NULL", [ds]).pl()
+        df = store.con.sql("SELECT t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
+                           "WHERE s.dataset = ? AND s.clip_score IS NOT NULL", params=[ds]).pl()
         clean = df.filter(df["noise"] == "clean")["clip_score"].to_numpy()
         mism = df.filter(df["noise"].is_in(["mismatched_caption", "mismatched_doc"]))["clip_score"].to_numpy()
         if len(clean) and len(mism):

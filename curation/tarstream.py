@@ -97,6 +97,9 @@ class _Stream:
                 raise TarFormatError(f"truncated or corrupt compressed stream {where}: {e}", member) from None
             if not chunk:
                 break
+            if len(chunk) == n:  # the usual case: one read, no copy
+                self.offset += n
+                return chunk
             chunks.append(chunk)
             got += len(chunk)
         self.offset += got
