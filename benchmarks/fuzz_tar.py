@@ -77,6 +77,15 @@ def main() -> None:
                     "max": round(1000 * times[-1], 2)},
         "over_1s": sum(t > 1.0 for t in times),
     }
+    _print(result, failures)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**result, "failures": {k: v[:50] for k, v in failures.items()}}, f, indent=2)
+    if result["hangs"] or result["unexpected_exceptions"] or result["broken_promises"]:
+        sys.exit(1)
+
+
+def _print(result: dict, failures: dict[str, list[str]]) -> None:
     print(f"{result['cases']} cases in {result['seconds']} s: {result['hangs']} hangs, "
           f"{result['unexpected_exceptions']} unexpected exceptions, {result['broken_promises']} broken promises")
     print(f"  how they ended: {result['outcomes']}")
@@ -85,11 +94,6 @@ def main() -> None:
     for kind, items in failures.items():
         for line in items[:5]:
             print(f"  {kind}: {line}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**result, "failures": {k: v[:50] for k, v in failures.items()}}, f, indent=2)
-    if result["hangs"] or result["unexpected_exceptions"] or result["broken_promises"]:
-        sys.exit(1)
 
 
 if __name__ == "__main__":
