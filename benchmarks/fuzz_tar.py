@@ -43,6 +43,7 @@ def main() -> None:
     outcomes: Counter = Counter()
     failures: dict[str, list[str]] = {"hang": [], "unexpected exception": [], "broken promise": []}
     times: list[float] = []
+    slowest: list = [0.0, ""]
 
     @settings(max_examples=args.cases, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
@@ -61,6 +62,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - counting them is the point
             failures["unexpected exception"].append(f"{good.label}: {how}: {type(e).__name__}: {e}"[:500])
         times.append(time.perf_counter() - t0)
+        if times[-1] > slowest[0]:
+            slowest[:] = [times[-1], f"{good.label}: {how}"[:300]]
 
     t0 = time.perf_counter()
     run()
@@ -76,6 +79,7 @@ def main() -> None:
         "case_ms": {"median": round(1000 * times[len(times) // 2], 2), "p99": round(1000 * times[int(len(times) * 0.99)], 2),
                     "max": round(1000 * times[-1], 2)},
         "over_1s": sum(t > 1.0 for t in times),
+        "slowest_case": slowest[1],
     }
     _print(result, failures)
     if args.json:
@@ -90,7 +94,7 @@ def _print(result: dict, failures: dict[str, list[str]]) -> None:
           f"{result['unexpected_exceptions']} unexpected exceptions, {result['broken_promises']} broken promises")
     print(f"  how they ended: {result['outcomes']}")
     print(f"  per case: median {result['case_ms']['median']} ms, p99 {result['case_ms']['p99']} ms, "
-          f"max {result['case_ms']['max']} ms; {result['over_1s']} over 1 s")
+          f"max {result['case_ms']['max']} ms; {result['over_1s']} over 1 s (slowest: {result['slowest_case']})")
     for kind, items in failures.items():
         for line in items[:5]:
             print(f"  {kind}: {line}")
