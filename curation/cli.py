@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,7 +26,7 @@ out_console = Console(soft_wrap=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(code)
 
 
@@ -114,7 +115,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON"),
 ) -> None:
     """Read shards and report samples, kinds and unreadable samples per dataset."""
-    from curation.shards import list_shards, read_shard
+    from curation.shards import ShardError, list_shards, read_shard
 
     try:
         urls = list_shards(shards)
@@ -129,7 +130,7 @@ def inspect(
     with _progress() as prog:
         task = prog.add_task("reading", total=len(urls), rate="")
         for url in urls:
-            try:
+            try:  # samples read before a shard fails stay counted
                 for s in read_shard(url, kind=kind):
                     n += 1
                     counts[s.dataset][s.kind] += 1
@@ -137,9 +138,12 @@ def inspect(
                     if s.error:
                         counts[s.dataset]["errors"] += 1
                         errors.append((s.dataset, f"{s.shard}/{s.key}", s.error))
-            except (OSError, ValueError) as e:
+            except ShardError as e:
                 counts["<unreadable shards>"]["shards"] += 1
-                errors.append(("-", url, f"cannot open shard: {e}"))
+                errors.append(("-", url, str(e)))
+            except Exception as e:  # noqa: BLE001 - one shard's failure (I/O, ...) must not hide the others' counts
+                counts["<unreadable shards>"]["shards"] += 1
+                errors.append(("-", url, f"cannot read shard: {type(e).__name__}: {e}"))
             prog.update(task, advance=1, rate=f"{n / max(1e-6, time.time() - t0):.0f} samples/s")
     if as_json:
         out_console.print_json(json.dumps({"shards": len(urls), "datasets": {k: dict(v) for k, v in counts.items()},
@@ -152,7 +156,7 @@ def inspect(
         t.add_row(ds, *(str(c.get(k, 0)) for k in ("samples", "pair", "interleaved", "video", "errors")))
     out_console.print(t)
     for ds, where, err in errors[:show_errors]:
-        out_console.print(f"[yellow]{ds} {where}[/]: {err}")
+        out_console.print(f"[yellow]{escape(ds)} {escape(where)}[/]: {escape(err)}")
     if len(errors) > show_errors:
         out_console.print(f"... and {len(errors) - show_errors} more unreadable samples")
 
@@ -164,7 +168,7 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print the run reports as JSON"),
 ) -> None:
     """Score every sample of the recipe's shards with its scorers (Ray, resumable)."""
-    from curation.engine import run_scoring
+    from curation.engine import SourceConflictError, run_scoring
     from curation.recipe import RecipeError, check_recipe, load_score_recipe
 
     try:
@@ -190,7 +194,7 @@ def score(
                     stats["skipped"] += 1
                 elif result.failed:
                     stats["failed"] += 1
-                    console.print(f"[red]shard failed[/] {result.url}: {result.failed}")
+                    console.print(f"[red]shard failed[/] {escape(result.url)}: {escape(result.failed)}")
                 else:
                     stats["rows"] += result.rows
                     stats["errors"] += result.errors
@@ -199,19 +203,25 @@ def score(
                     f"{rate:.1f} samples/s, {stats['errors']} sample errors, {stats['skipped']} skipped, "
                     f"{stats['failed']} failed"))
 
-            report = run_scoring(tasks, spec, recipe.work, progress=tick, ray_address=recipe.ray.address,
-                                 num_cpus=recipe.ray.num_cpus)
+            try:
+                report = run_scoring(tasks, spec, recipe.work, progress=tick, ray_address=recipe.ray.address,
+                                     num_cpus=recipe.ray.num_cpus)
+            except SourceConflictError as e:
+                _fail(str(e))
         reports.append(report.summary())
     if as_json:
         out_console.print_json(json.dumps(reports))
     else:
         for r in reports:
-            out_console.print(
-                f"{r['scorer']} [{r['config_hash']}]: {r['scored']} scored, {r['skipped']} already done, "
-                f"{len(r['failed'])} failed, {r['rows']} rows ({r['sample_errors']} with errors) in {r['seconds']} s"
-            )
+            out_console.print(score_summary_line(r), markup=False, highlight=False)
     if any(r["failed"] for r in reports):
         raise typer.Exit(1)
+
+
+def score_summary_line(r: dict) -> str:
+    """One scorer's run in a line (plain text: ``[<config hash>]`` is not Rich markup)."""
+    return (f"{r['scorer']} [{r['config_hash']}]: {r['scored']} scored, {r['skipped']} already done, "
+            f"{len(r['failed'])} failed, {r['rows']} rows ({r['sample_errors']} with errors) in {r['seconds']} s")
 
 
 @app.command()
@@ -310,7 +320,8 @@ def select(
     as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON"),
 ) -> None:
     """Apply a selection policy to the scores: kept keys and a reason for every dropped sample."""
-    from curation.policy import PolicyError, compile_policy, load_policy, run_selection
+    from curation.policy import PolicyError, load_policy, run_selection
+    from curation.policy_sql import compile_policy
     from curation.store import ScoreStore
 
     try:
@@ -340,7 +351,7 @@ def reshard(
     max_samples: int = typer.Option(1000, help="Samples per output shard"),
     max_bytes: int = typer.Option(1 << 30, help="Bytes per output shard"),
     shuffle_seed: Optional[int] = typer.Option(None, help="Shuffle deterministically with this seed"),
-    workers: int = typer.Option(2, help="Parallel Ray tasks"),
+    workers: int = typer.Option(2, help="Parallel Ray tasks (1: in this process, without Ray)"),
 ) -> None:
     """Select, copy kept samples byte for byte into new shards, and write the manifest."""
     from curation.curate import curate
@@ -361,7 +372,7 @@ def reshard(
                         + (" (already done)" if r.skipped else ""))
 
         try:
-            manifest, url = curate(work, policy, out, cfg, progress=tick)
+            manifest, url = curate(work, policy, out, cfg, progress=tick, use_ray=workers > 1)
         except (PolicyError, ReshardError, OutputLockedError, ValueError) as e:
             _fail(str(e))
     out_console.print(summarize(manifest), markup=False, highlight=False)

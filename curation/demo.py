@@ -15,6 +15,7 @@ from typing import Any
 
 from curation.dfn import roc_auc
 from curation.shards import list_shards, read_shard
+from curation.sqlsafe import literal
 from curation.synth import UNREADABLE_NOISE, load_ground_truth
 
 # The demo's embedded policy: validity, exact and near dedup, the CLIP filter, DeltaLoss, stage plan
@@ -87,25 +88,24 @@ def analyze(work: str, corpus: str, decisions: str) -> dict[str, Any]:
     from curation.store import ScoreStore
 
     store = ScoreStore(work)
-    gt = os.path.join(corpus, "ground_truth.parquet").replace("'", "''")
-    store.con.execute(f"CREATE OR REPLACE VIEW truth AS SELECT * FROM read_parquet('{gt}')").fetchall()
+    truth = literal(os.path.join(corpus, "ground_truth.parquet"))  # paths and names enter SQL only quoted
+    store.con.execute(f"CREATE OR REPLACE VIEW truth AS SELECT * FROM read_parquet({truth})").fetchall()
     dl = ", round(avg(s.delta_loss), 3) AS mean_delta_loss" if "delta_loss" in store.columns() else ""
     per_noise = store.query_pl(
         "SELECT s.dataset, t.noise, count(*) AS samples, round(avg(s.clip_score), 3) AS mean_clip_score"
         f"{dl} FROM scores s JOIN truth t USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 3 DESC")
     auc = {}
     for ds in per_noise["dataset"].unique().sort().to_list():
-        df = store.query_pl(f"SELECT t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
-                            f"WHERE s.dataset = '{ds}' AND s.clip_score IS NOT NULL")
+        df = store.con.sql("SELECT t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
+                           "WHERE s.dataset = ? AND s.clip_score IS NOT NULL", params=[ds]).pl()
         clean = df.filter(df["noise"] == "clean")["clip_score"].to_numpy()
         mism = df.filter(df["noise"].is_in(["mismatched_caption", "mismatched_doc"]))["clip_score"].to_numpy()
         if len(clean) and len(mism):
             auc[ds] = round(roc_auc(clean, mism), 3)
-    dec = decisions.replace("'", "''")
     caught = store.query_pl(
         f"SELECT t.dataset, t.noise, count(*) AS samples, count(*) FILTER (WHERE d.dropped_by IS NULL) AS kept, "
-        f"mode(d.dropped_by) AS main_reason FROM read_parquet('{dec}') d JOIN truth t USING (dataset, shard, key) "
-        f"GROUP BY 1, 2 ORDER BY 1, 2")
+        f"mode(d.dropped_by) AS main_reason FROM read_parquet({literal(decisions)}) d JOIN truth t "
+        f"USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 2")
     noisy = caught.filter(caught["noise"] != "clean")
     clean = caught.filter(caught["noise"] == "clean")
     scores = store.query_pl("SELECT s.dataset, t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "

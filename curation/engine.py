@@ -137,8 +137,8 @@ def read_score_metadata(url: str, storage_options: dict[str, Any] | None = None)
     return {k[len(META_PREFIX):].decode(): v.decode() for k, v in md.items() if k.startswith(META_PREFIX)}
 
 
-def is_done(url: str, config_hash: str, shard_checksum: str | None, storage_options: dict[str, Any] | None = None) -> bool:
-    md = read_score_metadata(url, storage_options)
+def is_done(md: dict[str, str] | None, config_hash: str, shard_checksum: str | None) -> bool:
+    """Whether a score file's metadata says it holds this scorer config's scores of these shard bytes."""
     if md is None or md.get("config_hash") != config_hash:
         return False
     return shard_checksum is None or md.get("shard_checksum") == shard_checksum
@@ -274,22 +274,37 @@ def _make_worker_class():
     return ScoringWorker
 
 
+class SourceConflictError(ValueError):
+    """Two input shards that would share one score file (same dataset, same shard name)."""
+
+
 def plan_tasks(tasks: list[ShardTask], scorer: Scorer, work: str,
                storage_options: dict[str, Any] | None = None) -> tuple[list[ShardTask], list[ShardResult]]:
-    """Fill in shard checksums; split into (to score, already done)."""
+    """Fill in shard checksums; split into (to score, already done). Two sources with one
+    identity (dataset, shard name), in this run or in a score file an earlier run wrote, are
+    refused before anything is scored, naming both: one would overwrite the other."""
     from curation.shards import shard_name
 
-    todo, done = [], []
+    todo, done, conflicts = [], [], []
+    claimed: dict[str, str] = {}  # score file -> the shard url of this run that claims it
     h = scorer.config_hash()
     for t in tasks:
+        out = score_file_url(work, scorer.name, t.dataset, shard_name(t.url))
+        md = read_score_metadata(out, storage_options)
+        other = claimed.setdefault(out, t.url)
+        other = md["shard_url"] if other == t.url and md and md.get("shard_url") else other
+        if other != t.url:
+            conflicts.append(f"{t.dataset}/{shard_name(t.url)} is both {other} and {t.url}")
+            continue
         if t.checksum is None:
             t = ShardTask(t.url, t.dataset, t.kind, file_checksum(t.url, storage_options)[1])
-        out = score_file_url(work, scorer.name, t.dataset, shard_name(t.url))
-        if is_done(out, h, t.checksum, storage_options):
-            md = read_score_metadata(out, storage_options) or {}
+        if is_done(md, h, t.checksum):
             done.append(ShardResult(t.url, t.dataset, out, rows=int(md.get("rows", 0)), skipped=True))
         else:
             todo.append(t)
+    if conflicts:
+        raise SourceConflictError(f"{scorer.name}: two sources share a dataset and shard name: {'; '.join(conflicts[:5])}"
+                                  f". Give one another dataset name, or remove its old score files under {work}")
     return todo, done
 
 
@@ -351,7 +366,7 @@ def run_scoring(
             if isinstance(e, ray.exceptions.RayActorError):
                 workers[w] = new_worker()  # the actor died (OOM, segfault): replace it
             reason = _short_error(e)
-            if attempt <= spec.max_retries:
+            if attempt <= spec.max_retries and not _is_permanent(e):
                 log.warning("scoring %s with %s failed (attempt %d), retrying: %s", task.url, spec.name, attempt, reason)
                 pending.append((task, attempt + 1))
                 free.append(w)
@@ -366,6 +381,13 @@ def run_scoring(
         ray.kill(w)
     report.seconds = time.time() - t0
     return report
+
+
+def _is_permanent(e: BaseException) -> bool:
+    """A shard that is empty or not a tar fails the same way every time: no retry."""
+    from curation.shards import ShardError
+
+    return isinstance(getattr(e, "cause", None) or e, ShardError)
 
 
 def _short_error(e: BaseException) -> str:

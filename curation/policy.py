@@ -24,6 +24,14 @@ union over datasets is NVILA's "top K within each sub-dataset". Samples that a s
 could not score (``<scorer>_error`` set) are dropped first: reason ``unreadable`` when the sample could not
 be read at all, ``scorer_error:<scorer>`` when one scorer failed on it (``drop_errors: false``
 turns that off). Kept + dropped = scored, per dataset.
+
+``near_dedup`` keeps exactly one sample of each connected group of near duplicates (hashes
+within ``max_distance`` bits, linked transitively: chains and stars keep one): the highest
+``prefer`` when given, then the first by ``(shard, key)``. A ``sql`` rule's ``keep_where``
+must be one expression over the score columns (no statements, no ``;``, no comments, no
+subqueries, balanced parentheses: refused at load, naming the rule), and selection runs on
+a DuckDB connection that cannot reach files, the network or extensions
+(``curation.sqlsafe``). The compiled query is built in ``curation.policy_sql``.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
@@ -119,6 +127,17 @@ class SqlRule(_Rule):
     rule: Literal["sql"]
     keep_where: str  # a DuckDB predicate over the score columns; rows where it is not true are dropped
 
+    @field_validator("keep_where")
+    @classmethod
+    def _one_expression(cls, v: str) -> str:
+        from curation.sqlsafe import check_predicate
+
+        try:
+            check_predicate(v)
+        except ValueError as e:
+            raise ValueError(f"keep_where must be one SQL expression over the score columns: {e}") from None
+        return v
+
 
 Rule = Annotated[Union[ThresholdRule, ValidRule, DedupRule, NearDedupRule, TopFractionRule, TopKRule, SqlRule],
                  Field(discriminator="rule")]
@@ -155,226 +174,29 @@ def _format(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in (
             "threshold", "valid", "dedup", "near_dedup", "top_fraction", "top_k", "sql")))
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid policy: " + "; ".join(parts)
 
 
 def load_policy(path_or_dict: str | dict[str, Any]) -> Policy:
+    where = "policy"
     if isinstance(path_or_dict, str):
+        where = f"policy {path_or_dict}"
         if not os.path.exists(path_or_dict):
             raise PolicyError(f"policy file not found: {path_or_dict}")
         with open(path_or_dict) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = yaml.safe_load(f)
             except yaml.YAMLError as e:
-                raise PolicyError(f"policy {path_or_dict} is not valid YAML: {e}") from None
+                raise PolicyError(f"{where} is not valid YAML: {e}") from None
     else:
         data = path_or_dict
+    if not data:  # an empty file would keep everything: surely not what its author meant
+        raise PolicyError(f"{where} is empty: give it rules (defaults:, datasets:) and stages:")
     try:
         return Policy.model_validate(data)
     except ValidationError as e:
         raise PolicyError(_format(e)) from None
-
-
-# --------------------------------------------------------------------------- compile
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
-def _num(x: float) -> str:
-    return repr(float(x))
-
-
-def _rule_label(rule: Any, i: int) -> str:
-    if rule.name:
-        return rule.name
-    if isinstance(rule, ThresholdRule):
-        parts = []
-        if rule.min is not None:
-            parts.append(f">={rule.min:g}")
-        if rule.max is not None:
-            parts.append(f"<={rule.max:g}")
-        return f"threshold:{rule.column}{''.join(parts)}"
-    if isinstance(rule, (DedupRule, NearDedupRule, TopFractionRule, TopKRule)):
-        return f"{rule.rule}:{rule.column}"
-    if isinstance(rule, SqlRule):
-        return f"sql:{i}"
-    return rule.rule
-
-
-def rule_columns(rule: Any) -> list[str]:
-    if isinstance(rule, (ThresholdRule, DedupRule, NearDedupRule, TopFractionRule, TopKRule)):
-        cols = [rule.column]
-        if getattr(rule, "prefer", None):
-            cols.append(rule.prefer)
-        return cols
-    if isinstance(rule, ValidRule):
-        cols = []
-        if rule.decodable:
-            cols.append("decodable")
-        if rule.min_size is not None:
-            cols += ["width", "height"]
-        if rule.max_aspect_ratio is not None:
-            cols.append("aspect_ratio")
-        if rule.min_caption_words is not None or rule.max_caption_words is not None:
-            cols.append("caption_words")
-        if rule.min_caption_chars is not None:
-            cols.append("caption_chars")
-        return cols
-    return []
-
-
-class _Chain:
-    """Builds the CTE chain of one dataset: s0 -> s1 -> ... each marking dropped_by."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.ctes: list[tuple[str, str]] = []
-        self.n = 0
-
-    def add(self, body: str) -> None:
-        self.n += 1
-        self.ctes.append((self.prev, body))
-
-    def mark(self, reason: str, drop_when: str) -> None:
-        """Drop kept rows for which ``drop_when`` is true (NULL counts as not dropped: callers coalesce)."""
-        self.add(f"SELECT * REPLACE (CASE WHEN dropped_by IS NULL AND ({drop_when}) THEN {_lit(reason)} "
-                 f"ELSE dropped_by END AS dropped_by) FROM {self.prev}")
-
-    @property
-    def prev(self) -> str:
-        """The newest CTE: what the next step reads."""
-        return f"{self.prefix}{self.n}"
-
-
-def _order(prefer: str | None) -> str:
-    base = "shard, key"
-    return f"{_q(prefer)} DESC NULLS LAST, {base}" if prefer else base
-
-
-def compile_dataset(dataset: str, rules: list[Any], error_columns: list[str], prefix: str) -> _Chain:
-    ch = _Chain(prefix)
-    ch.ctes.append((f"{prefix}0", f"SELECT *, CAST(NULL AS VARCHAR) AS dropped_by FROM scores WHERE dataset = {_lit(dataset)}"))
-    if error_columns:
-        if "basic_error" in error_columns:
-            # unreadable input (the reader's error, recorded by the basic scorer)
-            ch.mark("unreadable", "basic_error IS NOT NULL")
-        for c in error_columns:
-            if c == "basic_error":
-                continue
-            scorer = c[: -len("_error")] if c.endswith("_error") else "scorer"
-            ch.mark(f"scorer_error:{scorer}", f"{_q(c)} IS NOT NULL")
-    for i, rule in enumerate(rules):
-        label = _rule_label(rule, i)
-        if isinstance(rule, ThresholdRule):
-            conds = []
-            if rule.min is not None:
-                conds.append(f"{_q(rule.column)} >= {_num(rule.min)}")
-            if rule.max is not None:
-                conds.append(f"{_q(rule.column)} <= {_num(rule.max)}")
-            ch.mark(label, f"NOT coalesce({' AND '.join(conds)}, false)")
-        elif isinstance(rule, ValidRule):
-            base = rule.name or "valid"
-            if rule.decodable:
-                ch.mark(f"{base}:decodable", "NOT coalesce(decodable, false)")
-            if rule.min_size is not None:
-                ch.mark(f"{base}:min_size", f"NOT coalesce(width >= {rule.min_size} AND height >= {rule.min_size}, false)")
-            if rule.max_aspect_ratio is not None:
-                ch.mark(f"{base}:max_aspect_ratio", f"NOT coalesce(aspect_ratio <= {_num(rule.max_aspect_ratio)}, false)")
-            if rule.min_caption_words is not None:
-                ch.mark(f"{base}:min_caption_words", f"NOT coalesce(caption_words >= {rule.min_caption_words}, false)")
-            if rule.max_caption_words is not None:
-                ch.mark(f"{base}:max_caption_words", f"NOT coalesce(caption_words <= {rule.max_caption_words}, false)")
-            if rule.min_caption_chars is not None:
-                ch.mark(f"{base}:min_caption_chars", f"NOT coalesce(caption_chars >= {rule.min_caption_chars}, false)")
-        elif isinstance(rule, DedupRule):
-            prev = ch.prev
-            ch.add(
-                f"SELECT * EXCLUDE (_rn) REPLACE (CASE WHEN dropped_by IS NULL AND _rn > 1 THEN {_lit(label)} "
-                f"ELSE dropped_by END AS dropped_by) FROM (SELECT *, CASE WHEN dropped_by IS NULL AND {_q(rule.column)} "
-                f"IS NOT NULL THEN row_number() OVER (PARTITION BY dropped_by IS NULL, {_q(rule.column)} ORDER BY "
-                f"{_order(rule.prefer)}) END AS _rn FROM {prev})"
-            )
-        elif isinstance(rule, NearDedupRule):
-            prev = ch.prev
-            d = rule.max_distance
-            nb = d + 1  # pigeonhole: two hashes within distance d agree on at least one of d+1 bands
-            width = 64 // nb
-            bands = []
-            for b in range(nb):
-                shift = b * width
-                bits = 64 - shift if b == nb - 1 else width
-                mask = (1 << bits) - 1
-                bands.append(f"SELECT shard, key, _h, _rank, {b} AS band, (_h >> {shift}) & {mask}::UBIGINT AS val FROM _alive")
-            alive = (f"SELECT shard, key, ('0x' || {_q(rule.column)})::UBIGINT AS _h, row_number() OVER (ORDER BY "
-                     f"{_order(rule.prefer)}) AS _rank FROM {prev} WHERE dropped_by IS NULL AND {_q(rule.column)} IS NOT NULL")
-            near = (
-                f"SELECT DISTINCT a.shard, a.key FROM _bands a JOIN _bands b ON a.band = b.band AND a.val = b.val "
-                f"AND b._rank < a._rank WHERE bit_count(xor(a._h, b._h)) <= {d}"
-            )
-            ch.add(
-                f"WITH _alive AS ({alive}), _bands AS ({' UNION ALL '.join(bands)}), _near AS ({near}) "
-                f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n.key IS NOT NULL THEN {_lit(label)} "
-                f"ELSE p.dropped_by END AS dropped_by) FROM {prev} p LEFT JOIN _near n ON p.shard = n.shard AND p.key = n.key"
-            )
-        elif isinstance(rule, (TopFractionRule, TopKRule)):
-            prev = ch.prev
-            direction = "ASC" if rule.ascending else "DESC"
-            if isinstance(rule, TopKRule) and rule.k is not None:
-                limit = str(int(rule.k))
-            else:
-                limit = f"ceil({_num(rule.fraction)} * _alive)"
-            ch.add(
-                f"SELECT * EXCLUDE (_rk, _alive) REPLACE (CASE WHEN dropped_by IS NULL AND (_rk > {limit} OR "
-                f"{_q(rule.column)} IS NULL) THEN {_lit(label)} ELSE dropped_by END AS dropped_by) FROM (SELECT *, "
-                f"row_number() OVER (PARTITION BY dropped_by IS NULL ORDER BY {_q(rule.column)} {direction} NULLS LAST, "
-                f"shard, key) AS _rk, count(*) FILTER (WHERE dropped_by IS NULL) OVER () AS _alive FROM {prev})"
-            )
-        elif isinstance(rule, SqlRule):
-            ch.mark(label, f"NOT coalesce(({rule.keep_where}), false)")
-    return ch
-
-
-@dataclass
-class CompiledPolicy:
-    sql: str
-    datasets: list[str]
-    columns: list[str] = field(default_factory=list)
-
-
-def compile_policy(policy: Policy, datasets: list[str], columns: list[str]) -> CompiledPolicy:
-    """One DuckDB query over the ``scores`` view returning (dataset, shard, key, kind, dropped_by)."""
-    cols = set(columns)
-    errors = []
-    for ds in policy.datasets:
-        if ds not in datasets:
-            errors.append(f"datasets.{ds}: no scores for dataset {ds!r} (scored datasets: {', '.join(datasets)})")
-    for stage, mix in policy.stages.items():
-        for ds in mix:
-            if ds not in datasets:
-                errors.append(f"stages.{stage}.{ds}: no scores for dataset {ds!r}")
-    for where, rules in [("defaults", policy.defaults)] + [(f"datasets.{d}", r) for d, r in policy.datasets.items()]:
-        for i, rule in enumerate(rules):
-            for c in rule_columns(rule):
-                if c not in cols:
-                    errors.append(f"{where}[{i}]: unknown column {c!r} (score columns: {', '.join(sorted(cols))})")
-    if errors:
-        raise PolicyError("invalid policy: " + "; ".join(errors))
-    error_cols = [c for c in columns if c == "error" or c.endswith("_error")] if policy.drop_errors else []
-    parts, ctes = [], []
-    for j, ds in enumerate(sorted(datasets)):
-        ch = compile_dataset(ds, policy.rules_for(ds), error_cols, f"d{j}_s")
-        ctes.extend(ch.ctes)
-        parts.append(f"SELECT dataset, shard, key, kind, dropped_by FROM {ch.prev}")
-    body = ",\n".join(f"{name} AS (\n  {sql}\n)" for name, sql in ctes)
-    sql = f"WITH\n{body}\n" + "\nUNION ALL\n".join(parts) + "\nORDER BY dataset, shard, key"
-    return CompiledPolicy(sql, sorted(datasets), list(columns))
 
 
 # --------------------------------------------------------------------------- run
@@ -401,14 +223,21 @@ def run_selection(store: Any, policy: Policy, out: str | None = None) -> Selecti
 
     from curation import io as cio
 
+    from curation.policy_sql import compile_policy
+    from curation.sqlsafe import sandbox
+
     datasets = [r[0] for r in store.con.execute("SELECT DISTINCT dataset FROM scores ORDER BY 1").fetchall()]
     if not datasets:
         raise PolicyError(f"no scored samples under {store.root}")
     compiled = compile_policy(policy, datasets, store.columns())
+    # the policy's SQL runs where it can read the scores it names and nothing else
+    sql_con = sandbox(store.con, "scores", compiled.columns)
     try:
-        table = store.con.sql(compiled.sql).to_arrow_table()
+        table = sql_con.sql(compiled.sql).to_arrow_table()
     except duckdb.Error as e:
         raise PolicyError(f"policy does not run against the score store: {e}") from None
+    finally:
+        sql_con.close()
     fp = policy.fingerprint()
     url = out or cio.join(store.work, "selection", fp, "decisions.parquet")
     buf = _io.BytesIO()

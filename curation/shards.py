@@ -108,11 +108,17 @@ def list_shards(spec: str | Iterable[str], storage_options: dict[str, Any] | Non
 # --------------------------------------------------------------------------- raw tar stream
 
 
+class ShardError(ValueError):
+    """A shard that holds no sample to report an error on: empty, or not a tar at all. Every
+    other problem with a tar is reported on the sample it damaged."""
+
+
 @dataclass
 class RawMember:
     name: str
     data: bytes | None
     error: str | None = None
+    fatal: bool = False  # the tar broke here: nothing after this member can be read
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -135,9 +141,9 @@ def unsafe_name(name: str) -> str | None:
 def iter_members(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawMember]:
     """Stream the members of a tar (never extracting anything).
 
-    Ends with a member named ``""`` carrying the error when the tar itself is broken
-    (truncated, bad header), after yielding everything that came before; a member the
-    stream broke inside is yielded first with its own error.
+    When the tar itself is broken (truncated, malformed header, cut gzip stream) the last
+    member is ``fatal``: it carries the error, named after the member the damage belongs to,
+    or ``""`` when no trustworthy name is left; everything before it was yielded as usual.
     """
     try:
         for e in scan(fileobj, max_size=max_member_bytes):
@@ -148,9 +154,7 @@ def iter_members(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES)
             else:
                 yield RawMember(e.name, e.data)
     except TarFormatError as err:
-        if err.member:
-            yield RawMember(err.member, None, f"truncated member {err.member!r}")
-        yield RawMember("", None, f"truncated or corrupt tar: {err}")
+        yield RawMember(err.member or "", None, f"truncated or corrupt tar: {err}", fatal=True)
 
 
 @dataclass
@@ -160,48 +164,60 @@ class RawSample:
     errors: list[str] = field(default_factory=list)
 
 
+def _key_of(name: str) -> tuple[str, str | None]:
+    parts = split_key(name)
+    return parts if parts else (name, None)
+
+
 def iter_raw_samples(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample]:
     """Group tar members into samples by key (contiguous members, WebDataset style).
 
-    A broken tar ends the stream: the sample being assembled gets the error. Members of a
-    key that reappears after other keys are not a sample of their own (WebDataset would
+    A broken tar ends the stream after every sample complete before the damage: the error
+    goes to the sample the damaged member belongs to (a new record when it starts a new
+    key), or to the sample being assembled when the damage names no member. A shard with
+    no sample to carry the error (empty, not a tar) raises :class:`ShardError`. Members of
+    a key that reappears after other keys are not a sample of their own (WebDataset would
     yield the key twice); they are skipped with a warning so that every key has one record.
     """
     current: RawSample | None = None
     seen: set[str] = set()
     for m in iter_members(fileobj, max_member_bytes):
-        if m.name == "":  # stream-level failure
-            if current is not None:
-                current.errors.append(m.error or "broken tar")
-                yield current
-            else:
-                yield RawSample(key="", errors=[m.error or "broken tar"])
-            return
-        bad = unsafe_name(m.name)
-        parts = split_key(m.name)
-        key, ext = parts if parts else (m.name, "")
-        if current is None or key != current.key:
-            if key in seen:
+        key, ext = _key_of(m.name)
+        starts_new = m.name != "" and (current is None or key != current.key)
+        if starts_new and key in seen:
+            if not m.fatal:
                 log.warning("tar member %r: key %r already appeared earlier in this shard (members not "
                             "contiguous); skipping it", m.name, key)
                 continue
+            starts_new = False  # the damage names an earlier sample: report it on the one being read
+        if starts_new:
             if current is not None:
                 yield current
             current = RawSample(key=key)
             seen.add(key)
-        if bad:
-            current.errors.append(bad)
-        if parts is None:
-            current.errors.append(f"member {m.name!r} has no extension")
-        if m.error:
-            current.errors.append(m.error)
-            continue
-        if ext in current.members:
-            current.errors.append(f"duplicate member {m.name!r}")
-            continue
-        current.members[ext] = m.data or b""
+        if current is None:  # the tar broke before its first member
+            raise ShardError(m.error or "broken tar")
+        if m.fatal:
+            current.errors.append(m.error or "broken tar")
+            yield current
+            return
+        _add_member(current, m, ext)
     if current is not None:
         yield current
+
+
+def _add_member(sample: RawSample, m: RawMember, ext: str | None) -> None:
+    bad = unsafe_name(m.name)
+    if bad:
+        sample.errors.append(bad)
+    if ext is None:
+        sample.errors.append(f"member {m.name!r} has no extension")
+    if m.error:
+        sample.errors.append(m.error)
+    elif (ext or "") in sample.members:
+        sample.errors.append(f"duplicate member {m.name!r}")
+    else:
+        sample.members[ext or ""] = m.data or b""
 
 
 # --------------------------------------------------------------------------- media checks
@@ -445,15 +461,19 @@ def read_shard(
     """Stream the samples of one shard (local path or any fsspec URL).
 
     Yields one typed sample per key; unreadable samples carry ``error``. A tar that is
-    truncated or corrupt yields what it could read, the interrupted sample with the
-    error, and stops. A shard that cannot be opened at all raises.
+    truncated or corrupt yields every sample complete before the damage, then the damaged
+    sample with the error, and stops. A shard with no sample to carry an error (empty,
+    not a tar) raises :class:`ShardError`; one that cannot be opened raises ``OSError``.
     """
     opts = options or ReadOptions(kind=kind, verify=verify, max_pixels=max_pixels)
     ds = dataset or dataset_of(url)
     name = shard_name(url)
     with open_shard(url, storage_options) as f:
-        for raw in iter_raw_samples(f, opts.max_member_bytes):
-            yield to_sample(raw, ds, name, url, opts)
+        try:
+            for raw in iter_raw_samples(f, opts.max_member_bytes):
+                yield to_sample(raw, ds, name, url, opts)
+        except ShardError as e:
+            raise ShardError(f"shard {url}: {e}") from None
 
 
 def open_shard(url: str, storage_options: dict[str, Any] | None = None):
@@ -517,5 +537,5 @@ def shard_info(url: str, dataset: str | None = None, storage_options: dict[str, 
 def count_samples(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """Number of keys in a shard, without decoding any media."""
     with open_shard(url, storage_options) as f:
-        return sum(1 for raw in iter_raw_samples(f) if raw.key)
+        return sum(1 for _ in iter_raw_samples(f))
 

@@ -140,6 +140,9 @@ class ScoreStore:
         for md in self.file_metadata():
             key = (md["dataset"], shard_name(md["shard_url"]))
             prev = shards.get(key)
+            if prev is not None and prev["url"] != md["shard_url"]:
+                raise ValueError(f"score files of {key[0]}/{key[1]} come from two sources, {prev['url']} and "
+                                 f"{md['shard_url']}; score them under different dataset names")
             if prev is not None and prev["checksum"] != md["shard_checksum"]:
                 raise ValueError(
                     f"shard {md['shard_url']} was scored in two versions (checksums {prev['checksum']} and "

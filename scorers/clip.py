@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -76,10 +77,11 @@ class ClipScorer(Scorer):
         torch_threads: int | None = None,
         seed: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if num_frames < 1:
-            raise ValueError("num_frames must be >= 1")
+        for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not -1 <= threshold <= 1:
+            raise ValueError(f"threshold must be a number in [-1, 1] (a cosine similarity), got {threshold!r}")
         self.model_name = normalize_model_name(model)
         self.pretrained = pretrained
         self.device = device

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.shards import count_samples, read_shard
+from curation.shards import ShardError, count_samples, read_shard
 from curation.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
 
 RNG = np.random.default_rng(0)
@@ -114,11 +114,16 @@ def test_truncated_tar_reports_interrupted_sample(tmp_path):
     assert "truncated" in got[3].error
 
 
-def test_not_a_tar(tmp_path):
+def test_not_a_tar_or_empty_is_a_shard_error(tmp_path):
     p = tmp_path / "junk.tar"
     p.write_bytes(b"this is not a tar file at all" * 100)
-    got = list(read_shard(str(p)))
-    assert len(got) == 1 and "tar" in got[0].error
+    with pytest.raises(ShardError, match="junk.tar: .*checksum mismatch in the first header"):
+        list(read_shard(str(p)))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(ShardError, match=r"empty.tar: .*empty shard \(0 bytes\)"):
+        list(read_shard(str(tmp_path / "empty.tar")))
+    with pytest.raises(ShardError, match="empty shard"):
+        count_samples(str(tmp_path / "empty.tar"))
 
 
 def test_non_contiguous_key_keeps_one_record_per_key(tmp_path, caplog):
@@ -141,7 +146,10 @@ def test_truncated_tar_anywhere_is_reported(tmp_path, where):
     open(path, "wb").write(data[:cut])
     got = list(read_shard(path, kind="pair"))
     assert [s.key for s in got][:3] == ["s0", "s1", "s2"] and all(s.ok for s in got[:2])
-    assert any(s.error and "truncated" in s.error for s in got), [(s.key, s.error) for s in got]
+    if where == "at header boundary":  # a tar that ends between members is complete as far as anyone can tell
+        assert len(got) == 3 and got[2].ok, [(s.key, s.error) for s in got]
+    else:
+        assert any(s.error and "truncated" in s.error for s in got), [(s.key, s.error) for s in got]
 
 
 def test_missing_shard_raises_clearly(tmp_path):
@@ -154,3 +162,99 @@ def test_pixel_limit_is_configurable(tmp_path):
     assert next(read_shard(url, kind="pair")).ok
     s = next(read_shard(url, kind="pair", max_pixels=100))
     assert "100-pixel limit" in s.error
+
+
+# --------------------------------------------------------------------------- malformed tar headers
+# Each probe damages the middle sample of three: the first comes out intact, the damaged one
+# carries an error naming its member and the bad field, and reading ends (it used to hang or
+# raise a bare ValueError that lost the whole shard).
+
+
+def _three(tmp_path, fmt=tarfile.PAX_FORMAT) -> tuple[bytes, list]:
+    from tarfuzz import _layout
+
+    path = str(tmp_path / "good.tar")
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in _pair("s0") + _pair("s1") + _pair("s2"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if fmt == tarfile.PAX_FORMAT:
+                info.pax_headers = {"comment": name}
+            tf.addfile(info, io.BytesIO(data))
+    data = open(path, "rb").read()
+    return data, _layout(data)
+
+
+PAX_PROBES = {
+    "length 0": (b"0 a=b\n", "length 0 is too short"),
+    "negative length": (b"-5 a=b\n", "length b'-5' is not a number"),
+    "non-numeric length": (b"abc path=x\n", "length b'abc' is not a number"),
+    "length past the record": (b"99 a=b\n", "length 99 runs past the end"),
+    "non-numeric size": (b"12 size=abc\n", "size record 'abc' is not a number"),
+}
+
+
+@pytest.mark.parametrize("probe", list(PAX_PROBES))
+def test_malformed_pax_header_is_an_error_on_its_sample(tmp_path, probe):
+    from tarfuzz import replace_pax, time_limit
+
+    records, fragment = PAX_PROBES[probe]
+    data, members = _three(tmp_path)
+    victim = next(m for m in members if m.name == "s1.jpg")
+    path = tmp_path / "00000.tar"
+    path.write_bytes(replace_pax(data, victim, records))
+    with time_limit(10):
+        got = list(read_shard(str(path), kind="pair"))
+    assert [s.key for s in got] == ["s0", "s1"]
+    assert got[0].ok
+    assert "'s1.jpg'" in got[1].error and fragment in got[1].error, got[1].error
+
+
+HEADER_PROBES = {
+    "non-octal size": (b"abc", "size field b'abc"),
+    "negative base-256 size": (b"\xff" * 11 + b"\xfe", "negative size -2"),
+    "bad base-256 lead byte": (b"\x81" + b"\0" * 11, "is not a valid base-256 number"),
+}
+
+
+@pytest.mark.parametrize("probe", list(HEADER_PROBES))
+def test_malformed_size_field_is_an_error_on_its_sample(tmp_path, probe):
+    from tarfuzz import replace_field, time_limit
+
+    value, fragment = HEADER_PROBES[probe]
+    data, members = _three(tmp_path, tarfile.GNU_FORMAT)
+    victim = next(m for m in members if m.name == "s1.txt")
+    path = tmp_path / "00000.tar"
+    path.write_bytes(replace_field(data, victim.header, "size", value, fix_checksum=True))
+    with time_limit(10):
+        got = list(read_shard(str(path), kind="pair"))
+    assert [s.key for s in got] == ["s0", "s1"] and got[0].ok
+    assert "'s1.txt'" in got[1].error and fragment in got[1].error, got[1].error
+
+
+def test_tar_without_end_blocks_keeps_its_last_sample(tmp_path):
+    data, members = _three(tmp_path, tarfile.GNU_FORMAT)
+    end = max(m.end for m in members)
+    path = tmp_path / "00000.tar"
+    for cut in (end, end + 200):  # no end-of-archive blocks; half of one
+        path.write_bytes(data[:cut])
+        got = list(read_shard(str(path), kind="pair"))
+        assert [(s.key, s.error) for s in got] == [("s0", None), ("s1", None), ("s2", None)]
+
+
+def test_truncated_tar_gz_keeps_samples_before_the_cut(tmp_path):
+    import gzip
+
+    from tarfuzz import gunzip_prefix
+
+    data, members = _three(tmp_path, tarfile.GNU_FORMAT)
+    victim = next(m for m in members if m.name == "s2.jpg")
+    gz = gzip.compress(data, mtime=0)
+    # a cut of the .gz whose data ends inside s2's image
+    n = next(n for n in range(len(gz)) if victim.header + 512 < len(gunzip_prefix(gz[:n])) < victim.header + 812)
+    path = tmp_path / "00000.tar.gz"
+    path.write_bytes(gz[:n])
+    got = list(read_shard(str(path), kind="pair"))
+    assert [s.key for s in got] == ["s0", "s1", "s2"]
+    assert got[0].ok and got[1].ok
+    assert "truncated or corrupt compressed stream inside member 's2.jpg'" in got[2].error, got[2].error

@@ -63,3 +63,47 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.exit_code == 2 and "no such shard" in r.output
     r = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "x"), "--size", "enormous"])
     assert r.exit_code == 2 and "unknown size" in r.output
+
+
+def test_inspect_keeps_samples_read_before_damage(noisy_corpus, tmp_path):
+    """A truncated .tar.gz, an empty shard and a shard that is not a tar, beside good shards:
+    every sample before the damage is counted, each bad shard is named, the good shards' counts stay."""
+    import gzip
+    import shutil
+
+    from curation.shards import count_samples, list_shards
+
+    out, result = noisy_corpus
+    bad = tmp_path / "coyo_synth"
+    bad.mkdir()
+    good = list_shards(f"{out}/coyo_synth")
+    tar = open(good[0], "rb").read()
+    gz = gzip.compress(tar, mtime=0)
+    (bad / "cut.tar.gz").write_bytes(gz[: len(gz) // 2])
+    (bad / "empty.tar").write_bytes(b"")
+    (bad / "html.tar").write_bytes(b"<html>503 Service Unavailable</html>" * 20)
+    for u in good[1:]:
+        shutil.copy(u, bad)
+    r = CliRunner().invoke(app, ["inspect", str(bad), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    n_good = sum(count_samples(u) for u in good[1:])
+    counted = data["datasets"]["coyo_synth"]["samples"]
+    assert n_good < counted < n_good + count_samples(good[0])  # some of the cut shard's samples, not all
+    assert data["datasets"]["<unreadable shards>"]["shards"] == 2
+    by_where = {e[1]: e[2] for e in data["errors"]}
+    assert "empty shard" in by_where[str(bad / "empty.tar")]
+    assert "checksum mismatch" in by_where[str(bad / "html.tar")]
+    assert any("truncated or corrupt compressed stream" in e[2] for e in data["errors"] if e[0] == "coyo_synth")
+    r = CliRunner().invoke(app, ["inspect", str(bad)])
+    assert r.exit_code == 0 and "Aborted" not in r.output and "empty shard" in r.output
+
+
+def test_score_summary_keeps_bracketed_hash(capsys):
+    """Rich would take ``[abcdef...]`` for a markup tag and drop it."""
+    from curation.cli import out_console, score_summary_line
+
+    report = {"scorer": "clip", "config_hash": "abcdef0123456789", "scored": 3, "skipped": 1, "failed": [],
+              "rows": 30, "sample_errors": 2, "seconds": 1.5}
+    out_console.print(score_summary_line(report), markup=False, highlight=False)
+    assert "clip [abcdef0123456789]: 3 scored, 1 already done" in capsys.readouterr().out

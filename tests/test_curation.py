@@ -17,7 +17,7 @@ from curation.dfn import FilterTrainConfig, train_filter
 from curation.engine import ScorerSpec, ShardTask, score_local
 from curation.manifest import load_manifest
 from curation.policy import PolicyError, load_policy, run_selection
-from curation.reshard import ReshardConfig, ReshardError, plan_groups, write_group
+from curation.reshard import ReshardConfig, ReshardError
 from curation.shards import dataset_of, iter_raw_samples, list_shards
 from curation.store import ScoreStore
 from curation.synth import DatasetSpec, SynthConfig, load_ground_truth, synthesize
@@ -214,34 +214,62 @@ def test_manifest_is_content_addressed_and_reproducible(scored, curated, tmp_pat
         load_manifest(str(tmp_path / "edited.json"))
 
 
-def test_resume_after_killed_reshard(scored, curated, tmp_path):
-    """State left by a kill: some groups complete, one with a half-written temp file. A rerun
-    keeps the complete groups untouched and ends with exactly the uninterrupted run's shards."""
-    manifest, _, _ = curated
-    out = str(tmp_path / "resumed")
-    cfg = ReshardConfig(max_samples=8, group_samples=16)
-    store = ScoreStore(scored["work"])
-    shards, _ = store.inputs()
-    result = run_selection(store, load_policy(POLICY))
-    keys = kept_keys(result.decisions_url)
-    from curation.reshard import InputShard
+def _new_names(out: str, before: set[str]) -> set[str]:
+    """Paths under ``out`` not in ``before`` (temp files included: each write makes a new one)."""
+    return {os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs} - before
 
-    inputs = [InputShard(ds, sh, rec["url"], rec["checksum"], keys.get((ds, sh), [])) for (ds, sh), rec in sorted(shards.items())]
-    groups = plan_groups(inputs, cfg)
-    assert len(groups) >= 4
-    for g in groups[:2]:
-        write_group(g, out, cfg)
-    g = groups[2]
-    os.makedirs(f"{out}/{g.dataset}", exist_ok=True)
-    with open(f"{out}/{g.dataset}/.{g.dataset}-{g.index:05d}-0000.tar.tmp-dead", "wb") as f:
-        f.write(b"\0" * 700)  # what a SIGKILL mid-write leaves: a temp file, never a final name
-    done_before = {p: os.path.getmtime(p) for g in groups[:2] for p in
-                   [f"{out}/{g.dataset}/{x}" for x in os.listdir(f"{out}/{g.dataset}") if x.startswith(f"{g.dataset}-{g.index:05d}")]}
-    resumed, _ = curate(scored["work"], POLICY, out, cfg, use_ray=False)
-    assert done_before and all(os.path.getmtime(p) == t for p, t in done_before.items())
-    clean, _ = curate(scored["work"], POLICY, str(tmp_path / "clean"), cfg, use_ray=False)
-    assert [(s.nsamples, s.md5sum) for o in resumed.outputs.values() for s in o.shards] == \
-           [(s.nsamples, s.md5sum) for o in clean.outputs.values() for s in o.shards]
+
+def _reshard_until(args: list[str], out: str, kill_after: int | None) -> int:
+    """Run ``curate reshard``; SIGKILL it once ``kill_after`` new files appeared under ``out``
+    (None: let it finish). Returns its exit status (-9 when the kill landed mid-run)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = _new_names(out, set()) if os.path.exists(out) else set()
+    proc = subprocess.Popen([sys.executable, "-m", "curation.cli", "reshard", *args, "--out", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while kill_after is not None and proc.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(out) and len(_new_names(out, before)) >= kill_after:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-2000:]
+    return proc.returncode
+
+
+def _tree(out: str) -> dict[str, bytes]:
+    """Every shard and index under ``out`` by relative path (group records and stats name the
+    output folder, so they differ between folders by design)."""
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(out) for f in fs if f.endswith((".tar", ".wids.json"))}
+
+
+def test_resume_after_real_kills(scored, tmp_path):
+    """`curate reshard` in a subprocess, SIGKILLed at seeded random points (the n-th new file
+    under its output, temp files included), resumed each time: it ends with exactly the
+    shards of an uninterrupted run."""
+    import random
+
+    import yaml
+
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    args = ["--policy", str(tmp_path / "policy.yaml"), "--work", scored["work"], "--max-samples", "8", "--workers", "1"]
+    clean, resumed = str(tmp_path / "clean"), str(tmp_path / "resumed")
+    assert _reshard_until(args, clean, None) == 0
+    files = len(_new_names(clean, set()))  # every file an uninterrupted run writes (temp files are gone)
+    rng = random.Random(13)
+    kills = [_reshard_until(args, resumed, rng.randint(1, max(1, files // 3))) for _ in range(3)]
+    assert kills == [-9, -9, -9], f"a kill came after the run had finished: {kills}"
+    assert _reshard_until(args, resumed, None) == 0
+    want, got = _tree(clean), _tree(resumed)
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    a, b = load_manifest(f"{clean}/manifest.json"), load_manifest(f"{resumed}/manifest.json")
+    assert [(s.nsamples, s.md5sum) for o in b.outputs.values() for s in o.shards] == \
+           [(s.nsamples, s.md5sum) for o in a.outputs.values() for s in o.shards]
 
 
 def test_shuffle_is_deterministic(scored, tmp_path):

@@ -248,7 +248,10 @@ def test_killed_run_resumes_to_identical_rows(noisy_corpus, tiny_clip_dir, tmp_p
 def test_store_joined_view_and_query_cli(noisy_corpus, tiny_clip_dir, tmp_path):
     out, _ = noisy_corpus
     (tmp_path / "r.yaml").write_text(RECIPE.format(work=tmp_path / "w", corpus=out, model=tiny_clip_dir))
-    assert _run_cli("score", "--config", str(tmp_path / "r.yaml")).returncode == 0
+    r = _run_cli("score", "--config", str(tmp_path / "r.yaml"))
+    assert r.returncode == 0, r.stderr
+    clip_hash = ClipScorer(tiny_clip_dir, num_frames=2).config_hash()
+    assert f"clip [{clip_hash}]: " in r.stdout  # the summary line, its hash not eaten as markup
     store = ScoreStore(str(tmp_path / "w"))
     assert set(store.views) == {"basic", "clip"}
     cols = store.columns()
@@ -301,9 +304,61 @@ def test_bad_recipes_fail_before_work(tmp_path, noisy_corpus, tiny_clip_dir):
     bad(lambda d: d.update(colour="blue"), r"colour")
     bad(lambda d: d["scorers"][1]["params"].update(model="ViT-B-32", pretrained="missing.pt"), r"weights file not found")
     bad(lambda d: d["scorers"][1]["params"].update(model="ViT-B-32", pretrained="no_such_tag"), r"unknown pretrained tag")
+    bad(lambda d: d["scorers"][1]["params"].update(threshold="high"), r"scorers\[1\]\.params \(clip\): threshold must be a number")
     r = _run_cli("score", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "recipe file not found" in r.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_two_sources_with_one_identity_are_refused(noisy_corpus, tmp_path):
+    """Score files are keyed by (dataset, shard name): a second source under the same key is
+    refused at planning, naming both, instead of overwriting (or silently reusing) the first's."""
+    import shutil
+
+    from curation.engine import SourceConflictError
+
+    out, _ = noisy_corpus
+    src = list_shards(f"{out}/coyo_synth")[0]
+    a, b = tmp_path / "a" / "coyo_synth", tmp_path / "b" / "coyo_synth"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        shutil.copy(src, d / "00000.tar")  # the same bytes, even: still another source
+    work = str(tmp_path / "w")
+    ta, tb = ShardTask(str(a / "00000.tar"), "coyo_synth"), ShardTask(str(b / "00000.tar"), "coyo_synth")
+    assert len(score_local([ta], ScorerSpec("basic"), work).scored) == 1
+    scored = score_file_url(work, "basic", "coyo_synth", "00000")
+    before = (os.path.getmtime(scored), read_score_metadata(scored))
+    for tasks in ([tb], [ta, tb]):
+        with pytest.raises(SourceConflictError, match=f"coyo_synth/00000 is both {a}/00000.tar and {b}/00000.tar"):
+            score_local(tasks, ScorerSpec("basic"), work)
+    assert (os.path.getmtime(scored), read_score_metadata(scored)) == before
+    # two sources of one run, through the CLI: refused before any work (recipe planning)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"work: {tmp_path / 'w2'}\nsources:\n  - {{shards: {a}}}\n  - {{shards: {b}}}\n"
+                      f"scorers:\n  - {{name: basic}}\n")
+    r = _run_cli("score", "--config", str(recipe))
+    assert r.returncode == 2 and str(a / "00000.tar") in r.stderr and str(b / "00000.tar") in r.stderr, r.stderr
+    assert not (tmp_path / "w2").exists()
+
+
+def test_damaged_shard_keeps_rows_before_the_damage(tmp_path, ray_session):
+    """A malformed PAX header (it used to hang the actor) and an empty shard, scored on Ray."""
+    from tarfuzz import SHARDS, replace_pax
+
+    pax = next(s for s in SHARDS if s.label == "pax")
+    victim = next(m for m in pax.members if m.name == "0001.txt")
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "00000.tar").write_bytes(replace_pax(pax.data, victim, b"0 a=b\n"))
+    (tmp_path / "web" / "00001.tar").write_bytes(b"")
+    tasks = [ShardTask(u, "web") for u in list_shards(str(tmp_path / "web"))]
+    report = run_scoring(tasks, ScorerSpec("basic", max_retries=2), str(tmp_path / "w"))
+    (ok,) = report.scored
+    (failed,) = report.failed
+    assert ok.rows == 2 and ok.errors == 1
+    assert failed.url.endswith("00001.tar") and "empty shard" in failed.failed and failed.attempts == 1  # no retry
+    rows = _rows(str(tmp_path / "w"), "basic")
+    assert rows[("web", "00000", "0000")]["error"] is None
+    assert "'0001.txt'" in rows[("web", "00000", "0001")]["error"] and "length 0" in rows[("web", "00000", "0001")]["error"]
 
 
 def test_dfn_filter_separates_mismatched_captions(tmp_path):

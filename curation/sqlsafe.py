@@ -1,0 +1,115 @@
+"""SQL that cannot touch the machine: quoting, policy predicates checked at load, a sandbox.
+
+Policies come from YAML files that many people edit, and a ``sql`` rule's ``keep_where`` is
+a DuckDB expression pasted into the selection query. Two fences keep it an expression over
+the scores and nothing else:
+
+- :func:`check_predicate` (at load): the text must be ONE expression. Comments and ``;`` are
+  refused, parentheses must balance and never close more than they opened (so the text
+  cannot step outside the parentheses it is wrapped in), and DuckDB's own parser must read
+  ``SELECT * FROM scores WHERE (<text>)`` as one plain SELECT whose condition holds no
+  subquery (so no ``read_text(...)``, no other table).
+- :func:`sandbox` (at run): selection runs on a fresh in-memory DuckDB connection holding
+  only the score columns the policy needs, with external access disabled (no files, no
+  network, no extensions) and the configuration locked, so nothing can turn it back on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import duckdb
+
+# nothing a policy query needs: no file system, no network, no extension loading
+SANDBOX_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
+                  "autoload_known_extensions": False, "allow_community_extensions": False}
+
+
+def ident(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(text: str) -> str:
+    """A quoted SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _parse(sql: str) -> dict[str, Any]:
+    """DuckDB's parse tree of ``sql`` as JSON (parsed only: nothing is bound or run)."""
+    with duckdb.connect(config=SANDBOX_CONFIG) as con:
+        return json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+
+
+def _check_tokens(expr: str) -> None:
+    try:
+        tokens = duckdb.tokenize(expr)
+    except Exception as e:  # noqa: BLE001 - the tokenizer's message says what it could not read
+        raise ValueError(f"not an SQL expression: {e}") from None
+    depth = 0
+    for i, (pos, kind) in enumerate(tokens):
+        if kind == duckdb.token_type.comment:
+            raise ValueError("comments are not allowed in an expression")
+        if kind != duckdb.token_type.operator:
+            continue
+        text = expr[pos: tokens[i + 1][0] if i + 1 < len(tokens) else len(expr)]
+        for ch in text:
+            if ch == ";":
+                raise ValueError("';' ends a statement: give one expression, not statements")
+            depth += (ch == "(") - (ch == ")")
+            if depth < 0:
+                raise ValueError(f"unbalanced parentheses: the ')' at character {pos + 1} closes nothing")
+    if depth:
+        raise ValueError(f"unbalanced parentheses: {depth} '(' left open")
+
+
+def _walk(node: Any) -> Any:
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def check_predicate(expr: str) -> set[str] | None:
+    """Check that ``expr`` is one SQL expression with no subquery; ValueError says why not.
+
+    Returns the names it may read as columns (a superset: qualified names give every part,
+    lambda parameters are included), or None when it selects columns by pattern
+    (``COLUMNS(...)``, ``*``) and so may read any of them.
+    """
+    if not expr.strip():
+        raise ValueError("empty expression")
+    _check_tokens(expr)
+    tree = _parse(f"SELECT * FROM scores WHERE ({expr})")
+    if tree.get("error"):
+        raise ValueError(f"not an SQL expression: {tree.get('error_message', 'does not parse')}")
+    statements = tree.get("statements") or []
+    node = statements[0].get("node", {}) if len(statements) == 1 else {}
+    if node.get("type") != "SELECT_NODE" or (node.get("cte_map") or {}).get("map") or node.get("modifiers"):
+        raise ValueError("not one expression")
+    columns: set[str] | None = set()
+    for n in _walk(node.get("where_clause")):
+        if n.get("class") == "SUBQUERY" or n.get("type") in ("SELECT_NODE", "SET_OPERATION_NODE"):
+            raise ValueError("subqueries are not allowed: an expression may read only the row's score columns")
+        if n.get("class") == "STAR":
+            columns = None
+        elif n.get("class") == "COLUMN_REF" and columns is not None:
+            columns.update(n.get("column_names") or [])
+    return columns
+
+
+def sandbox(source: duckdb.DuckDBPyConnection, view: str, columns: list[str]) -> duckdb.DuckDBPyConnection:
+    """A locked-down connection holding ``columns`` of ``view`` (read through ``source``, which
+    may reach files and S3) as its in-memory table of the same name."""
+    con = duckdb.connect(config=SANDBOX_CONFIG)
+    rel = source.sql(f"SELECT {', '.join(ident(c) for c in columns)} FROM {ident(view)}")
+    reader = rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()  # duckdb < 1.4
+    con.register("_incoming", reader)
+    con.execute(f"CREATE TABLE {ident(view)} AS SELECT * FROM _incoming")
+    con.unregister("_incoming")
+    con.execute("SET lock_configuration = true")
+    return con
