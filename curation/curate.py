@@ -78,7 +78,7 @@ def curate(
     result = reshard(inputs, out, cfg, storage_options=storage_options, use_ray=use_ray, progress=progress)
     from dataclasses import asdict
 
-    manifest = build_manifest(work=work, inputs=shards, sizes=result.input_sizes, scorers=scorers, policy=pol, selection=selection,
-                              reshard_result=result, reshard_cfg={k: v for k, v in asdict(cfg).items() if k != "workers"})
+    manifest = build_manifest(work=work, inputs=shards, sizes=result.input_sizes, scorers=scorers, policy=pol,
+                              selection=selection, reshard_result=result, reshard_cfg={k: v for k, v in asdict(cfg).items() if k != "workers"})
     url = write_manifest(manifest, cio.join(out, "manifest.json"), storage_options)
     return manifest, url

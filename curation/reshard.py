@@ -9,7 +9,7 @@ consecutive input shards, each written by one Ray task; a group is recorded as c
 redoes only unfinished groups. Each output shard gets a ``<shard>_stats.json``; each dataset
 gets a wids index ``index.wids.json`` (``wids-shard-index-v1``).
 
-Every input byte is read once (``curation.verified_copy``): it is hashed as it is read and
+Every input byte is read once (``curation.verified_copy``, ``curation.reshard_inputs``): it is hashed as it is read and
 the input refused, with its group's output discarded, when the hash is not the checksum the
 shard was scored with. Kept samples holding members that must never be written (absolute or
 ``..`` paths, links, devices) are left out and named, whatever the policy.
@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 
 from curation import io as cio
 from curation.tarstream import TarFormatError
-from curation.verified_copy import (GroupWriter, Piece, ReshardError, VerifiedInput, open_input, stat_inputs, tar_samples,
-                                    verify_input)
+from curation.reshard_inputs import ReshardError, open_input, stat_inputs, tar_samples, verify_input
+from curation.verified_copy import GroupWriter, Piece, VerifiedInput
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +221,17 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
 
 
 def _remove_parts(ds_url: str, prefix: str, storage_options: dict | None) -> None:
-    """Delete output shards (and stats) of one group left by an earlier, different plan."""
+    """Delete output shards (and stats) of one group left by an earlier, different plan, and the
+    temp files of a run of it that was killed."""
     for url in cio.list_files(ds_url, storage_options=storage_options):
         name = cio.basename(url)
         if name.startswith(prefix) and (name.endswith(".tar") or name.endswith("_stats.json")):
             fs, path = cio.get_fs(url, storage_options)
             fs.rm(path)
+    if not cio.is_remote(ds_url) and os.path.isdir(ds_url):
+        for name in os.listdir(ds_url):
+            if name.startswith(f".{prefix}") and ".tmp-" in name:
+                os.unlink(os.path.join(ds_url, name))
 
 
 def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:

@@ -56,7 +56,8 @@ def test_changed_input_is_refused_by_name_and_its_group_leaves_nothing(scored_pa
     data[512 + 100] ^= 0xFF  # inside the first image's bytes: same size, still a valid tar, same keys
     open(victim, "wb").write(bytes(data))
     out = f"{request.getfixturevalue('s3_bucket')}/curated" if where == "s3" else str(tmp_path / "out")
-    cfg = ReshardConfig(max_samples=3, group_samples=16, workers=2)  # group 1 has written shards when it meets the victim
+    # 3 samples per shard: group 1 has written shards of its first input when it meets the victim
+    cfg = ReshardConfig(max_samples=3, group_samples=16, workers=2)
     try:
         with pytest.raises(ReshardError, match=re.escape(victim) + r" \(pairs/00003\) changed since it was scored"):
             curate(work, KEEP_ALL, out, cfg, use_ray=where == "ray")
