@@ -9,9 +9,9 @@ consecutive input shards, each written by one Ray task; a group is recorded as c
 redoes only unfinished groups. Each output shard gets a ``<shard>_stats.json``; each dataset
 gets a wids index ``index.wids.json`` (``wids-shard-index-v1``).
 
-Every input byte is read once (``curation.verified_copy``, ``curation.reshard_inputs``): it is hashed as it is read and
-the input refused, with its group's output discarded, when the hash is not the checksum the
-shard was scored with. Kept samples holding members that must never be written (absolute or
+Every input byte is read once (``curation.verified_copy``, ``curation.reshard_inputs``): it is
+hashed as it is read, and the input refused, with its group's output discarded, when the hash is
+not the checksum the shard was scored with. Kept samples holding members that must never be written (absolute or
 ``..`` paths, links, devices) are left out and named, whatever the policy.
 """
 
@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from curation import io as cio
-from curation.tarstream import TarFormatError
 from curation.reshard_inputs import ReshardError, open_input, stat_inputs, tar_samples, verify_input
+from curation.tarstream import TarFormatError
 from curation.verified_copy import GroupWriter, Piece, VerifiedInput
 
 log = logging.getLogger(__name__)
@@ -299,10 +299,12 @@ def _on_ray(groups: list[Group], out: str, cfg: ReshardConfig, storage_options: 
         ready, _ = ray.wait(list(pending), num_returns=1)
         g = pending.pop(ready[0])
         try:
-            done(ray.get(ready[0]))
-        except Exception as e:  # noqa: BLE001
+            result = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - the task's own error, named with its group
             cause = getattr(e, "cause", None) or e
             failure = failure or ReshardError(f"resharding {g.dataset} group {g.index} failed: {cause}")
+            continue
+        done(result)
     if failure is not None:
         raise failure
 

@@ -139,7 +139,8 @@ class VerifiedInput:
             ok = buf[lo: lo + len(head)] == head
         else:
             ok = b"".join(buf[lo:hi] for buf, lo, hi in pieces)[: len(head)] == head
-        return pieces if ok and pieces else None
+        complete = sum(hi - lo for _, lo, hi in pieces) == nbytes  # nothing of it released yet
+        return pieces if ok and complete else None
 
     def release(self) -> None:
         while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= self._pos:

@@ -139,3 +139,38 @@ def test_unsafe_members_are_never_written_even_when_errors_are_kept(tmp_path):
     for key in refused:
         assert f"not written: hostile/00000 sample {key!r}" in text
     assert not [f for f in _files(out) if ".." in f or "passwd" in f]
+
+
+@pytest.mark.parametrize("chunk", [700, 4096, 1 << 22])
+def test_one_pass_scan_gives_each_member_its_raw_blocks_and_the_file_md5(tmp_path, chunk):
+    """Long names (GNU and PAX headers before the member), a directory, members straddling read
+    chunks: each sample's pieces are exactly its members' raw blocks, and the md5 is the file's."""
+    from curation.reshard_inputs import tar_samples
+    from curation.verified_copy import VerifiedInput
+
+    path = str(tmp_path / "mixed.tar")
+    rng = np.random.default_rng(1)
+    long_dir = "d" * 120
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i, key in enumerate(["a/000", f"{long_dir}/001", "b/002", "b/003"]):
+            if i == 2:
+                d = tarfile.TarInfo("b")
+                d.type = tarfile.DIRTYPE
+                tf.addfile(d)
+            for ext, size in (("jpg", int(rng.integers(1, 3000))), ("txt", 5), ("json", 0)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = size
+                tf.addfile(info, io.BytesIO(rng.integers(0, 256, size, dtype=np.uint8).tobytes()))
+    with open(path, "rb") as f:
+        want: dict[str, bytes] = {}
+        for e in scan(f):
+            key = e.name.rsplit(".", 1)[0]
+            want[key] = want.get(key, b"") + e.header + e.body
+    with open(path, "rb", buffering=0) as f:
+        src = VerifiedInput(f, chunk=chunk)
+        got = {key: b"".join(bytes(memoryview(buf)[lo:hi]) for buf, lo, hi in pieces)
+               for key, pieces, why in tar_samples(src)}
+        size, md5 = src.finish()
+        src.close()
+    assert got == want and len(got) == 4
+    assert (size, md5) == (os.path.getsize(path), hashlib.md5(open(path, "rb").read()).hexdigest())
