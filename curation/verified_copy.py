@@ -34,7 +34,10 @@ from typing import Any, BinaryIO
 from curation import io as cio
 from curation.tarstream import final_size
 
-CHUNK = 4 << 20  # read size: large enough that hashing and syscalls are per-megabyte, not per-member
+# Read size. Large enough that hashing and syscalls are per-chunk, not per-member; small enough
+# that the chunks in flight come from malloc's heap: 2 MiB and larger buffers are mapped fresh
+# each time, and the page faults cost the kernel as much CPU as a third of an md5 (measured).
+CHUNK = 512 << 10
 Piece = tuple[Any, int, int]  # (buffer, start, end): bytes of an output member, in a buffer that was hashed
 
 
