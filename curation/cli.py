@@ -369,7 +369,7 @@ def reshard(
 
         def tick(r, done, total):
             prog.update(task, total=total, completed=done, rate=f"{r.dataset} group {r.index}: {r.copied} samples"
-                        + (" (already done)" if r.skipped else ""))
+                        + (f", {len(r.refused)} refused" if r.refused else "") + (" (already done)" if r.skipped else ""))
 
         try:
             manifest, url = curate(work, policy, out, cfg, progress=tick, use_ray=workers > 1)

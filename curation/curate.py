@@ -8,7 +8,7 @@ from curation import io as cio
 from curation.manifest import Manifest, build_manifest, write_manifest
 from curation.outlock import output_lock
 from curation.policy import Policy, PolicyError, SelectionResult, load_policy, run_selection
-from curation.reshard import InputShard, ReshardConfig, ReshardError, check_inputs_unchanged, reshard
+from curation.reshard import InputShard, ReshardConfig, ReshardError, reshard
 from curation.store import ScoreStore
 
 
@@ -63,8 +63,9 @@ def curate_unlocked(
     """Apply ``policy`` to the scores under ``work``; write curated shards and ``<out>/manifest.json``.
 
     Everything that can be refused is refused before any shard is written: a policy naming
-    unknown columns or datasets, a stage that does not exist, an input shard whose bytes
-    changed since it was scored.
+    unknown columns or datasets, a stage that does not exist, an input shard that is gone.
+    An input shard whose bytes changed since it was scored is refused as it is read: its
+    group writes nothing and no manifest is written.
     """
     cfg = cfg or ReshardConfig()
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
@@ -83,12 +84,10 @@ def curate_unlocked(
     missing = set(keys) - set(shards)
     if missing:
         raise ReshardError(f"scores without recorded input shards: {sorted(missing)[:5]}")
-    sizes = check_inputs_unchanged(inputs, storage_options)
-    result = reshard(inputs, out, cfg, storage_options=storage_options, use_ray=use_ray, progress=progress,
-                     check_inputs=False)
+    result = reshard(inputs, out, cfg, storage_options=storage_options, use_ray=use_ray, progress=progress)
     from dataclasses import asdict
 
-    manifest = build_manifest(work=work, inputs=shards, sizes=sizes, scorers=scorers, policy=pol, selection=selection,
-                              reshard_result=result, reshard_cfg={k: v for k, v in asdict(cfg).items() if k != "workers"})
+    manifest = build_manifest(work=work, inputs=shards, sizes=result.input_sizes, scorers=scorers, policy=pol,
+                              selection=selection, reshard_result=result, reshard_cfg={k: v for k, v in asdict(cfg).items() if k != "workers"})
     url = write_manifest(manifest, cio.join(out, "manifest.json"), storage_options)
     return manifest, url

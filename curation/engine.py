@@ -78,6 +78,8 @@ class ShardResult:
     attempts: int = 1
     peak_rss_mb: float | None = None  # of the process that scored the shard, at the end of it
     node: str = ""  # the Ray node that scored it (empty when scored in-process)
+    started_at: float | None = None  # wall clock when the worker began the shard (throughput windows)
+    pid: int | None = None  # the process that scored it
 
 
 @dataclass
@@ -204,7 +206,7 @@ def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int =
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return ShardResult(task.url, task.dataset, out_url, rows=table.num_rows, errors=errors, seconds=time.time() - t0,
-                       peak_rss_mb=round(peak, 1))
+                       peak_rss_mb=round(peak, 1), started_at=t0, pid=os.getpid())
 
 
 # --------------------------------------------------------------------------- Ray

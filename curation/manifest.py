@@ -61,12 +61,22 @@ class OutputShard(BaseModel):
     md5sum: str
 
 
+class RefusedSample(BaseModel):
+    """A sample the policy kept but resharding did not write (an unsafe member path, a link...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    shard: str
+    key: str
+    reason: str
+
+
 class OutputDataset(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str
     samples: int
     index: Optional[str]
     shards: list[OutputShard]
+    refused: list[RefusedSample] = Field(default_factory=list)
 
 
 class StageData(BaseModel):
@@ -102,12 +112,16 @@ class Manifest(BaseModel):
                     raise ValueError(f"stage {st.stage} uses dataset {ds!r} which has no curated output")
         for ds, out in self.outputs.items():
             sel = self.selection.get(ds)
-            if sel is not None and out.samples != sel.kept:
-                raise ValueError(f"dataset {ds}: {out.samples} samples written but {sel.kept} kept")
+            if sel is not None and out.samples + len(out.refused) != sel.kept:
+                raise ValueError(f"dataset {ds}: {out.samples} samples written and {len(out.refused)} refused, "
+                                 f"but {sel.kept} kept")
         return self
 
     def content_hash(self) -> str:
         data = self.model_dump(mode="json", exclude={"id", "created_at", "parent"})
+        for out in data["outputs"].values():
+            if not out["refused"]:
+                del out["refused"]  # manifests written before refusals were recorded keep their id
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def with_id(self) -> "Manifest":
@@ -194,7 +208,9 @@ def build_manifest(
     for ds, out in reshard_result.datasets.items():
         outputs[ds] = OutputDataset(kind=selection.counts[ds]["kind"], samples=out["samples"], index=out["index"],
                                     shards=[OutputShard(url=s["url"], nsamples=s["nsamples"], filesize=s["filesize"],
-                                                        md5sum=s["md5sum"]) for s in out["shards"]])
+                                                        md5sum=s["md5sum"]) for s in out["shards"]],
+                                    refused=[RefusedSample(shard=r["shard"], key=r["key"], reason=r["reason"])
+                                             for r in out.get("refused", [])])
     m = Manifest(
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         work=work,
@@ -221,6 +237,9 @@ def summarize(m: Manifest) -> str:
         dropped = ", ".join(f"{k}={v}" for k, v in sel.dropped.items()) or "-"
         lines.append(f"{ds:<16}{sel.kind:<13}{len(m.inputs.get(ds, [])):>7}{sel.scored:>8}{sel.kept:>8}"
                      f"{len(out.shards) if out else 0:>8}  {dropped}")
+    for ds, out in m.outputs.items():
+        for r in out.refused:
+            lines.append(f"not written: {ds}/{r.shard} sample {r.key!r}: {r.reason}")
     if m.stages:
         lines.append("")
         for st in m.stages:

@@ -8,24 +8,30 @@ consecutive input shards, each written by one Ray task; a group is recorded as c
 (``_groups/<dataset>-<group>.json``) only after all its shards are written, so a killed run
 redoes only unfinished groups. Each output shard gets a ``<shard>_stats.json``; each dataset
 gets a wids index ``index.wids.json`` (``wids-shard-index-v1``).
+
+Every input byte is read once (``curation.verified_copy``, ``curation.reshard_inputs``): it is
+hashed as it is read, and the input refused, with its group's output discarded, when the hash is
+not the checksum the shard was scored with. Kept samples holding members that must never be written (absolute or
+``..`` paths, links, devices) are left out and named, whatever the policy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from curation import io as cio
-from curation.shards import file_checksum, split_key
-from curation.tarstream import RawTarWriter, TarFormatError, final_size, scan
+from curation.reshard_inputs import ReshardError, open_input, stat_inputs, tar_samples, verify_input
+from curation.tarstream import TarFormatError
+from curation.verified_copy import GroupWriter, Piece, VerifiedInput
 
-
-class ReshardError(RuntimeError):
-    pass
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +78,8 @@ class GroupResult:
     bytes_read: int
     seconds: float
     skipped: bool = False
+    refused: list[dict[str, str]] = field(default_factory=list)  # kept samples not written, and why
+    input_sizes: dict[str, int] = field(default_factory=dict)  # bytes read and verified per input URL
 
 
 def _hash(obj: Any) -> str:
@@ -128,144 +136,102 @@ def _load_done(out: str, g: Group, storage_options: dict | None) -> GroupResult 
         _, path = cio.get_fs(s["url"], storage_options)
         if not fs.exists(path) or fs.size(path) != s["filesize"]:
             return None
-    return GroupResult(g.dataset, g.index, rec["shards"], rec["copied"], 0, 0.0, skipped=True)
+    return GroupResult(g.dataset, g.index, rec["shards"], rec["copied"], 0, 0.0, skipped=True,
+                       refused=rec.get("refused", []))
 
 
-def _samples_of(g: Group, storage_options: dict | None, counter: dict[str, int]) -> Iterator[tuple[str, str, list[Any]]]:
-    """(input shard, key, raw member blocks) of every kept sample, in tar order."""
+def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
+                refused: list[dict[str, str]]) -> Iterator[tuple[str, str, list[Piece]]]:
+    """(input shard, key, pieces) of every kept sample, each input verified as it is read.
+
+    An input whose bytes are not the ones scored raises once it has been read to its end,
+    before the group commits anything.
+    """
     for inp in g.inputs:
         keep = set(inp.kept)
         found = 0
-        with cio.open_url(inp.url, "rb", storage_options) as f:
-            key: str | None = None
-            raws: list[Any] = []
-            seen: set[str] = set()
+        f = open_input(inp, storage_options)
+        src = VerifiedInput(f)
+        try:
             try:
-                for entry in scan(f):
-                    parts = split_key(entry.name)
-                    k = parts[0] if parts else entry.name
-                    if k != key:
-                        if k in seen:
-                            continue  # a repeated, non-contiguous key: the reader skipped it too
-                        if key in keep:
-                            found += 1
-                            yield inp.shard, key, raws
-                        key, raws = k, []
-                        seen.add(k)
-                    if not entry.is_file:
-                        raise ReshardError(f"input shard {inp.url}: member {entry.name!r} is a link or device")
-                    raws.append(entry)
+                for key, pieces, why in tar_samples(src):
+                    if key not in keep:
+                        continue
+                    found += 1
+                    if why:
+                        refused.append({"dataset": inp.dataset, "shard": inp.shard, "key": key, "reason": why})
+                        log.warning("input shard %s: not writing kept sample %r: %s", inp.url, key, why)
+                        continue
+                    yield inp.shard, key, pieces
             except TarFormatError as e:
+                verify_input(inp, src)  # a shard that changed explains a broken tar better than the break does
                 raise ReshardError(f"input shard {inp.url}: {e}") from None
-            if key in keep:
-                found += 1
-                yield inp.shard, key, raws
-            counter["bytes_read"] += f.tell() if hasattr(f, "tell") else 0
+            sizes[inp.url] = verify_input(inp, src)
+        finally:
+            src.close()
+            f.close()
         if found != len(keep):
             raise ReshardError(f"input shard {inp.url} has {found} of the {len(keep)} kept samples the scores "
                                f"list; it changed since it was scored")
 
 
-class _RawShardWriter:
-    """Numbered output shards of raw member blocks, rolled by sample count and bytes."""
-
-    def __init__(self, ds_url: str, pattern: str, max_samples: int, max_bytes: int, storage_options: dict | None) -> None:
-        self.ds_url, self.pattern = ds_url, pattern
-        self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.storage_options = storage_options
-        self.index = 0
-        self.shards: list[dict[str, Any]] = []
-        self._ctx: Any = None
-        self._w: RawTarWriter | None = None
-        self._n = 0
-        self._sources: dict[str, int] = {}
-        self._url = ""
-
-    def _open(self) -> None:
-        self._url = cio.join(self.ds_url, self.pattern.format(index=self.index))
-        self.index += 1
-        self._ctx = cio.atomic_write(self._url, self.storage_options)
-        self._w = RawTarWriter(self._ctx.__enter__())
-        self._n, self._sources = 0, {}
-
-    def _close(self) -> None:
-        if self._w is None:
-            return
-        self._w.close()
-        self._ctx.__exit__(None, None, None)
-        self.shards.append({"url": self._url, "nsamples": self._n, "filesize": self._w.size,
-                            "md5sum": self._w.md5.hexdigest(), "sources": self._sources})
-        self._w = self._ctx = None
-
-    def write(self, src: str, raws: list[Any]) -> None:
-        size = sum(r.nbytes for r in raws)
-        if self._w is not None and (self._n >= self.max_samples or
-                                    (self._n and final_size(self._w.size + size) > self.max_bytes)):
-            self._close()
-        if self._w is None:
-            self._open()
-        for r in raws:
-            self._w.write_raw(r.header, r.body)
-        self._n += 1
-        self._sources[src] = self._sources.get(src, 0) + 1
-
-    def close(self) -> list[dict[str, Any]]:
-        self._close()
-        return self.shards
-
-    def abort(self, exc: BaseException) -> None:
-        if self._w is not None:
-            self._w.abort()
-        if self._ctx is not None:
-            try:
-                self._ctx.__exit__(type(exc), exc, exc.__traceback__)
-            except BaseException:  # noqa: BLE001 - the context re-raises exc; the caller raises it
-                pass
-            self._w = self._ctx = None
-
-
 def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None = None) -> GroupResult:
-    """Copy one group's kept samples into new shards (idempotent: a complete group is skipped)."""
+    """Copy one group's kept samples into new shards (idempotent: a complete group is skipped).
+
+    One pass per input byte: each input is hashed as it is read and checked against the
+    checksum it was scored with; the group's shards become visible only once all its inputs
+    passed. Kept samples with members that must not be written are left out and named.
+    """
     done = _load_done(out, g, storage_options)
     if done is not None:
         return done
     t0 = time.time()
-    counter = {"bytes_read": 0}
     ds_url = cio.join(out, g.dataset)
     _remove_parts(ds_url, f"{g.dataset}-{g.index:05d}-", storage_options)  # leftovers of an earlier plan
-    stream = _samples_of(g, storage_options, counter)
+    sizes: dict[str, int] = {}
+    refused: list[dict[str, str]] = []
+    samples = _samples_of(g, storage_options, sizes, refused)
+    stream = samples
     if cfg.shuffle_seed is not None:
-        stream = _shuffled(stream, cfg.shuffle_buffer, random.Random(f"{cfg.shuffle_seed}:{g.dataset}:{g.index}"))
-    writer = _RawShardWriter(ds_url, f"{g.dataset}-{g.index:05d}-{{index:04d}}.tar", cfg.max_samples, cfg.max_bytes,
-                             storage_options)
+        stream = _shuffled(samples, cfg.shuffle_buffer, random.Random(f"{cfg.shuffle_seed}:{g.dataset}:{g.index}"))
     copied = 0
-    try:
-        for src_shard, _key, raws in stream:
-            writer.write(src_shard, raws)
-            copied += 1
-    except BaseException as e:
-        writer.abort(e)
-        raise
-    written = writer.close()
-    if copied != g.expected:
-        raise ReshardError(f"group {g.dataset}/{g.index}: copied {copied} samples, expected {g.expected}")
+    with GroupWriter(ds_url, f"{g.dataset}-{g.index:05d}-{{index:04d}}.tar", cfg.max_samples, cfg.max_bytes,
+                     storage_options) as writer:
+        try:
+            for src_shard, _key, pieces in stream:
+                writer.write(src_shard, pieces)
+                copied += 1
+        finally:
+            stream.close()
+            samples.close()  # stops the input's hashing thread if the loop ended early
+        if copied + len(refused) != g.expected:
+            raise ReshardError(f"group {g.dataset}/{g.index}: copied {copied} and refused {len(refused)} samples, "
+                               f"expected {g.expected}")
+        written = writer.commit()
     shards = []
     for ws in written:
         stats = {**ws, "dataset": g.dataset}
         cio.write_bytes(ws["url"][: -len(".tar")] + "_stats.json", json.dumps(stats, indent=2).encode(), storage_options)
         shards.append(stats)
-    record = {"plan_hash": g.plan_hash, "dataset": g.dataset, "group": g.index, "copied": copied, "shards": shards}
+    record = {"plan_hash": g.plan_hash, "dataset": g.dataset, "group": g.index, "copied": copied, "shards": shards,
+              "refused": refused}
     cio.write_bytes(_group_record_url(out, g), json.dumps(record, indent=2).encode(), storage_options)
-    return GroupResult(g.dataset, g.index, shards, copied, counter["bytes_read"], time.time() - t0)
+    return GroupResult(g.dataset, g.index, shards, copied, sum(sizes.values()), time.time() - t0, refused=refused,
+                       input_sizes=sizes)
 
 
 def _remove_parts(ds_url: str, prefix: str, storage_options: dict | None) -> None:
-    """Delete output shards (and stats) of one group left by an earlier, different plan."""
+    """Delete output shards (and stats) of one group left by an earlier, different plan, and the
+    temp files of a run of it that was killed."""
     for url in cio.list_files(ds_url, storage_options=storage_options):
         name = cio.basename(url)
         if name.startswith(prefix) and (name.endswith(".tar") or name.endswith("_stats.json")):
             fs, path = cio.get_fs(url, storage_options)
             fs.rm(path)
+    if not cio.is_remote(ds_url) and os.path.isdir(ds_url):
+        for name in os.listdir(ds_url):
+            if name.startswith(f".{prefix}") and ".tmp-" in name:
+                os.unlink(os.path.join(ds_url, name))
 
 
 def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -278,20 +244,6 @@ def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
-
-
-def check_inputs_unchanged(inputs: list[InputShard], storage_options: dict | None = None) -> dict[str, int]:
-    """Refuse to reshard from shards whose bytes differ from the ones that were scored.
-    Returns each input's size, read on the way."""
-    sizes = {}
-    for inp in inputs:
-        if not cio.exists(inp.url, storage_options):
-            raise ReshardError(f"input shard {inp.url} ({inp.dataset}/{inp.shard}) no longer exists")
-        sizes[inp.url], now = file_checksum(inp.url, storage_options)
-        if now != inp.checksum:
-            raise ReshardError(f"input shard {inp.url} ({inp.dataset}/{inp.shard}) changed since it was scored "
-                               f"(checksum {inp.checksum} then, {now} now); score it again")
-    return sizes
 
 
 def write_index(out: str, dataset: str, shards: list[dict[str, Any]], storage_options: dict | None = None) -> str:
@@ -311,9 +263,10 @@ def write_index(out: str, dataset: str, shards: list[dict[str, Any]], storage_op
 @dataclass
 class ReshardResult:
     out: str
-    datasets: dict[str, dict[str, Any]]  # dataset -> {index, shards: [...], samples}
+    datasets: dict[str, dict[str, Any]]  # dataset -> {index, shards: [...], samples, refused: [...]}
     groups: list[GroupResult]
     seconds: float
+    input_sizes: dict[str, int] = field(default_factory=dict)  # every input URL -> bytes
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -321,9 +274,48 @@ class ReshardResult:
             "seconds": round(self.seconds, 2),
             "groups": len(self.groups),
             "groups_skipped": sum(g.skipped for g in self.groups),
-            "datasets": {k: {"samples": v["samples"], "shards": len(v["shards"]), "index": v["index"]}
-                         for k, v in self.datasets.items()},
+            "datasets": {k: {"samples": v["samples"], "shards": len(v["shards"]), "index": v["index"],
+                             "refused": v["refused"]} for k, v in self.datasets.items()},
         }
+
+
+def _on_ray(groups: list[Group], out: str, cfg: ReshardConfig, storage_options: dict | None,
+            done: Callable[[GroupResult], None]) -> None:
+    """Groups as Ray tasks, ``cfg.workers`` at a time. After a failure no new group starts; the
+    running ones finish (their inputs verified, they stay for a rerun), then the failure is raised."""
+    import ray
+
+    from curation.engine import ensure_ray
+
+    ensure_ray()
+    task = ray.remote(num_cpus=1, max_retries=2)(write_group)
+    pending: dict[Any, Group] = {}
+    queue = list(groups)
+    failure: ReshardError | None = None
+    while (queue and failure is None) or pending:
+        while queue and failure is None and len(pending) < max(1, cfg.workers):
+            g = queue.pop(0)
+            pending[task.remote(g, out, cfg, storage_options)] = g
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        g = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - the task's own error, named with its group
+            cause = getattr(e, "cause", None) or e
+            failure = failure or ReshardError(f"resharding {g.dataset} group {g.index} failed: {cause}")
+            continue
+        done(result)
+    if failure is not None:
+        raise failure
+
+
+def _new_dirs(out: str, datasets: set[str]) -> list[str]:
+    """Local folders this run would create, deepest first (removed again if a refusal leaves them empty)."""
+    if cio.is_remote(out):
+        return []
+    paths = [os.path.join(out, ds, "_groups") for ds in sorted(datasets)] + \
+            [os.path.join(out, ds) for ds in sorted(datasets)] + [out]
+    return [p for p in paths if not os.path.exists(p)]
 
 
 def reshard(
@@ -334,49 +326,41 @@ def reshard(
     storage_options: dict | None = None,
     use_ray: bool = True,
     progress: Callable[[GroupResult, int, int], None] | None = None,
-    check_inputs: bool = True,
 ) -> ReshardResult:
-    """Write every input's kept samples into new shards under ``out/<dataset>/``."""
+    """Write every input's kept samples into new shards under ``out/<dataset>/``.
+
+    Inputs that are gone (or whose ETag moved) are refused before anything is written; an
+    input whose bytes changed is refused when its group reads it, and that group's output
+    is discarded (groups that completed stay, and a rerun keeps them).
+    """
     cfg = cfg or ReshardConfig()
     t0 = time.time()
-    if check_inputs:
-        check_inputs_unchanged(inputs, storage_options)
+    sizes = stat_inputs(inputs, storage_options)
     groups = plan_groups(inputs, cfg)
     results: list[GroupResult] = []
-    if use_ray and len(groups) > 1:
-        import ray
 
-        from curation.engine import ensure_ray
+    def done(r: GroupResult) -> None:
+        results.append(r)
+        if progress:
+            progress(r, len(results), len(groups))
 
-        ensure_ray()
-        task = ray.remote(num_cpus=1, max_retries=2)(write_group)
-        pending = {}
-        queue = list(groups)
-        while queue or pending:
-            while queue and len(pending) < max(1, cfg.workers):
-                g = queue.pop(0)
-                pending[task.remote(g, out, cfg, storage_options)] = g
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            g = pending.pop(ready[0])
-            try:
-                r = ray.get(ready[0])
-            except Exception as e:  # noqa: BLE001
-                cause = getattr(e, "cause", None) or e
-                raise ReshardError(f"resharding {g.dataset} group {g.index} failed: {cause}") from None
-            results.append(r)
-            if progress:
-                progress(r, len(results), len(groups))
-    else:
-        for g in groups:
-            r = write_group(g, out, cfg, storage_options)
-            results.append(r)
-            if progress:
-                progress(r, len(results), len(groups))
+    new_dirs = _new_dirs(out, {g.dataset for g in groups})
+    try:
+        if use_ray and len(groups) > 1:
+            _on_ray(groups, out, cfg, storage_options, done)
+        else:
+            for g in groups:
+                done(write_group(g, out, cfg, storage_options))
+    except BaseException:
+        for d in new_dirs:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
     results.sort(key=lambda r: (r.dataset, r.index))
     datasets: dict[str, dict[str, Any]] = {}
     for ds in sorted({i.dataset for i in inputs}):
         shards = [s for r in results if r.dataset == ds for s in r.shards]
         datasets[ds] = {"index": write_index(out, ds, shards, storage_options) if shards else None,
-                        "shards": shards, "samples": sum(s["nsamples"] for s in shards)}
-    return ReshardResult(out, datasets, results, time.time() - t0)
-
+                        "shards": shards, "samples": sum(s["nsamples"] for s in shards),
+                        "refused": [x for r in results if r.dataset == ds for x in r.refused]}
+    return ReshardResult(out, datasets, results, time.time() - t0, sizes)

@@ -1,0 +1,113 @@
+"""Input shards of a reshard: refused early when gone, verified as they are read, scanned into samples.
+
+``inp`` below is a ``curation.reshard.InputShard`` (url, dataset, shard, checksum).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from curation import io as cio
+from curation.shards import split_key, unsafe_name
+from curation.tarstream import scan
+from curation.verified_copy import Piece, VerifiedInput
+
+
+class ReshardError(RuntimeError):
+    """Resharding cannot go on; the message names the input shard or group."""
+
+
+def _changed(inp: Any, now: str) -> ReshardError:
+    return ReshardError(f"input shard {inp.url} ({inp.dataset}/{inp.shard}) changed since it was scored "
+                        f"(checksum {inp.checksum} then, {now} now); score it again")
+
+
+def _missing(inp: Any) -> ReshardError:
+    return ReshardError(f"input shard {inp.url} ({inp.dataset}/{inp.shard}) no longer exists")
+
+
+def _is_md5(checksum: str) -> bool:
+    return len(checksum) == 32 and all(c in "0123456789abcdef" for c in checksum)
+
+
+def open_input(inp: Any, storage_options: dict | None) -> Any:
+    """Open an input shard for one verified pass; on a store, refuse at once if its ETag moved."""
+    fs, path = cio.get_fs(inp.url, storage_options)
+    try:
+        if not cio.is_remote(inp.url):
+            return open(path, "rb", buffering=0)  # plain reads of CHUNK bytes, no copy through a buffer
+        fs.invalidate_cache(path)
+        etag = str(fs.info(path).get("ETag") or "").strip('"')
+        if etag and etag != inp.checksum:
+            raise _changed(inp, etag)
+        return fs.open(path, "rb")
+    except FileNotFoundError:
+        raise _missing(inp) from None
+
+
+def verify_input(inp: Any, src: VerifiedInput) -> int:
+    """Read and hash the rest of the input; refuse it if its md5 is not the one scored. Its size."""
+    size, md5 = src.finish()
+    if (_is_md5(inp.checksum) or not cio.is_remote(inp.url)) and md5 != inp.checksum:
+        raise _changed(inp, md5)  # on a store a multipart ETag is no md5: the ETag check at open covers it
+    return size
+
+
+def _refusal(name: str, is_file: bool) -> str | None:
+    """Why a member must never be written into a curated shard, even in a sample a policy keeps."""
+    if not is_file:
+        return f"unsupported tar member type for {name!r} (links and devices are refused)"
+    return unsafe_name(name)
+
+
+def tar_samples(src: VerifiedInput) -> Iterator[tuple[str, list[Piece], str | None]]:
+    """(key, pieces of its members' raw blocks, why it must not be written) per sample, in tar order.
+
+    The same scanner and the same key rules as the shard reader, so both see the same samples.
+    """
+    key: str | None = None
+    pieces: list[Piece] = []
+    why: str | None = None
+    seen: set[str] = set()
+    for entry in scan(src):
+        parts = split_key(entry.name)
+        k = parts[0] if parts else entry.name
+        if k != key:
+            if k in seen:
+                src.release()
+                continue  # a repeated, non-contiguous key: the reader skipped it too
+            if key is not None:
+                yield key, pieces, why
+            key, pieces, why = k, [], None
+            seen.add(k)
+        why = why or _refusal(entry.name, entry.is_file)
+        if why is None:
+            pieces.extend(src.last(entry.nbytes, entry.header) or [(entry.header + entry.body, 0, entry.nbytes)])
+        src.release()
+    if key is not None:
+        yield key, pieces, why
+
+
+def stat_inputs(inputs: list[Any], storage_options: dict | None = None) -> dict[str, int]:
+    """Each input's size, from one listing per folder (no bytes read). Refuses, before anything
+    is written, inputs that are gone and, on object stores, inputs whose ETag moved."""
+    by_dir: dict[str, list[Any]] = {}
+    for inp in inputs:
+        by_dir.setdefault(cio.dirname(inp.url), []).append(inp)
+    sizes: dict[str, int] = {}
+    for folder, items in sorted(by_dir.items()):
+        fs, path = cio.get_fs(folder, storage_options)
+        fs.invalidate_cache(path)
+        try:
+            listing = {cio.basename(e["name"]): e for e in fs.ls(path, detail=True)}
+        except FileNotFoundError:
+            listing = {}
+        for inp in items:
+            entry = listing.get(cio.basename(inp.url))
+            if entry is None:
+                raise _missing(inp)
+            etag = str(entry.get("ETag") or "").strip('"')
+            if cio.is_remote(inp.url) and etag and etag != inp.checksum:
+                raise _changed(inp, etag)
+            sizes[inp.url] = int(entry["size"])
+    return sizes

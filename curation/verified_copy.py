@@ -1,0 +1,308 @@
+"""One pass per byte: read an input shard once, verify it, and copy members out of what was read.
+
+Resharding must prove that the bytes it copies are the bytes that were scored, and must give
+every output shard its md5. Both are hashes of streams that differ (the whole input file; the
+output shard), so every byte is hashed twice. This module does both while the bytes move once:
+
+- :class:`VerifiedInput` reads an input shard in large chunks and is the file object the tar
+  scanner reads from. Every chunk goes to an md5 on a helper thread as it arrives (``hashlib``
+  releases the GIL on buffers of 2047 bytes or more), and chunks are kept until the members in
+  them have been copied, so a member is copied from the very buffer that was hashed.
+- :class:`GroupWriter` writes output shards from those buffers (adjacent members coalesce
+  into one ``write`` and one md5 update on a second helper thread), fsyncs each finished shard
+  on a background thread while the next one is written, and makes nothing visible until the
+  group is committed: temp files renamed locally, multipart uploads completed on S3. A group
+  whose input fails verification is discarded whole.
+
+``os.copy_file_range`` / ``sendfile`` were measured here (ext4, page cache warm) at 0.6x the
+speed of ``write`` from the buffer: every byte must pass through user space for its md5
+anyway, and copying from the hashed buffer also guarantees that what is written is what was
+verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+from curation import io as cio
+from curation.tarstream import final_size
+
+# Read size. Large enough that hashing and syscalls are per-chunk, not per-member; small enough
+# that the chunks in flight come from malloc's heap: 2 MiB and larger buffers are mapped fresh
+# each time, and the page faults cost the kernel as much CPU as a third of an md5 (measured).
+CHUNK = 512 << 10
+Piece = tuple[Any, int, int]  # (buffer, start, end): bytes of an output member, in a buffer that was hashed
+
+
+class HashFeed:
+    """md5 of a stream of buffers, computed on a helper thread.
+
+    Buffers handed to :meth:`update` must not change afterwards (``bytes`` or views of them).
+    The queue is bounded, so a slow hash holds the producer back instead of memory growing.
+    """
+
+    def __init__(self, name: str, depth: int = 8) -> None:
+        self.md5 = hashlib.md5()
+        self.size = 0
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._t = threading.Thread(target=self._run, name=name, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while True:
+            b = self._q.get()
+            if b is None:
+                return
+            self.md5.update(b)
+
+    def update(self, buf: Any) -> None:
+        self.size += len(buf)
+        self._q.put(buf)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self.md5.hexdigest()
+
+    def close(self) -> None:
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
+
+
+class VerifiedInput:
+    """A read-only binary stream over one input shard that md5s every byte read from it.
+
+    ``read``/``tell`` serve the tar scanner; :meth:`pieces` gives the already-read bytes of
+    a range without copying them; :meth:`release` lets go of chunks wholly behind the
+    current position; :meth:`finish` reads to the end of the file and returns (size, md5).
+    """
+
+    def __init__(self, f: BinaryIO, chunk: int = CHUNK) -> None:
+        self._f = f
+        self._chunk = chunk
+        self._chunks: deque[tuple[int, bytes]] = deque()  # (offset, data), contiguous
+        self._end = 0  # offset just past the last chunk fetched
+        self._pos = 0
+        self.hash = HashFeed("reshard-md5-in")
+
+    def _fetch(self) -> bytes:
+        data = self._f.read(self._chunk)
+        if data:
+            self.hash.update(data)
+            self._end += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self._pos
+        if n >= 0 and self._chunks:  # fast path: inside the newest chunk (headers, most members)
+            off, data = self._chunks[-1]
+            if off <= pos and pos + n <= off + len(data):
+                self._pos = pos + n
+                return data[pos - off: pos - off + n]
+        want = pos + n if n >= 0 else None
+        while want is None or self._end < want:
+            data = self._fetch()
+            if not data:
+                break
+            self._chunks.append((self._end - len(data), data))
+        stop = self._end if want is None else min(want, self._end)
+        parts = [buf[lo:hi] for buf, lo, hi in self.pieces(pos, stop)]
+        self._pos = stop
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def pieces(self, start: int, stop: int) -> list[Piece]:
+        """The bytes ``[start, stop)`` (already read, not released) as pieces of the read buffers."""
+        off, data = self._chunks[-1] if self._chunks else (0, b"")
+        if off <= start and stop <= off + len(data):
+            return [(data, start - off, stop - off)]
+        out: list[Piece] = []
+        for off, data in self._chunks:
+            lo, hi = max(start, off), min(stop, off + len(data))
+            if lo < hi:
+                out.append((data, lo - off, hi - off))
+        return out
+
+    def last(self, nbytes: int, head: bytes) -> list[Piece] | None:
+        """Pieces of the last ``nbytes`` read, provided they start with ``head`` (an entry's header
+        blocks); None when they do not, i.e. the entry's blocks were not contiguous in the file."""
+        start = self._pos - nbytes
+        pieces = self.pieces(start, self._pos) if start >= 0 else []
+        if len(pieces) == 1:
+            buf, lo, _ = pieces[0]
+            ok = buf[lo: lo + len(head)] == head
+        else:
+            ok = b"".join(buf[lo:hi] for buf, lo, hi in pieces)[: len(head)] == head
+        complete = sum(hi - lo for _, lo, hi in pieces) == nbytes  # nothing of it released yet
+        return pieces if ok and complete else None
+
+    def release(self) -> None:
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= self._pos:
+            self._chunks.popleft()
+
+    def finish(self) -> tuple[int, str]:
+        """Hash the rest of the file (end blocks, padding, anything after); (size, md5 hex)."""
+        self._chunks.clear()
+        while self._fetch():
+            pass
+        return self._end, self.hash.hexdigest()
+
+    def close(self) -> None:
+        self._chunks.clear()
+        self.hash.close()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _OutputShard:
+    """One output shard being written: a temp file (locally) or an open upload (object stores)."""
+
+    def __init__(self, url: str, storage_options: dict | None) -> None:
+        self.url = url
+        self.nsamples = 0
+        self.sources: dict[str, int] = {}
+        self.hash = HashFeed("reshard-md5-out")
+        self._run: list[Any] | None = None  # [buffer, start, end] waiting to be written (coalescing)
+        self._fsync: Future | None = None
+        self._fd: int | None = None
+        self._upload: Any = None
+        fs, self._path = cio.get_fs(url, storage_options)
+        if cio.is_remote(url):
+            self._upload = fs.open(self._path, "wb")  # the object appears only when the upload completes
+        else:
+            parent = os.path.dirname(self._path)
+            os.makedirs(parent, exist_ok=True)
+            self._tmp = os.path.join(parent, f".{os.path.basename(self._path)}.tmp-{uuid.uuid4().hex[:8]}")
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+
+    @property
+    def size(self) -> int:
+        return self.hash.size + (self._run[2] - self._run[1] if self._run else 0)
+
+    def add(self, buf: Any, start: int, end: int) -> None:
+        run = self._run
+        if run is not None and run[0] is buf and run[2] == start:
+            run[2] = end  # the next member follows in the same buffer: one write, one hash update
+            return
+        self._flush()
+        self._run = [buf, start, end]
+
+    def _flush(self) -> None:
+        if self._run is None:
+            return
+        buf, start, end = self._run
+        self._run = None
+        view = memoryview(buf)[start:end]
+        if self._fd is not None:
+            _write_all(self._fd, view)
+        else:
+            self._upload.write(view)
+        self.hash.update(view)
+
+    def close(self, fsyncs: ThreadPoolExecutor) -> None:
+        """End the archive (two zero blocks, padded to a whole record) and start its fsync."""
+        self._flush()
+        pad = final_size(self.size) - self.size
+        self.add(bytes(pad), 0, pad)
+        self._flush()
+        if self._fd is not None:
+            self._fsync = fsyncs.submit(os.fsync, self._fd)
+
+    def commit(self) -> dict[str, Any]:
+        md5 = self.hash.hexdigest()
+        if self._fd is not None:
+            assert self._fsync is not None
+            self._fsync.result()
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._tmp, self._path)
+        else:
+            self._upload.close()
+            self._upload = None
+        return {"url": self.url, "nsamples": self.nsamples, "filesize": self.hash.size, "md5sum": md5,
+                "sources": self.sources}
+
+    def discard(self) -> None:
+        self.hash.close()
+        if self._fd is not None:
+            if self._fsync is not None:
+                self._fsync.exception()  # wait: the descriptor is in use until the fsync returns
+            os.close(self._fd)
+            self._fd = None
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+        elif self._upload is not None:
+            if hasattr(self._upload, "discard"):
+                self._upload.discard()  # s3fs: abort the multipart upload
+            self._upload.closed = True
+            self._upload = None
+
+
+class GroupWriter:
+    """Numbered output shards of one group, rolled by sample count and bytes, committed together.
+
+    Use as a context manager: leaving it with an exception (or without :meth:`commit`)
+    discards every shard of the group, so readers never see part of a group.
+    """
+
+    def __init__(self, ds_url: str, pattern: str, max_samples: int, max_bytes: int,
+                 storage_options: dict | None = None) -> None:
+        self.ds_url, self.pattern = ds_url, pattern
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.storage_options = storage_options
+        self._shards: list[_OutputShard] = []
+        self._open: _OutputShard | None = None
+        self._fsyncs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-fsync")
+        self._committed = False
+
+    def write(self, source: str, pieces: list[Piece]) -> None:
+        """Append one sample (its members' raw blocks, as pieces of hashed input buffers)."""
+        size = sum(end - start for _, start, end in pieces)
+        cur = self._open
+        if cur is not None and (cur.nsamples >= self.max_samples or final_size(cur.size + size) > self.max_bytes):
+            cur.close(self._fsyncs)
+            cur = self._open = None
+        if cur is None:
+            url = cio.join(self.ds_url, self.pattern.format(index=len(self._shards)))
+            cur = self._open = _OutputShard(url, self.storage_options)
+            self._shards.append(cur)
+        for buf, start, end in pieces:
+            cur.add(buf, start, end)
+        cur.nsamples += 1
+        cur.sources[source] = cur.sources.get(source, 0) + 1
+
+    def commit(self) -> list[dict[str, Any]]:
+        """Finish the last shard, wait for hashes and fsyncs, and make every shard visible in order."""
+        if self._open is not None:
+            self._open.close(self._fsyncs)
+            self._open = None
+        done = [s.commit() for s in self._shards]
+        self._committed = True
+        return done
+
+    def discard(self) -> None:
+        for s in self._shards:
+            s.discard()
+        self._shards, self._open = [], None
+
+    def __enter__(self) -> "GroupWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if not self._committed:
+                self.discard()
+        finally:
+            self._fsyncs.shutdown(wait=True)

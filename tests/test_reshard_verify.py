@@ -1,0 +1,176 @@
+"""Resharding verifies what it copies and never writes what was refused on the way in.
+
+Inputs are hashed as they are read (one pass per byte); a shard whose bytes changed since it
+was scored is refused, naming it, and its group leaves nothing behind. Kept samples whose
+members must never be written (``..`` or absolute paths, links) are left out and named, even
+when the policy keeps samples with errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+
+import numpy as np
+import pytest
+
+from curation import io as cio
+from curation.curate import curate
+from curation.engine import ScorerSpec, ShardTask, score_local
+from curation.manifest import summarize
+from curation.reshard import ReshardConfig, ReshardError
+from curation.shards import dataset_of, iter_raw_samples, list_shards
+from curation.synth import DatasetSpec, Scene, SynthConfig, encode_image, render_scene, synthesize
+from curation.tarstream import scan
+
+KEEP_ALL = {"defaults": [{"rule": "valid", "min_size": 1}]}
+
+
+def _score_basic(shard_dir: str, work: str) -> None:
+    tasks = [ShardTask(u, dataset_of(u)) for u in list_shards(shard_dir)]
+    assert not score_local(tasks, ScorerSpec("basic"), work).failed
+
+
+@pytest.fixture()
+def scored_pairs(tmp_path):
+    """Four shards of eight clean pairs, scored; reshard plans put shards 0-1 and 2-3 in two groups."""
+    corpus, work = str(tmp_path / "corpus"), str(tmp_path / "work")
+    synthesize(corpus, SynthConfig(seed=3, datasets=[DatasetSpec("pairs", "pair", 32, {}, 8)]))
+    _score_basic(f"{corpus}/pairs", work)
+    return corpus, work
+
+
+def _files(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("where", ["local", "ray", pytest.param("s3", marks=pytest.mark.s3)])
+def test_changed_input_is_refused_by_name_and_its_group_leaves_nothing(scored_pairs, tmp_path, where, request):
+    corpus, work = scored_pairs
+    victim = list_shards(f"{corpus}/pairs")[3]  # the second input of group 1
+    data = bytearray(open(victim, "rb").read())
+    data[512 + 100] ^= 0xFF  # inside the first image's bytes: same size, still a valid tar, same keys
+    open(victim, "wb").write(bytes(data))
+    out = f"{request.getfixturevalue('s3_bucket')}/curated" if where == "s3" else str(tmp_path / "out")
+    # 3 samples per shard: group 1 has written shards of its first input when it meets the victim
+    cfg = ReshardConfig(max_samples=3, group_samples=16, workers=2)
+    try:
+        with pytest.raises(ReshardError, match=re.escape(victim) + r" \(pairs/00003\) changed since it was scored"):
+            curate(work, KEEP_ALL, out, cfg, use_ray=where == "ray")
+    finally:
+        if where == "ray":
+            import ray
+
+            ray.shutdown()
+    fs, root = cio.get_fs(out)
+    names = sorted(os.path.relpath(p, root) for p in fs.find(root)) if fs.exists(root) else []
+    assert not [n for n in names if "pairs-00001-" in n or "pairs-00001.json" in n]  # nothing of the refused group
+    assert not [n for n in names if os.path.basename(n).startswith(".")]  # no temp file left behind
+    assert "manifest.json" not in names and "pairs/index.wids.json" not in names
+    # group 0 read only unchanged inputs: it is complete and correct, kept for the rerun
+    group0 = [n for n in names if n.startswith("pairs/pairs-00000-") and n.endswith(".tar")]
+    assert len(group0) == 6  # 16 samples, 3 per shard
+    for n in group0:
+        stats = json.loads(fs.cat(f"{root}/{n[:-4]}_stats.json"))
+        assert hashlib.md5(fs.cat(f"{root}/{n}")).hexdigest() == stats["md5sum"]
+
+
+def test_reshard_output_is_byte_exact_with_verification_in_the_pass(scored_pairs, tmp_path):
+    """Every kept sample's members come out unchanged, the recorded md5 and size are the file's."""
+    corpus, work = scored_pairs
+    manifest, _ = curate(work, KEEP_ALL, str(tmp_path / "out"), ReshardConfig(max_samples=5, group_samples=10),
+                         use_ray=False)
+    inputs = {}
+    for u in list_shards(f"{corpus}/pairs"):
+        with open(u, "rb") as f:
+            inputs.update({r.key: r.members for r in iter_raw_samples(f)})
+    got = {}
+    for s in manifest.outputs["pairs"].shards:
+        raw = open(s.url, "rb").read()
+        assert hashlib.md5(raw).hexdigest() == s.md5sum and len(raw) == s.filesize and len(raw) % 10240 == 0
+        got.update({r.key: r.members for r in iter_raw_samples(io.BytesIO(raw))})
+    assert got == inputs
+    assert all(i.size == os.path.getsize(i.url) for i in manifest.inputs["pairs"])
+
+
+def _hostile_shard(path: str) -> None:
+    rng = np.random.default_rng(0)
+
+    def jpg(shape: str) -> bytes:
+        return encode_image(render_scene(Scene(shape, "red", "blue", "center"), 48, 40, rng), "jpg")
+
+    members = [("good0.jpg", jpg("circle")), ("good0.txt", b"a red circle"),
+               ("../evil.jpg", jpg("square")), ("../evil.txt", b"escapes the folder"),
+               ("/abs/x.jpg", jpg("triangle")), ("/abs/x.txt", b"absolute"),
+               ("bad.jpg", b"\x00\x01 not an image" * 20), ("bad.txt", b"corrupt but harmless"),
+               ("link.txt", b"a link"), ("link.jpg", None),
+               ("good1.jpg", jpg("star")), ("good1.txt", b"a red star")]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_unsafe_members_are_never_written_even_when_errors_are_kept(tmp_path):
+    shard_dir, work, out = tmp_path / "hostile", str(tmp_path / "work"), str(tmp_path / "out")
+    shard_dir.mkdir()
+    _hostile_shard(str(shard_dir / "00000.tar"))
+    _score_basic(str(shard_dir), work)
+    policy = {"drop_errors": False, "defaults": [{"rule": "dedup", "column": "sha256"}]}
+    manifest, _ = curate(work, policy, out, use_ray=False)
+    assert manifest.selection["hostile"].kept == 6  # the policy keeps every sample, errors included
+    refused = {r.key: r.reason for r in manifest.outputs["hostile"].refused}
+    assert set(refused) == {"../evil", "/abs/x", "link"}
+    assert "'..'" in refused["../evil"] and "absolute member path" in refused["/abs/x"]
+    assert "links and devices" in refused["link"]
+    written = [e.name for s in manifest.outputs["hostile"].shards for e in scan(open(s.url, "rb"))]
+    assert written == ["good0.jpg", "good0.txt", "bad.jpg", "bad.txt", "good1.jpg", "good1.txt"]
+    assert manifest.outputs["hostile"].samples == 3
+    text = summarize(manifest)
+    for key in refused:
+        assert f"not written: hostile/00000 sample {key!r}" in text
+    assert not [f for f in _files(out) if ".." in f or "passwd" in f]
+
+
+@pytest.mark.parametrize("chunk", [700, 4096, 1 << 22])
+def test_one_pass_scan_gives_each_member_its_raw_blocks_and_the_file_md5(tmp_path, chunk):
+    """Long names (GNU and PAX headers before the member), a directory, members straddling read
+    chunks: each sample's pieces are exactly its members' raw blocks, and the md5 is the file's."""
+    from curation.reshard_inputs import tar_samples
+    from curation.verified_copy import VerifiedInput
+
+    path = str(tmp_path / "mixed.tar")
+    rng = np.random.default_rng(1)
+    long_dir = "d" * 120
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i, key in enumerate(["a/000", f"{long_dir}/001", "b/002", "b/003"]):
+            if i == 2:
+                d = tarfile.TarInfo("b")
+                d.type = tarfile.DIRTYPE
+                tf.addfile(d)
+            for ext, size in (("jpg", int(rng.integers(1, 3000))), ("txt", 5), ("json", 0)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = size
+                tf.addfile(info, io.BytesIO(rng.integers(0, 256, size, dtype=np.uint8).tobytes()))
+    with open(path, "rb") as f:
+        want: dict[str, bytes] = {}
+        for e in scan(f):
+            key = e.name.rsplit(".", 1)[0]
+            want[key] = want.get(key, b"") + e.header + e.body
+    with open(path, "rb", buffering=0) as f:
+        src = VerifiedInput(f, chunk=chunk)
+        got = {key: b"".join(bytes(memoryview(buf)[lo:hi]) for buf, lo, hi in pieces)
+               for key, pieces, why in tar_samples(src)}
+        size, md5 = src.finish()
+        src.close()
+    assert got == want and len(got) == 4
+    assert (size, md5) == (os.path.getsize(path), hashlib.md5(open(path, "rb").read()).hexdigest())
