@@ -34,6 +34,9 @@ class Media:
     tiles: torch.Tensor  # (n_tiles, 3, T, T); a video has one tile per frame
     layout: ImageLayout | None = None
 
+    def to(self, device: torch.device | str) -> "Media":
+        return Media(self.kind, self.tiles.to(device, non_blocking=True), self.layout)
+
 
 class NVILAForCausalLM(nn.Module):
     def __init__(self, config: NVILAConfig, vision_model: nn.Module | None = None, llm: nn.Module | None = None) -> None:
