@@ -300,3 +300,51 @@ def test_stage_without_data_is_skipped_with_a_message(setup, tmp_path):
                               info=msgs.append)
     assert [s["stage"] for s in rep["stages"]] == ["align"]
     assert any("stage video_sft: the manifest has no curated data for it; skipped" in x for x in msgs)
+
+
+# --------------------------------------------------------------------------- curate eval
+
+
+def test_caption_parser_reads_every_synthetic_template(setup):
+    """The true captions of the clean pairs, judged against the ground truth: every colour, shape
+    and background right, and the position right wherever a template states it."""
+    from curation.synth import load_ground_truth
+    from training_hooks.evaluate import ATTRIBUTES, caption_scores, judge, parse_caption
+
+    truth = {(r["dataset"], r["key"]): r for r in load_ground_truth(str(setup["root"] / "corpus")).iter_rows(named=True)}
+    judged = []
+    for url in list_shards(str(setup["root"] / "corpus" / "coyo_synth")):
+        from curation.shards import read_shard
+
+        for s in read_shard(url):
+            t = truth[(s.dataset, s.key)]
+            if t["noise"] == "clean":
+                d = json.loads(t["detail"])
+                judged.append(judge(parse_caption(s.caption), {a: d[a] for a in ATTRIBUTES}))
+    scores = caption_scores(judged)
+    assert scores["caption_accuracy"] == 1.0 and scores["images"] >= 15
+    assert 0.3 < scores["position_stated"] < 0.9  # 3 of the 5 templates state it
+    wrong = judge(parse_caption("a blue star on a red background"), {"color": "red", "shape": "star", "pos": "center", "bg": "blue"})
+    assert wrong == {"color": False, "shape": True, "bg": False, "pos": None}
+    assert judge(parse_caption(""), {"color": "red", "shape": "star", "pos": "center", "bg": "blue"})["shape"] is False
+
+
+def test_curate_eval_reports_loss_accuracy_and_gallery(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    corpus = setup["root"] / "corpus"
+    r = CliRunner().invoke(app, ["eval", "--checkpoint", setup["init"], "--shards", str(corpus / "coyo_synth"),
+                                 "--limit", "12", "--gallery", "4", "--out", str(tmp_path / "g"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["samples"] == 12 and rep["ground_truth"] and rep["heldout_loss"]["pair"] > 0
+    assert rep["images"] == len(rep["captions"]) and 0 < rep["images"] <= 12  # clean images only
+    assert 0 <= rep["caption_accuracy"] <= 1 and set(rep["per_attribute"]) == {"color", "shape", "pos", "bg"}
+    assert (tmp_path / "g" / "gallery.png").stat().st_size > 5000
+    md = (tmp_path / "g" / "gallery.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| key")]
+    assert "![gallery](gallery.png)" in md and len(table) == min(4, rep["images"])
+    r = CliRunner().invoke(app, ["eval", "--checkpoint", setup["init"], "--shards", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "no such shard or folder" in r.output
