@@ -142,8 +142,9 @@ def analyze(work: str, corpus: str, decisions: str) -> dict[str, Any]:
         f"USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 2")
     noisy = caught.filter(caught["noise"] != "clean")
     clean = caught.filter(caught["noise"] == "clean")
-    scores = store.query_pl("SELECT s.dataset, t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
-                            "WHERE s.clip_score IS NOT NULL")
+    dl_col = "s.delta_loss" if dl else "NULL::DOUBLE AS delta_loss"
+    scores = store.query_pl(f"SELECT s.dataset, t.noise, s.clip_score, {dl_col} FROM scores s JOIN truth t "
+                            "USING (dataset, shard, key) WHERE s.clip_score IS NOT NULL")
     return {
         "per_noise": per_noise.to_dicts(),
         "clip_auc_clean_vs_mismatched": auc,
@@ -208,9 +209,34 @@ def make_plots(out: str, analysis: dict[str, Any], manifest: Any, training: dict
     ax.legend()
     ax.set_xlabel("samples (ground truth)")
     plots["noise_caught"] = _save(fig, os.path.join(d, "noise_caught.png"))
+    scatter = _deltaloss_vs_clip(rows, d)
+    if scatter:
+        plots["deltaloss_vs_clip"] = scatter
     if training and os.path.isfile(training.get("loss_plot", "")):
         plots["loss_curves"] = training["loss_plot"]
     return plots
+
+
+def _deltaloss_vs_clip(rows: list[dict[str, Any]], folder: str) -> str | None:
+    """Every scored sample as a point (CLIP score, DeltaLoss), coloured by its injected noise:
+    where each kind of noise sits shows which scorer catches it (None without DeltaLoss)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("delta_loss") is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    noises = sorted({r["noise"] for r in rows}, key=lambda n: (n != "clean", n))
+    cmap = plt.get_cmap("tab20")
+    for i, noise in enumerate(noises):
+        pts = [r for r in rows if r["noise"] == noise]
+        ax.scatter([r["clip_score"] for r in pts], [r["delta_loss"] for r in pts], s=6 if noise == "clean" else 12,
+                   alpha=0.35 if noise == "clean" else 0.8, color="lightgray" if noise == "clean" else cmap(i % 20),
+                   label=f"{noise} ({len(pts)})")
+    ax.set_xlabel("CLIP filter score (cosine)")
+    ax.set_ylabel("DeltaLoss (small proxy loss - large proxy loss)")
+    ax.legend(fontsize=6, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5))
+    return _save(fig, os.path.join(folder, "deltaloss_vs_clip.png"))
 
 
 def write_report(out: str, report: dict[str, Any], plots: dict[str, str]) -> tuple[str, str]:
