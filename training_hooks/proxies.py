@@ -8,7 +8,7 @@ the stage trainer on the same data, and saves them where the DeltaLoss scorer lo
 
 DeltaLoss is only a signal when the large proxy is clearly stronger than the small one. So
 the small proxy gets ``steps`` per stage (a weak reference), while the large one (about 9x the
-parameters) trains in rounds of ``steps`` until its loss on the trainer's held-out slice of the
+parameters) trains in rounds of ``round_steps`` (default ``max(steps, 25)``) until its loss on the trainer's held-out slice of the
 trusted data (kept out of training) stops improving by ``min_delta`` for ``patience`` rounds,
 or ``max_rounds`` is reached; the best round's checkpoint is kept. ``proxies.json`` records
 each proxy's held-out loss, steps, parameters and seconds (the proxies' training cost).
@@ -50,8 +50,8 @@ def seed_manifest(trusted: list[str], work: str, out: str, kinds: dict[str, str]
 
 
 def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_size: int = 8, max_length: int = 512,
-                  seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 6,
-                  patience: int = 1, min_delta: float = 0.01) -> dict[str, Any]:
+                  seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
+                  round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01) -> dict[str, Any]:
     from curation.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
@@ -69,18 +69,19 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
             if f.startswith(("tokenizer", "special_tokens")):
                 shutil.copy(os.path.join(small_init, f), os.path.join(large_init, f))
         _rebuild_with_tokenizer(large_init)
-    stages = {st.stage: {"steps": steps} for st in m.stages}
+    def runner(n: int) -> Callable[[str, str], dict[str, Any]]:
+        def run(init: str, output: str) -> dict[str, Any]:
+            from training_hooks.kickoff import train_from_manifest
 
-    def run(init: str, output: str) -> dict[str, Any]:
-        from training_hooks.kickoff import train_from_manifest
+            recipe = {"init": init, "output": output, "seed": seed, "ray": {"enabled": use_ray},
+                      "defaults": {"batch_size": batch_size, "max_length": max_length, "save_every": max(10, n)},
+                      "stages": {st.stage: {"steps": n} for st in m.stages}}
+            return train_from_manifest(manifest_url, recipe, info=info)
+        return run
 
-        recipe = {"init": init, "output": output, "seed": seed, "ray": {"enabled": use_ray},
-                  "defaults": {"batch_size": batch_size, "max_length": max_length, "save_every": max(10, steps)},
-                  "stages": stages}
-        return train_from_manifest(manifest_url, recipe, info=info)
-
-    results = {"small": _train_small(run, small_init, out),
-               "large": _train_to_convergence(run, large_init, out, max_rounds, patience, min_delta, info)}
+    results = {"small": _train_small(runner(steps), small_init, out),
+               "large": _train_to_convergence(runner(round_steps or max(steps, 25)), large_init, out, max_rounds,
+                                              patience, min_delta, info)}
     for name, init in (("small", small_init), ("large", large_init)):
         results[name]["parameters"] = _parameters(init)
     info("proxies: " + "; ".join(f"{n}: held-out loss {r['heldout_loss']:.3f} after {r['steps']} steps, "
