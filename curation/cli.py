@@ -491,15 +491,17 @@ def init_model(
 def train_proxies_cmd(
     trusted: list[str] = typer.Option(..., "--trusted", help="Trusted seed shards (folders, patterns, URLs)"),
     out: str = typer.Option(..., "--out", "-o", help="Folder for the proxies: <out>/small and <out>/large"),
-    steps: int = typer.Option(60, help="Training steps per stage for each proxy"),
+    steps: int = typer.Option(60, help="Training steps per stage for the small proxy (and per round for the large)"),
+    max_rounds: int = typer.Option(10, min=1, help="Most rounds the large proxy trains before early stopping"),
     batch_size: int = typer.Option(8),
     seed: int = typer.Option(0),
 ) -> None:
-    """Train a small and a large NVILA proxy on trusted data, for the DeltaLoss scorer."""
+    """Train a small and a large NVILA proxy on trusted data, for the DeltaLoss scorer (the large
+    one to convergence: early stopping on the trusted data's held-out slice)."""
     from training_hooks.proxies import train_proxies
 
     try:
-        res = train_proxies(trusted, out, steps=steps, batch_size=batch_size, seed=seed,
+        res = train_proxies(trusted, out, steps=steps, batch_size=batch_size, seed=seed, max_rounds=max_rounds,
                             info=lambda t: out_console.print(t, markup=False, highlight=False))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))

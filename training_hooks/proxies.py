@@ -6,7 +6,8 @@ shards into a keep-everything manifest, builds a small and a large NVILA (``tiny
 the stage trainer on the same data, and saves them where the DeltaLoss scorer loads them
 (``<out>/small``, ``<out>/large``).
 
-DeltaLoss is only a signal when the large proxy is clearly stronger than the small one. So
+The proxies start from random weights, so they train at ``lr`` (1e-3, not the 1.5e-5 that
+fine-tunes a pretrained NVILA). DeltaLoss is only a signal when the large proxy is clearly stronger than the small one. So
 the small proxy gets ``steps`` per stage (a weak reference), while the large one (about 9x the
 parameters) trains in rounds of ``round_steps`` (default ``max(steps, 25)``) until its loss on the trainer's held-out slice of the
 trusted data (kept out of training) stops improving by ``min_delta`` for ``patience`` rounds,
@@ -51,7 +52,8 @@ def seed_manifest(trusted: list[str], work: str, out: str, kinds: dict[str, str]
 
 def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_size: int = 8, max_length: int = 512,
                   seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
-                  round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01) -> dict[str, Any]:
+                  round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
+                  lr: float = 1e-3) -> dict[str, Any]:
     from curation.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
@@ -75,7 +77,7 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
 
             recipe = {"init": init, "output": output, "seed": seed, "ray": {"enabled": use_ray},
                       "defaults": {"batch_size": batch_size, "max_length": max_length, "save_every": max(10, n)},
-                      "stages": {st.stage: {"steps": n} for st in m.stages}}
+                      "stages": {st.stage: {"steps": n, "lr": lr} for st in m.stages}}
             return train_from_manifest(manifest_url, recipe, info=info)
         return run
 
