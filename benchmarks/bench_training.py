@@ -39,7 +39,7 @@ def main() -> None:
     from model.nvila import load_tokenizer
     from training_hooks.bootstrap import init_tiny_model
     from model.examples import ExampleBuilder
-    from training_hooks.data import DataSplit, batches, example_stream, stage_sources
+    from training_hooks.data import batches, example_stream, stage_sources
     from training_hooks.recipe import StagePlan
     from training_hooks.trainer import freeze_for, run_stage
 
@@ -63,7 +63,8 @@ def main() -> None:
         builder = ExampleBuilder(model, tok, plan.max_length)
         src = stage_sources(manifest, plan.datasets)
         prebuilt = []
-        for b in batches(example_stream(src, builder, 0, DataSplit()), args.batch, tok.pad_token_id, plan.max_length):
+        for b in batches(example_stream(src, builder, 0), args.batch, tok.pad_token_id, plan.max_length):
+            b.pop("position"), b.pop("llm_tokens")
             prebuilt.append(b)
             if len(prebuilt) == args.steps + 3:
                 break

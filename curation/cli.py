@@ -429,6 +429,42 @@ def train(
                       f"report {os.path.join(os.path.dirname(report['loss_plot']), 'training_report.json')}")
 
 
+@app.command("eval")
+def eval_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="NVILA directory (save_pretrained, a stage's final/)"),
+    shards: list[str] = typer.Option(..., "--shards", help="Held-out shards (folders, patterns, URLs)"),
+    ground_truth: Optional[str] = typer.Option(None, help="ground_truth.parquet of the synthetic corpus (default: "
+                                                          "the one beside the shards' dataset folders, if any)"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Gallery folder (default <checkpoint>/eval)"),
+    limit: int = typer.Option(200, help="Evaluate the first N readable samples"),
+    gallery: int = typer.Option(16, help="Images in the gallery"),
+    batch_size: int = typer.Option(16),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+) -> None:
+    """Held-out loss and caption accuracy (greedy captions judged against the synthetic ground
+    truth), with a gallery of images and their generated and true captions."""
+    from training_hooks.evaluate import evaluate_checkpoint, public
+
+    try:
+        report = public(evaluate_checkpoint(checkpoint, shards, ground_truth=ground_truth, out_dir=out, limit=limit,
+                                            gallery=gallery, batch_size=batch_size))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        out_console.print_json(json.dumps(report))
+        return
+    acc = report["caption_accuracy"]
+    out_console.print(f"{report['samples']} samples from {report['shards']} shard(s); held-out loss "
+                      f"{report['heldout_loss']}", markup=False, highlight=False)
+    if acc is None:
+        out_console.print("caption accuracy: n/a (no ground truth)")
+    else:
+        out_console.print(f"caption accuracy {acc:.1%} over {report['images']} clean images; per attribute "
+                          f"{report['per_attribute']}; position stated in {report['position_stated']:.0%}",
+                          markup=False, highlight=False)
+    out_console.print(f"gallery: {report['gallery']['png']} and {report['gallery']['markdown']}", markup=False)
+
+
 @app.command("init-model")
 def init_model(
     manifest: str = typer.Option(..., "--manifest", "-m", help="Manifest whose curated text trains the tokenizer"),
@@ -455,15 +491,17 @@ def init_model(
 def train_proxies_cmd(
     trusted: list[str] = typer.Option(..., "--trusted", help="Trusted seed shards (folders, patterns, URLs)"),
     out: str = typer.Option(..., "--out", "-o", help="Folder for the proxies: <out>/small and <out>/large"),
-    steps: int = typer.Option(60, help="Training steps per stage for each proxy"),
+    steps: int = typer.Option(60, help="Training steps per stage for the small proxy (and per round for the large)"),
+    max_rounds: int = typer.Option(10, min=1, help="Most rounds the large proxy trains before early stopping"),
     batch_size: int = typer.Option(8),
     seed: int = typer.Option(0),
 ) -> None:
-    """Train a small and a large NVILA proxy on trusted data, for the DeltaLoss scorer."""
+    """Train a small and a large NVILA proxy on trusted data, for the DeltaLoss scorer (the large
+    one to convergence: early stopping on the trusted data's held-out slice)."""
     from training_hooks.proxies import train_proxies
 
     try:
-        res = train_proxies(trusted, out, steps=steps, batch_size=batch_size, seed=seed,
+        res = train_proxies(trusted, out, steps=steps, batch_size=batch_size, seed=seed, max_rounds=max_rounds,
                             info=lambda t: out_console.print(t, markup=False, highlight=False))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))

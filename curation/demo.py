@@ -18,17 +18,23 @@ from curation.shards import list_shards, read_shard
 from curation.sqlsafe import literal
 from curation.synth import UNREADABLE_NOISE, load_ground_truth
 
-# The demo's embedded policy: validity, exact and near dedup, the CLIP filter, DeltaLoss, stage plan
+# The demo's embedded policy: validity (incl. the caption rule), exact and near dedup, CLIP
+# filters (pairs: image x caption; MMC4: every image's sentence under one-to-one assignment,
+# so a document with a distractor image goes; video: frames x caption), a motion filter for static clips, stage plan.
+# The ``min`` values here are placeholders: ``calibrated_policy`` replaces every one of them
+# with a quantile of the same score on trusted data of the same kind (curation.calibrate).
 DEFAULT_POLICY: dict[str, Any] = {
     "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 2}],
     "datasets": {
         "coyo_synth": [{"rule": "dedup"}, {"rule": "near_dedup", "max_distance": 4},
-                       {"rule": "threshold", "column": "clip_score", "min": 0.3},
-                       {"rule": "top_k", "column": "delta_loss", "fraction": 0.9}],
+                       {"rule": "threshold", "column": "clip_score", "min": 0.3, "name": "clip_filter"}],
         "cc3m_synth": [{"rule": "dedup"}, {"rule": "near_dedup", "max_distance": 4},
-                       {"rule": "threshold", "column": "clip_score", "min": 0.3}],
-        "mmc4_synth": [{"rule": "dedup"}, {"rule": "threshold", "column": "clip_score", "min": 0.3}],
-        "video_synth": [{"rule": "dedup"}, {"rule": "threshold", "column": "clip_score", "min": 0.3}],
+                       {"rule": "threshold", "column": "clip_score", "min": 0.3, "name": "clip_filter"}],
+        "mmc4_synth": [{"rule": "dedup"},
+                       {"rule": "threshold", "column": "clip_assigned_min", "min": 0.3,
+                        "name": "distractor_or_mismatched_image"}],
+        "video_synth": [{"rule": "dedup"}, {"rule": "threshold", "column": "motion", "min": 0.01, "name": "static_clip"},
+                        {"rule": "threshold", "column": "clip_score", "min": 0.3, "name": "clip_filter"}],
     },
     "stages": {
         "align": {"coyo_synth": 1.0, "cc3m_synth": 1.0},
@@ -38,6 +44,34 @@ DEFAULT_POLICY: dict[str, Any] = {
         "video_sft": {"video_synth": 1.0, "cc3m_synth": 0.25},
     },
 }
+
+# trusted calibration sets: fresh clean samples of each kind (not the ones the filter trained on)
+CALIBRATION_SETS = {"pair": ("trusted_pairs", 600), "interleaved": ("trusted_docs", 200), "video": ("trusted_clips", 200)}
+
+
+def calibrated_policy(out: str, seed: int, filter_dir: str, datasets: dict[str, str],
+                      quantile: float | None = None) -> dict[str, Any]:
+    """DEFAULT_POLICY with every threshold read off trusted data (``datasets``: name -> kind):
+    synthesize a clean calibration set per kind under ``<out>/calibration``, score it with the
+    same scorers and settings as the corpus, and take the ``quantile`` per dataset and column."""
+    from curation.calibrate import DEFAULT_QUANTILE, TrustedColumn, calibrate_policy, score_trusted
+    from curation.synth import DatasetSpec, SynthConfig, synthesize
+    from scorers.basic import BasicScorer
+    from scorers.clip import ClipScorer
+
+    root = os.path.join(out, "calibration")
+    kinds = sorted(set(datasets.values()))
+    specs = [DatasetSpec(CALIBRATION_SETS[k][0], k, CALIBRATION_SETS[k][1], {}, 100) for k in kinds]
+    if not os.path.isfile(os.path.join(root, "ground_truth.parquet")):
+        synthesize(root, SynthConfig(seed=seed + 2000, datasets=specs))
+    scorers = [BasicScorer(), ClipScorer(model=filter_dir, num_frames=4, batch_size=64)]
+    by_kind = {}
+    for spec in specs:
+        cols = score_trusted([os.path.join(root, spec.name)], scorers)
+        by_kind[spec.kind] = {c: TrustedColumn(f"calibration/{spec.name}", v) for c, v in cols.items()}
+    trusted = {ds: by_kind[kind] for ds, kind in datasets.items()}
+    return calibrate_policy(DEFAULT_POLICY, trusted, DEFAULT_QUANTILE if quantile is None else quantile)
+
 
 # per corpus size: DFN steps, proxy steps per stage, NVILA steps per stage
 SIZES = {"tiny": (60, 4, 4), "small": (150, 10, 12), "medium": (400, 30, 40), "large": (1000, 60, 100)}
@@ -108,8 +142,9 @@ def analyze(work: str, corpus: str, decisions: str) -> dict[str, Any]:
         f"USING (dataset, shard, key) GROUP BY 1, 2 ORDER BY 1, 2")
     noisy = caught.filter(caught["noise"] != "clean")
     clean = caught.filter(caught["noise"] == "clean")
-    scores = store.query_pl("SELECT s.dataset, t.noise, s.clip_score FROM scores s JOIN truth t USING (dataset, shard, key) "
-                            "WHERE s.clip_score IS NOT NULL")
+    dl_col = "s.delta_loss" if dl else "NULL::DOUBLE AS delta_loss"
+    scores = store.query_pl(f"SELECT s.dataset, t.noise, s.clip_score, {dl_col} FROM scores s JOIN truth t "
+                            "USING (dataset, shard, key) WHERE s.clip_score IS NOT NULL")
     return {
         "per_noise": per_noise.to_dicts(),
         "clip_auc_clean_vs_mismatched": auc,
@@ -174,9 +209,34 @@ def make_plots(out: str, analysis: dict[str, Any], manifest: Any, training: dict
     ax.legend()
     ax.set_xlabel("samples (ground truth)")
     plots["noise_caught"] = _save(fig, os.path.join(d, "noise_caught.png"))
+    scatter = _deltaloss_vs_clip(rows, d)
+    if scatter:
+        plots["deltaloss_vs_clip"] = scatter
     if training and os.path.isfile(training.get("loss_plot", "")):
         plots["loss_curves"] = training["loss_plot"]
     return plots
+
+
+def _deltaloss_vs_clip(rows: list[dict[str, Any]], folder: str) -> str | None:
+    """Every scored sample as a point (CLIP score, DeltaLoss), coloured by its injected noise:
+    where each kind of noise sits shows which scorer catches it (None without DeltaLoss)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("delta_loss") is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    noises = sorted({r["noise"] for r in rows}, key=lambda n: (n != "clean", n))
+    cmap = plt.get_cmap("tab20")
+    for i, noise in enumerate(noises):
+        pts = [r for r in rows if r["noise"] == noise]
+        ax.scatter([r["clip_score"] for r in pts], [r["delta_loss"] for r in pts], s=6 if noise == "clean" else 12,
+                   alpha=0.35 if noise == "clean" else 0.8, color="lightgray" if noise == "clean" else cmap(i % 20),
+                   label=f"{noise} ({len(pts)})")
+    ax.set_xlabel("CLIP filter score (cosine)")
+    ax.set_ylabel("DeltaLoss (small proxy loss - large proxy loss)")
+    ax.legend(fontsize=6, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5))
+    return _save(fig, os.path.join(folder, "deltaloss_vs_clip.png"))
 
 
 def write_report(out: str, report: dict[str, Any], plots: dict[str, str]) -> tuple[str, str]:

@@ -18,7 +18,11 @@ stages:                        # which datasets feed which NVILA stage, with mix
 ```
 
 Rules run in order, like a pipeline of filters: each rule sees only the samples still kept
-and drops some of them; the first rule that drops a sample is its reason. Ranking rules
+and drops some of them; the first rule that drops a sample is its reason. ``valid`` rules
+read only the basic scorer's facts and run first (in their order), before scorer errors are
+counted: an empty caption is dropped as ``valid:min_caption_words``, not as the DeltaLoss
+error it also causes. A ``threshold`` rule may carry a ``calibration`` record saying which
+trusted scores and quantile its ``min`` came from (``curation.calibrate``). Ranking rules
 (``top_fraction``, ``top_k``) rank the samples still kept, within their dataset, so the
 union over datasets is NVILA's "top K within each sub-dataset". Samples that a scorer
 could not score (``<scorer>_error`` set) are dropped first: reason ``unreadable`` when the sample could not
@@ -57,11 +61,23 @@ class _Rule(BaseModel):
     name: Optional[str] = None  # the reason recorded for samples this rule drops
 
 
+class Calibration(BaseModel):
+    """Where a calibrated threshold came from (``curation.calibrate``): recorded, not used."""
+
+    model_config = ConfigDict(extra="forbid")
+    trusted: str  # the trusted shards the scores came from
+    column: str
+    quantile: float = Field(ge=0, lt=1)
+    samples: int = Field(ge=1)
+    value: float  # the quantile before rounding
+
+
 class ThresholdRule(_Rule):
     rule: Literal["threshold"]
     column: str
     min: Optional[float] = None
     max: Optional[float] = None
+    calibration: Optional[Calibration] = None
 
     @model_validator(mode="after")
     def _bounds(self) -> "ThresholdRule":

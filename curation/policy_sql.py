@@ -176,15 +176,20 @@ def compile_dataset(dataset: str, rules: list[Any], error_columns: list[str], pr
     ch.ctes.append((f"{prefix}0", f"SELECT *, CAST(NULL AS VARCHAR) AS dropped_by FROM scores WHERE dataset = {_lit(dataset)}"))
     if "basic_error" in error_columns:
         ch.mark("unreadable", "basic_error IS NOT NULL")  # unreadable input (the reader's error, as basic recorded it)
+    # validity reads only basic facts: it names the cause (an empty caption) before the scorer
+    # error that cause produces downstream (DeltaLoss has no caption tokens to score)
+    for rule in rules:
+        if isinstance(rule, ValidRule):
+            _valid(ch, rule)
     for c in error_columns:
         if c != "basic_error":
             ch.mark(f"scorer_error:{c[: -len('_error')] if c.endswith('_error') else 'scorer'}", f"{_q(c)} IS NOT NULL")
     for i, rule in enumerate(rules):
         label = _rule_label(rule, i)
+        if isinstance(rule, ValidRule):
+            continue  # applied above
         if isinstance(rule, ThresholdRule):
             _threshold(ch, rule, label)
-        elif isinstance(rule, ValidRule):
-            _valid(ch, rule)
         elif isinstance(rule, DedupRule):
             _dedup(ch, rule, label)
         elif isinstance(rule, NearDedupRule):

@@ -75,8 +75,9 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
 
     t0 = time.time()
     policy_path = os.path.join(out, "policy.yaml")
+    policy = d.calibrated_policy(out, seed, filt["dir"], {spec.name: spec.kind for spec in cfg.datasets})
     with open(policy_path, "w") as f:
-        yaml.safe_dump(d.DEFAULT_POLICY, f, sort_keys=False)
+        yaml.safe_dump(policy, f, sort_keys=False)
     work = os.path.join(out, "work")
     curated = run_curate(work, policy_path, os.path.join(out, "curated"), 256, seed,
                           _scores=[s["config_hash"] for s in scores])

@@ -102,6 +102,13 @@ class NVILAConfig:
             for s in self.s2_scales:
                 if s % t:
                     raise ConfigError(f"s2 scale {s} is not a multiple of the tile size {t}")
+            if self.s2_scales[0] != t:
+                # VILA counts every scale's tiles in units of the first scale
+                raise ConfigError(f"the first s2 scale must be the tile size {t}, got {self.s2_scales[0]}")
+            need = (self.s2_scales[-1] // t) ** 2
+            if self.max_tiles < need:
+                raise ConfigError(f"max_tiles {self.max_tiles} is below the {need} tiles dynamic_s2 uses at least at "
+                                  f"its last scale {self.s2_scales[-1]} (({self.s2_scales[-1]} // {t})^2)")
         if self.max_tiles < 1:
             raise ConfigError("max_tiles must be >= 1")
         if self.video_pool_size < 1 or self.video_num_frames < 1:

@@ -4,10 +4,13 @@
 - ``dynamic`` (NVILA-Lite, InternVL style): the image is resized to the tiling closest to its
   aspect ratio with at most ``max_tiles`` tiles and cut into tiles, plus a thumbnail tile
   when there is more than one; each tile is projected on its own.
-- ``dynamic_s2`` (NVILA): every scale but the last is resized square and cut into tiles; the
-  last keeps the aspect ratio with the closest tiling among at most ``max_tiles`` tiles. The
-  tiles' feature maps are stitched back per scale, resized to the last scale's map and
-  concatenated on channels before the projector.
+- ``dynamic_s2`` (NVILA, VILA's ``dynamic_s2_preprocess``): every scale but the last is resized
+  square and cut into ``(scale // tile)^2`` tiles; the last scale's grid is chosen among the
+  grids with at least ``(s2_scales[-1] // tile)^2`` and at most ``max_tiles`` tiles, by the
+  absolute difference of the aspect ratios ``width / height`` and ``cols / rows`` (ties: see
+  ``s2_last_grid``). The tiles' feature maps are stitched back per scale, resized to the last
+  scale's map and concatenated on channels; the projector then runs on each last-scale tile
+  of that map, so an image becomes ``rows * cols`` projected tiles.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class ImageLayout:
 
 
 def closest_tiling(width: int, height: int, max_tiles: int, tile: int) -> tuple[int, int]:
-    """(rows, cols) with rows * cols <= max_tiles whose aspect ratio is closest to the image's.
+    """``dynamic`` mode (NVILA-Lite): (rows, cols) with rows * cols <= max_tiles whose aspect
+    ratio is closest to the image's (compared on the log scale).
 
     Ties (same ratio, e.g. 1x2 and 2x4) go to more tiles only while the image has at least
     half the pixels of the tiled canvas, so small images are not blown up.
@@ -55,15 +59,48 @@ def closest_tiling(width: int, height: int, max_tiles: int, tile: int) -> tuple[
     return best
 
 
+def s2_candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(cols, rows) grids with ``min_tiles <= cols * rows <= max_tiles``, in the order VILA
+    tries them: built as a Python set and sorted by tile count. The sort is stable, so grids
+    with the same count keep the set's iteration order, which is fixed for small-int tuples;
+    building the set the same way keeps tie-breaks identical to VILA's."""
+    grids = {(c, r) for n in range(min_tiles, max_tiles + 1) for c in range(1, n + 1) for r in range(1, n + 1)
+             if min_tiles <= c * r <= max_tiles}
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def s2_last_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of Dynamic-S2's last scale, as VILA chooses it (InternVL's rule).
+
+    Each candidate is compared by ``abs(width / height - cols / rows)``; a strictly smaller
+    difference wins; on an exact tie the later candidate (more tiles) wins when the image's area
+    exceeds half the tiled canvas, ``0.5 * tile^2 * cols * rows``.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image has no pixels ({width}x{height})")
+    if min_tiles > max_tiles:
+        raise ValueError(f"dynamic_s2 needs at least {min_tiles} tiles at its last scale but max_tiles is {max_tiles}")
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in s2_candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best[1], best[0]
+
+
 def plan_image(width: int, height: int, mode: str, tile: int, scales: list[int], max_tiles: int) -> ImageLayout:
     if mode == "resize":
         return ImageLayout([(1, 1)])
-    rows, cols = closest_tiling(width, height, max_tiles, tile)
     if mode == "dynamic":
+        rows, cols = closest_tiling(width, height, max_tiles, tile)
         return ImageLayout([(rows, cols)], thumbnail=rows * cols > 1)
     if mode == "dynamic_s2":
         grids = [(s // tile, s // tile) for s in scales[:-1]]
-        return ImageLayout(grids + [(rows, cols)])
+        return ImageLayout(grids + [s2_last_grid(width, height, tile, (scales[-1] // tile) ** 2, max_tiles)])
     raise ValueError(f"unknown image mode {mode!r}")
 
 
@@ -150,13 +187,15 @@ def image_token_count(width: int, height: int, *, mode: str, tile: int, patch: i
 
 
 def layout_token_count(layout: ImageLayout, *, mode: str, tile: int, patch: int, projector: str) -> int:
-    """How many LLM tokens an image with this tile layout becomes."""
+    """How many LLM tokens an image with this tile layout becomes.
+
+    Every tile (in ``dynamic_s2``: every tile of the last scale, after the scales are merged;
+    in ``dynamic``: the thumbnail too) is projected on its own, as VILA does."""
     p = tile // patch
+    gh, gw = projector_grid(p, p, projector)
     if mode == "dynamic_s2":
         rows, cols = layout.grids[-1]
-        gh, gw = projector_grid(rows * p, cols * p, projector)
-        return gh * gw
-    gh, gw = projector_grid(p, p, projector)
+        return rows * cols * gh * gw
     return layout.num_tiles * gh * gw
 
 

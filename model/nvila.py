@@ -19,7 +19,7 @@ from torch import nn
 from model.config import IMAGE_TOKEN, MEDIA_TOKENS, SEP_TOKEN, VIDEO_TOKEN, NVILAConfig
 from model.image_processing import ImageLayout, image_to_tiles, load_image, video_frames
 from model.projector import build_projector
-from model.vision import VisionTower, merge_s2
+from model.vision import VisionTower, merge_s2, split_tiles, stitch
 
 IGNORE_INDEX = -100
 WEIGHTS_NAME = "model.safetensors"
@@ -33,6 +33,9 @@ class Media:
     kind: str  # "image" | "video"
     tiles: torch.Tensor  # (n_tiles, 3, T, T); a video has one tile per frame
     layout: ImageLayout | None = None
+
+    def to(self, device: torch.device | str) -> "Media":
+        return Media(self.kind, self.tiles.to(device, non_blocking=True), self.layout)
 
 
 class NVILAForCausalLM(nn.Module):
@@ -103,7 +106,13 @@ class NVILAForCausalLM(nn.Module):
     def _image_tokens(self, feats: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
         mode = self.config.image_mode
         if mode == "dynamic_s2":
-            return self._project(merge_s2(feats, layout)[None])[0]
+            # VILA projects each last-scale tile of the merged map on its own, then stitches the
+            # projected tiles back: (rows*cols) x (g x g) tokens in row-major order of the image
+            rows, cols = layout.grids[-1]
+            tiles = split_tiles(merge_s2(feats, layout), rows, cols)
+            projected = self.projector(tiles.to(self._proj_dtype()))  # (rows*cols, g, g, D)
+            merged = stitch(projected, rows, cols)
+            return merged.reshape(-1, merged.shape[-1])
         # resize / dynamic: every tile (and the thumbnail) projected on its own
         return self._project(feats).reshape(-1, self.llm.config.hidden_size)
 

@@ -40,9 +40,19 @@ def stitch(feats: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return feats.view(rows, cols, p, p, c).permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, c)
 
 
+def split_tiles(fmap: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows*P, cols*P, C) map -> (rows*cols, P, P, C) tiles in row-major order (inverse of stitch)."""
+    h, w, c = fmap.shape
+    p, q = h // rows, w // cols
+    return fmap.view(rows, p, cols, q, c).permute(0, 2, 1, 3, 4).reshape(rows * cols, p, q, c)
+
+
 def merge_s2(feats: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
     """Stitch each scale's tiles, resize every map to the last (largest) scale's map size, and
-    concatenate on channels: (n_tiles, P, P, C) -> (H, W, C * n_scales)."""
+    concatenate on channels: (n_tiles, P, P, C) -> (H, W, C * n_scales).
+
+    Resizing uses area interpolation in both directions, as VILA does (for the integer factors
+    here, growing a smaller scale's map repeats each feature)."""
     maps, i = [], 0
     for rows, cols in layout.grids:
         maps.append(stitch(feats[i: i + rows * cols], rows, cols))
@@ -51,10 +61,7 @@ def merge_s2(feats: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
     out = []
     for m in maps:
         if m.shape[:2] != (h, w):
-            # area resampling when shrinking, bilinear when growing (smaller scales are upsampled)
-            mode = "area" if m.shape[0] > h else "bilinear"
-            kwargs = {} if mode == "area" else {"align_corners": False}
-            m = F.interpolate(m.permute(2, 0, 1)[None].float(), size=(h, w), mode=mode, **kwargs)[0]
+            m = F.interpolate(m.permute(2, 0, 1)[None].float(), size=(h, w), mode="area")[0]
             m = m.permute(1, 2, 0).to(feats.dtype)
         out.append(m)
     return torch.cat(out, dim=-1)

@@ -6,7 +6,12 @@ convention: e.g. "B/32 score >= 0.28"; not multiplied by 100 as in CLIP's logits
 - pair: one score, image vs caption.
 - interleaved (MMC4): the image x sentence similarity matrix; each image's best sentence
   (MMC4's assignment) and score; document summaries: mean and min of the matched scores,
-  and how many images fall below ``threshold``.
+  and how many images fall below ``threshold``. Also a one-to-one assignment (greedy on the
+  matrix, highest similarity first, each sentence to at most one image): a distractor image
+  (an ad, a logo) often has a "best" sentence that really describes another image; under
+  one-to-one assignment it loses that sentence to the image it describes and is left with a
+  filler or nothing, so ``clip_assigned_min`` (the worst image's one-to-one score; -1 for an
+  image left without a sentence) is what a per-image distractor rule thresholds.
 - video: ``num_frames`` frames sampled evenly over the clip, each scored against the
   caption; mean and min over frames.
 
@@ -60,9 +65,23 @@ def sample_frames(video: bytes, k: int) -> list[Any]:
     return [frames[i] for i in idx]
 
 
+def one_to_one_scores(sim: np.ndarray) -> np.ndarray:
+    """Per image (row), its similarity under a greedy one-to-one image -> sentence assignment
+    (pairs taken highest first; an image left without a free sentence gets -1)."""
+    n_img, n_txt = sim.shape
+    out = np.full(n_img, -1.0)
+    img_free, txt_free = np.ones(n_img, bool), np.ones(n_txt, bool)
+    for flat in np.argsort(-sim, axis=None, kind="stable"):
+        i, j = divmod(int(flat), n_txt)
+        if img_free[i] and txt_free[j]:
+            out[i] = sim[i, j]
+            img_free[i] = txt_free[j] = False
+    return out
+
+
 class ClipScorer(Scorer):
     name = "clip"
-    version = "1"
+    version = "2"  # 2: one-to-one assignment for documents
 
     def __init__(
         self,
@@ -152,6 +171,8 @@ class ClipScorer(Scorer):
             ("clip_best_sentence", pa.list_(pa.int32())),
             ("clip_best_score", pa.list_(pa.float32())),
             ("clip_sim_matrix", pa.list_(pa.list_(pa.float32()))),
+            ("clip_assigned_score", pa.list_(pa.float32())),  # document: per image, one-to-one (module docstring)
+            ("clip_assigned_min", pa.float32()),
             ("clip_frame_scores", pa.list_(pa.float32())),
         ]
         if self.keep_embedding:
@@ -258,6 +279,9 @@ class ClipScorer(Scorer):
                 cols["clip_best_sentence"][i] = best.astype(int).tolist()
                 cols["clip_best_score"][i] = best_score.astype(float).tolist()
                 cols["clip_sim_matrix"][i] = sim.astype(float).tolist()
+                assigned = one_to_one_scores(sim)
+                cols["clip_assigned_score"][i] = assigned.astype(float).tolist()
+                cols["clip_assigned_min"][i] = float(assigned.min())
             else:  # video: every frame against the caption
                 frames = sim[:, 0]
                 cols["clip_score"][i] = float(frames.mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import numpy as np
@@ -170,13 +171,20 @@ def test_train_proxies_cli_then_score(tmp_path):
 
     synthesize(str(tmp_path / "t"), SynthConfig(seed=4, datasets=[DatasetSpec("trusted", "pair", 40, {}, 20)]))
     r = subprocess.run([sys.executable, "-m", "curation.cli", "train-proxies", "--trusted", str(tmp_path / "t" / "trusted"),
-                        "--out", str(tmp_path / "proxies"), "--steps", "4", "--batch-size", "4"],
+                        "--out", str(tmp_path / "proxies"), "--steps", "4", "--batch-size", "4", "--max-rounds", "2"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     small, large = str(tmp_path / "proxies" / "small"), str(tmp_path / "proxies" / "large")
     ns = sum(p.numel() for p in NVILAForCausalLM.from_pretrained(small).parameters())
     nl = sum(p.numel() for p in NVILAForCausalLM.from_pretrained(large).parameters())
     assert nl > 2 * ns
+    # the large proxy trained longer (rounds with early stopping) and is the stronger model on
+    # held-out trusted data; the cost of both is recorded
+    record = json.loads((tmp_path / "proxies" / "proxies.json").read_text())
+    assert record["large"]["steps"] > record["small"]["steps"]
+    assert record["large"]["heldout_loss"] < record["small"]["heldout_loss"]
+    assert record["large"]["parameters"] == nl and record["small"]["parameters"] == ns
+    assert all(record[p]["seconds"] > 0 for p in ("small", "large"))
     sc = DeltaLossScorer(small, large)
     samples = list(read_shard(list_shards(str(tmp_path / "t" / "trusted"))[0]))[:4]
     cols = sc.score(samples)

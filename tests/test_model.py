@@ -12,7 +12,7 @@ from model import NVILAConfig, NVILAForCausalLM
 from model.config import ConfigError
 from model.conversation import SequenceTooLong, build_chat, build_pretrain_text, collate
 from model.fp8 import FP8UnsupportedError, convert_to_fp8, fp8_hardware, sqnr
-from model.image_processing import image_token_count, video_token_count
+from model.image_processing import image_token_count, plan_image, video_token_count
 from model.nvila import IGNORE_INDEX
 from model.tokenizer import train_bpe_tokenizer
 from curation.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
@@ -29,7 +29,7 @@ def tiny_config(tok_len: int, **kw) -> NVILAConfig:
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
     lc = dict(vocab_size=tok_len, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-    base = dict(vision_config=vc, llm_config=lc, s2_scales=[32, 64, 96], max_tiles=6, video_num_frames=4, video_pool_size=2)
+    base = dict(vision_config=vc, llm_config=lc, s2_scales=[32, 64, 96], max_tiles=12, video_num_frames=4, video_pool_size=2)
     base.update(kw)
     return NVILAConfig(**base)
 
@@ -52,26 +52,71 @@ def _chat(model, tok, img_bytes=None, answer="a red circle on a blue background"
                             {"role": "assistant", "content": answer}], media)
 
 
-# (width, height, mode, projector) -> LLM tokens, for NVILA's real sizes (448 px SigLIP tiles, patch 14,
-# S2 scales 448/896/1344, at most 12 tiles). This table is documented in the README.
+# (width, height, mode, projector) -> (tiles, LLM tokens), for NVILA's real sizes (448 px SigLIP tiles,
+# patch 14 -> 32x32 patches, S2 scales 448/896/1344, at most 12 tiles). Derived by hand from the rules:
+# - dynamic_s2 (VILA): scales 448 and 896 give 1 + 4 square tiles; the last scale's (cols, rows) grid is
+#   one of the 9..12-tile grids, cols/rows in {1/12, 1/11, 1/10, 1/9, 1/3 (2x6), 2/5, 3/4, 1 (3x3), 4/3,
+#   5/2, 3 (6x2), 9, 10, 11, 12}, the closest to w/h by absolute difference; on an exact tie the grid
+#   with more tiles wins when w*h > 0.5 * 448^2 * tiles. Each last-scale tile gives 16x16 = 256 tokens
+#   (2x2 projector) or 11x11 = 121 (3x3: 32 padded to 33).
+# - dynamic (NVILA-Lite): closest tiling of 1..12 tiles + a thumbnail when > 1, 256 tokens per tile.
+# This table is documented in the README.
 TOKEN_TABLE = [
-    (448, 448, "resize", "mlp_downsample_2x2", 256),
-    (448, 448, "resize", "mlp_downsample_3x3", 121),
-    (1000, 300, "resize", "mlp_downsample_2x2", 256),
-    (448, 448, "dynamic_s2", "mlp_downsample_2x2", 256),
-    (1344, 1344, "dynamic_s2", "mlp_downsample_2x2", 2304),
-    (1344, 1344, "dynamic_s2", "mlp_downsample_3x3", 1024),
-    (1792, 896, "dynamic_s2", "mlp_downsample_2x2", 2048),
-    (896, 1792, "dynamic_s2", "mlp_downsample_2x2", 2048),
-    (896, 896, "dynamic", "mlp_downsample_2x2", 1280),
-    (448, 448, "dynamic", "mlp_downsample_2x2", 256),
-    (2000, 400, "dynamic", "mlp_downsample_2x2", 6 * 256),
+    (448, 448, "resize", "mlp_downsample_2x2", 1, 256),
+    (448, 448, "resize", "mlp_downsample_3x3", 1, 121),
+    (1000, 300, "resize", "mlp_downsample_2x2", 1, 256),
+    # square: 3x3 at any size, also for a tiny image (VILA blows small images up to 9 tiles)
+    (448, 448, "dynamic_s2", "mlp_downsample_2x2", 5 + 9, 9 * 256),
+    (1344, 1344, "dynamic_s2", "mlp_downsample_2x2", 5 + 9, 9 * 256),
+    (1344, 1344, "dynamic_s2", "mlp_downsample_3x3", 5 + 9, 9 * 121),
+    (20, 20, "dynamic_s2", "mlp_downsample_2x2", 5 + 9, 9 * 256),
+    # tiny 16:9 (1.78): 4/3 is 0.44 away, 5/2 0.72 -> 4 cols x 3 rows
+    (16, 9, "dynamic_s2", "mlp_downsample_2x2", 5 + 12, 12 * 256),
+    # wide 2:1: 5/2 (0.5 away) beats 4/3 (0.67) -> 5 cols x 2 rows; tall 1:2: 2/5 (0.1) beats 3/4 -> 2 x 5
+    (1792, 896, "dynamic_s2", "mlp_downsample_2x2", 5 + 10, 10 * 256),
+    (896, 1792, "dynamic_s2", "mlp_downsample_2x2", 5 + 10, 10 * 256),
+    # 10:3 (3.33): 6x2 (ratio 3) is closest; 1:3 is exactly 2 cols x 6 rows
+    (1000, 300, "dynamic_s2", "mlp_downsample_2x2", 5 + 12, 12 * 256),
+    (300, 900, "dynamic_s2", "mlp_downsample_2x2", 5 + 12, 12 * 256),
+    # extreme: 20:1 -> 12x1, 1:20 -> 1x12
+    (2000, 100, "dynamic_s2", "mlp_downsample_2x2", 5 + 12, 12 * 256),
+    (100, 2000, "dynamic_s2", "mlp_downsample_2x2", 5 + 12, 12 * 256),
+    # exact ties: 9.5 sits 0.5 from 9x1 and 10x1; 2.75 sits 0.25 from 5x2 and 6x2. The larger grid only
+    # when the image has more than half its canvas: 1900*200 < 0.5*448^2*10 < 3800*400, and
+    # 1100*400 < 0.5*448^2*12 < 2200*800
+    (1900, 200, "dynamic_s2", "mlp_downsample_2x2", 5 + 9, 9 * 256),
+    (3800, 400, "dynamic_s2", "mlp_downsample_2x2", 5 + 10, 10 * 256),
+    (1100, 400, "dynamic_s2", "mlp_downsample_2x2", 5 + 10, 10 * 256),
+    (2200, 800, "dynamic_s2", "mlp_downsample_2x2", 5 + 12, 12 * 256),
+    # the absolute difference is not symmetric in w/h: 4:11 (0.364) is 0.030 from 1/3 and 0.036 from 2/5
+    (400, 1100, "dynamic_s2", "mlp_downsample_2x2", 5 + 12, 12 * 256),
+    (896, 896, "dynamic", "mlp_downsample_2x2", 5, 1280),
+    (448, 448, "dynamic", "mlp_downsample_2x2", 1, 256),
+    (2000, 400, "dynamic", "mlp_downsample_2x2", 6, 6 * 256),
 ]
+# the last scale's (rows, cols) for the dynamic_s2 rows above, in order
+S2_LAST_GRIDS = [(3, 3), (3, 3), (3, 3), (3, 3), (3, 4), (2, 5), (5, 2), (2, 6), (6, 2), (1, 12), (12, 1),
+                 (1, 9), (1, 10), (2, 5), (2, 6), (6, 2)]
 
 
-@pytest.mark.parametrize("w,h,mode,proj,expected", TOKEN_TABLE)
-def test_token_count_table(w, h, mode, proj, expected):
+@pytest.mark.parametrize("w,h,mode,proj,tiles,expected", TOKEN_TABLE)
+def test_token_count_table(w, h, mode, proj, tiles, expected):
     assert image_token_count(w, h, mode=mode, tile=448, patch=14, scales=[448, 896, 1344], max_tiles=12, projector=proj) == expected
+    assert plan_image(w, h, mode, 448, [448, 896, 1344], 12).num_tiles == tiles
+
+
+def test_dynamic_s2_last_grids_follow_vila():
+    rows = [(w, h) for w, h, mode, *_ in TOKEN_TABLE if mode == "dynamic_s2"]
+    got = [plan_image(w, h, "dynamic_s2", 448, [448, 896, 1344], 12).grids for w, h in rows]
+    assert all(g[:2] == [(1, 1), (2, 2)] for g in got)  # every scale but the last: a square grid
+    assert [g[-1] for g in got] == S2_LAST_GRIDS
+
+
+def test_dynamic_s2_refuses_too_few_tiles():
+    with pytest.raises(ConfigError, match="max_tiles 6 is below the 9 tiles"):
+        tiny_config(320, max_tiles=6)
+    with pytest.raises(ConfigError, match="first s2 scale must be the tile size 32"):
+        tiny_config(320, s2_scales=[64, 96])
 
 
 def test_video_token_count():
@@ -159,7 +204,7 @@ def test_build_from_separate_siglip_and_qwen2_dirs(tok, tmp_path):
     Qwen2ForCausalLM(Qwen2Config(**cfg.llm_config)).save_pretrained(tmp_path / "qwen2")
     tok.save_pretrained(tmp_path / "qwen2")
     model, tok2 = NVILAForCausalLM.from_components(str(tmp_path / "siglip"), str(tmp_path / "qwen2"),
-                                                   s2_scales=[32, 64, 96], max_tiles=6, projector_type="mlp_downsample_3x3")
+                                                   s2_scales=[32, 64, 96], max_tiles=12, projector_type="mlp_downsample_3x3")
     assert model.config.projector_type == "mlp_downsample_3x3"
     out = model(**collate([_chat(model, tok2)], tok2.pad_token_id))
     assert torch.isfinite(out.loss)

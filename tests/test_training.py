@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -22,7 +25,7 @@ from model.examples import interleave
 from training_hooks.data import DataSplit, mix, stage_sources, stream_samples
 from training_hooks.kickoff import TrainingInputError, train_from_manifest
 from training_hooks.recipe import TrainRecipeError
-from training_hooks.trainer import StageInterrupted, run_stage
+from training_hooks.trainer import run_stage, run_stage_on_ray
 
 POLICY = {
     "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 1}],
@@ -107,24 +110,116 @@ def test_checkpoint_of_one_stage_loads_as_next_start(setup, tmp_path):
             assert torch.equal(v, pre[k])
 
 
-def test_resume_after_killed_stage_continues_the_loss_curve(setup, tmp_path):
-    m = setup["manifest"]
+def _stage_cfg(setup, tmp_path, stage_dir, **plan):
     from training_hooks.recipe import load_train_recipe, plan_stages
 
-    plans, _ = plan_stages(load_train_recipe(_recipe(setup, tmp_path / "x", stages={"pretrain": {"steps": 9}})), m)
+    stage = {"image_sft": dict(plan)}
+    plans, _ = plan_stages(load_train_recipe(_recipe(setup, tmp_path / "unused", stages=stage)), setup["manifest"])
+    return {"plan": plans[0].model_dump(), "stage_dir": str(stage_dir), "init_dir": setup["init"],
+            "manifest": setup["manifest_url"], "seed": 0}
 
-    def cfg(stage_dir, stop=None):
-        return {"plan": plans[0].model_dump(), "stage_dir": str(stage_dir), "init_dir": setup["init"],
-                "manifest": setup["manifest_url"], "seed": 0, "_stop_after": stop}
 
-    full = run_stage(cfg(tmp_path / "full"))
-    with pytest.raises(StageInterrupted):
-        run_stage(cfg(tmp_path / "killed", stop=6))  # killed right after the step-6 checkpoint
-    resumed = run_stage(cfg(tmp_path / "killed"))
-    assert resumed["resumed_from"] == 6
-    assert [x["loss"] for x in resumed["metrics"]] == pytest.approx([x["loss"] for x in full["metrics"]], rel=1e-4)
-    a, b = _weights(full["final"]), _weights(resumed["final"])
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+def test_two_workers_follow_one_worker_with_twice_the_batch(setup, tmp_path):
+    """DDP on 2 Ray Train workers (gloo, CPU), batch 2 each, against one in-process worker with batch 4.
+
+    The ranks split one sample stream, so their batches of a step hold the single worker's batch;
+    the loss is normalized by the step's label tokens over both ranks. Stated tolerance: losses
+    agree to 1e-4 relative and weights to 1e-4 absolute, 5 % of one Adam step at lr 2e-3 (float
+    sums in another order: padding to another length, gradients all-reduced over gloo; Adam
+    turns such differences on near-zero gradients into visible ones)."""
+    steps = dict(steps=5, lr=2e-3, save_every=3, warmup_steps=1)
+    one = run_stage(_stage_cfg(setup, tmp_path, tmp_path / "one", batch_size=4, **steps))
+    two = run_stage_on_ray(_stage_cfg(setup, tmp_path, tmp_path / "two", batch_size=2, **steps), num_workers=2)
+    assert two["world_size"] == 2 and two["device"] == "cpu"
+    a, b = [x["loss"] for x in one["metrics"]], [x["loss"] for x in two["metrics"]]
+    assert a[-1] < a[0]  # it trains
+    assert b == pytest.approx(a, rel=1e-4)
+    assert two["heldout_loss"]["pair"] == pytest.approx(one["heldout_loss"]["pair"], rel=1e-4)
+    wa, wb = _weights(one["final"]), _weights(two["final"])
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-4) for k in wa)
+    # rank 0 alone wrote the checkpoints, with both ranks' stream positions
+    ckpt = json.loads((tmp_path / "two" / "checkpoints" / "step-000005" / "state.json").read_text())
+    assert ckpt["positions"] == [19, 20]  # rank r took samples r, r + 2, ..., 2 per step: 20 samples in 5 steps
+
+
+def _progress(out, stages) -> int:
+    """Steps checkpointed so far over the stages, read from the run's directory."""
+    done = 0
+    for name, steps in stages:
+        d = out / name
+        if (d / "metrics.json").exists():
+            done += steps
+            continue
+        ck = sorted((d / "checkpoints").glob("step-[0-9]*[0-9]")) if (d / "checkpoints").exists() else []
+        return done + (int(ck[-1].name.split("-")[1]) if ck else 0)
+    return done
+
+
+def test_train_resumes_after_real_kills(setup, tmp_path):
+    """`curate train` is killed with SIGKILL at 3 seeded random points (a seeded delay after a
+    seeded number of checkpointed steps: mid-step, mid-checkpoint or mid-stage-end), rerun each
+    time, and finishes with the loss curve, held-out loss and weights of an uninterrupted run."""
+    stages = [("align", 6), ("image_sft", 6)]
+    recipe = _recipe(setup, tmp_path / "x", defaults={"batch_size": 4, "max_length": 256, "save_every": 2, "heldout_samples": 8},
+                     stages={n: {"steps": k} for n, k in stages})
+
+    def cmd(out):
+        (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(dict(recipe, output=str(out))))
+        return [sys.executable, "-m", "curation.cli", "train", "--manifest", setup["manifest_url"],
+                "--recipe", str(tmp_path / f"{out.name}.yaml")]
+
+    full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    rng = random.Random(14)
+    targets = sorted(rng.sample(range(1, sum(k for _, k in stages) - 1), 3))
+    out, kills = tmp_path / "killed", []
+    for target in targets:
+        proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and _progress(out, stages) < target:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        kills.append((target, proc.wait(), _progress(out, stages)))
+    assert [rc for _, rc, _ in kills] == [-signal.SIGKILL] * 3, kills  # each run died mid-training
+    last = subprocess.run(cmd(out), capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr[-3000:]
+    for name, _ in stages:
+        ref = json.loads((tmp_path / "full" / name / "metrics.json").read_text())
+        got = json.loads((out / name / "metrics.json").read_text())
+        assert [x["loss"] for x in got["metrics"]] == pytest.approx([x["loss"] for x in ref["metrics"]], rel=1e-5)
+        assert got["heldout_loss"] == pytest.approx(ref["heldout_loss"], rel=1e-5)
+        wa, wb = _weights(str(tmp_path / "full" / name / "final")), _weights(str(out / name / "final"))
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), name
+
+
+def test_checkpoint_state_is_never_unpickled(setup, tmp_path):
+    """A checkpoint in a shared directory cannot run code: a state.pt holding a pickled callable
+    is refused on resume, and the callable never runs."""
+    cfg = _stage_cfg(setup, tmp_path, tmp_path / "s", steps=2, save_every=1, batch_size=2)
+    run_stage(cfg)
+    ck = tmp_path / "s" / "checkpoints" / "step-000002"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"optimizer": Evil(), "rng": {}}, ck / "state.pt")
+    import shutil
+
+    shutil.rmtree(tmp_path / "s" / "final")
+    (tmp_path / "s" / "metrics.json").unlink()
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        run_stage(cfg)
+    assert not marker.exists()
+
+
+def test_gpu_asked_for_without_one_is_refused(setup, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(TrainingInputError, match="use_gpu is true but this machine has no CUDA GPU"):
+        train_from_manifest(setup["manifest_url"], _recipe(setup, tmp_path / "g", ray={"enabled": False, "use_gpu": True},
+                                                          stages={"align": {"steps": 1}}))
 
 
 def test_mixing_weights_hold_over_a_long_stream(setup):
@@ -205,3 +300,51 @@ def test_stage_without_data_is_skipped_with_a_message(setup, tmp_path):
                               info=msgs.append)
     assert [s["stage"] for s in rep["stages"]] == ["align"]
     assert any("stage video_sft: the manifest has no curated data for it; skipped" in x for x in msgs)
+
+
+# --------------------------------------------------------------------------- curate eval
+
+
+def test_caption_parser_reads_every_synthetic_template(setup):
+    """The true captions of the clean pairs, judged against the ground truth: every colour, shape
+    and background right, and the position right wherever a template states it."""
+    from curation.synth import load_ground_truth
+    from training_hooks.evaluate import ATTRIBUTES, caption_scores, judge, parse_caption
+
+    truth = {(r["dataset"], r["key"]): r for r in load_ground_truth(str(setup["root"] / "corpus")).iter_rows(named=True)}
+    judged = []
+    for url in list_shards(str(setup["root"] / "corpus" / "coyo_synth")):
+        from curation.shards import read_shard
+
+        for s in read_shard(url):
+            t = truth[(s.dataset, s.key)]
+            if t["noise"] == "clean":
+                d = json.loads(t["detail"])
+                judged.append(judge(parse_caption(s.caption), {a: d[a] for a in ATTRIBUTES}))
+    scores = caption_scores(judged)
+    assert scores["caption_accuracy"] == 1.0 and scores["images"] >= 15
+    assert 0.3 < scores["position_stated"] < 0.9  # 3 of the 5 templates state it
+    wrong = judge(parse_caption("a blue star on a red background"), {"color": "red", "shape": "star", "pos": "center", "bg": "blue"})
+    assert wrong == {"color": False, "shape": True, "bg": False, "pos": None}
+    assert judge(parse_caption(""), {"color": "red", "shape": "star", "pos": "center", "bg": "blue"})["shape"] is False
+
+
+def test_curate_eval_reports_loss_accuracy_and_gallery(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    corpus = setup["root"] / "corpus"
+    r = CliRunner().invoke(app, ["eval", "--checkpoint", setup["init"], "--shards", str(corpus / "coyo_synth"),
+                                 "--limit", "12", "--gallery", "4", "--out", str(tmp_path / "g"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["samples"] == 12 and rep["ground_truth"] and rep["heldout_loss"]["pair"] > 0
+    assert rep["images"] == len(rep["captions"]) and 0 < rep["images"] <= 12  # clean images only
+    assert 0 <= rep["caption_accuracy"] <= 1 and set(rep["per_attribute"]) == {"color", "shape", "pos", "bg"}
+    assert (tmp_path / "g" / "gallery.png").stat().st_size > 5000
+    md = (tmp_path / "g" / "gallery.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| key")]
+    assert "![gallery](gallery.png)" in md and len(table) == min(4, rep["images"])
+    r = CliRunner().invoke(app, ["eval", "--checkpoint", setup["init"], "--shards", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "no such shard or folder" in r.output

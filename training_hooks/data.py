@@ -2,8 +2,8 @@
 
 Streaming (local or S3, through the shard reader), deterministic shuffling (shard order and a
 shuffle buffer, seeded by stage, epoch, rank and worker), weighted mixing across datasets by
-the manifest's weights, split across data-parallel ranks and loader workers (by shard when
-there are enough shards, by sample otherwise). Every sample becomes a conversation
+the manifest's weights. Training splits one mixed stream across data-parallel ranks by sample
+(``example_stream``); ``stream_samples`` can also split by shard for readers that want it. Every sample becomes a conversation
 (`model.examples`, the rules the DeltaLoss scorer shares):
 
 - pair: ``<image>`` + prompt -> caption;
@@ -110,14 +110,21 @@ def mix(streams: dict[str, Iterator[Any]], weights: dict[str, float], seed: int)
                 break
 
 
-def batches(examples: Iterator[Any], batch_size: int, pad_id: int, max_length: int) -> Iterator[dict]:
+def batches(examples: Iterator[tuple[int, Any]], batch_size: int, pad_id: int, max_length: int) -> Iterator[dict]:
+    """Batches of ``(position, example)`` pairs (as ``example_stream`` yields them). Each batch
+    dict gets two entries beside the model inputs, which the trainer pops: ``position`` (the
+    stream position after its last example, where a resumed run continues) and ``llm_tokens``
+    (positions the LLM processes, media included)."""
     from model.conversation import collate
 
-    buf = []
-    for ex in examples:
+    buf, pos = [], 0
+    for pos, ex in examples:
         buf.append(ex)
         if len(buf) == batch_size:
-            yield collate(buf, pad_id, max_length)
+            batch = collate(buf, pad_id, max_length)
+            batch["position"] = pos
+            batch["llm_tokens"] = sum(e.length for e in buf)
+            yield batch
             buf = []
 
 
@@ -133,12 +140,22 @@ def stage_sources(manifest: Any, datasets: dict[str, float], heldout_every: int 
     return out
 
 
-def example_stream(sources: list[SourceDataset], build: Callable[[Any], Any], seed: int, split: DataSplit,
-                   counts: Counter | None = None) -> Iterator[Any]:
-    streams = {s.name: stream_samples(s, seed, split, heldout=False) for s in sources}
-    for name, sample in mix(streams, {s.name: s.weight for s in sources}, seed + 7919 * split.index):
+def example_stream(sources: list[SourceDataset], build: Callable[[Any], Any], seed: int, rank: int = 0,
+                   world_size: int = 1, start: int = 0, counts: Counter | None = None) -> Iterator[tuple[int, Any]]:
+    """This rank's training examples, as ``(position after it, example)``.
+
+    One mixed sample stream is defined for the whole job (the same on every rank, by seed); rank
+    ``r`` of ``n`` takes its samples ``r, r + n, r + 2n, ...`` (the distributed sampler's split).
+    So the ``n`` ranks' batches of a step together hold what one worker with ``n`` times the batch
+    would see. ``start`` resumes at a position this function yielded before: the samples before
+    it are read but not turned into examples.
+    """
+    streams = {s.name: stream_samples(s, seed, DataSplit(), heldout=False) for s in sources}
+    for position, (name, sample) in enumerate(mix(streams, {s.name: s.weight for s in sources}, seed)):
+        if position < start or position % world_size != rank:
+            continue
         ex = build(sample)
         if ex is not None:
             if counts is not None:
                 counts[name] += 1
-            yield ex
+            yield position + 1, ex

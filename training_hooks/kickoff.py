@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from curation import io as cio
 from curation.manifest import Manifest, load_manifest
+from training_hooks.checkpoint import write_json_atomic
 from training_hooks.recipe import StagePlan, TrainRecipe, TrainRecipeError, load_train_recipe, plan_stages
 
 
@@ -63,6 +64,17 @@ def check_fits(m: Manifest, stages: list[StagePlan], init_dir: str, probe: int =
                     f"(its first samples need {min(lengths)}-{max(lengths)} positions with their media)")
 
 
+def check_gpu(recipe: TrainRecipe) -> None:
+    """``use_gpu`` where this machine has no GPU: refused up front, not a CPU run (in-process) or
+    a job waiting forever for GPUs (a local Ray cluster). A remote Ray cluster is not checked."""
+    import torch
+
+    remote = recipe.ray.enabled and (recipe.ray.address or os.environ.get("RAY_ADDRESS"))
+    if recipe.ray.use_gpu and not torch.cuda.is_available() and not remote:
+        raise TrainingInputError("ray.use_gpu is true but this machine has no CUDA GPU; set use_gpu: false to train "
+                                 "on the CPU")
+
+
 def describe_plan(m: Manifest, stages: list[StagePlan], skipped: list[str], recipe: TrainRecipe) -> str:
     lines = [f"training from manifest {m.id}; start: {recipe.init}; output: {recipe.output}",
              f"precision {recipe.precision}; FP8 {'on (' + recipe.fp8.recipe + ')' if recipe.fp8.enabled else 'off'}; "
@@ -76,8 +88,7 @@ def describe_plan(m: Manifest, stages: list[StagePlan], skipped: list[str], reci
     return "\n".join(lines)
 
 
-def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Callable[[str], None] = print,
-                        _stop_after: dict[str, int] | None = None) -> dict[str, Any]:
+def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Callable[[str], None] = print) -> dict[str, Any]:
     """Validate, print the plan, run every stage in order (each from the previous one's final
     checkpoint), and write ``<output>/training_report.json`` naming the manifest id."""
     try:
@@ -89,6 +100,7 @@ def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Cal
     if not stages:
         raise TrainingInputError("no stage to run: " + "; ".join(skipped))
     verify_manifest_shards(m, stages)
+    check_gpu(recipe)
     check_fits(m, stages, recipe.init)
     info(describe_plan(m, stages, skipped, recipe))
     os.makedirs(recipe.output, exist_ok=True)
@@ -107,12 +119,11 @@ def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Cal
         else:
             cfg = {"plan": st.model_dump(), "stage_dir": stage_dir, "init_dir": prev, "manifest": os.path.abspath(manifest_path)
                    if not cio.is_remote(manifest_path) else manifest_path, "seed": recipe.seed, "precision": recipe.precision,
-                   "fp8": recipe.fp8.model_dump(), "strategy": recipe.ray.strategy, "prompts": recipe.prompts,
-                   "video_prompts": recipe.video_prompts,
-                   "_stop_after": (_stop_after or {}).get(st.name)}
+                   "fp8": recipe.fp8.model_dump(), "prompts": recipe.prompts,
+                   "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu}
             info(f"stage {st.name}: training from {prev}")
             if recipe.ray.enabled:
-                res = run_stage_on_ray(cfg, recipe.ray.num_workers, recipe.ray.use_gpu)
+                res = run_stage_on_ray(cfg, recipe.ray.num_workers, recipe.ray.use_gpu, recipe.ray.address)
             else:
                 res = run_stage(cfg)
             info(f"stage {st.name}: {res['steps']} steps, loss {res['metrics'][0]['loss']:.3f} -> "
@@ -132,8 +143,7 @@ def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Cal
             "tokens_per_s": round(sum(x["tokens_per_s"] for x in r["metrics"]) / len(r["metrics"]), 1)} for r in results],
         "loss_plot": os.path.join(recipe.output, "loss.png"),
     }
-    with open(os.path.join(recipe.output, "training_report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(os.path.join(recipe.output, "training_report.json"), report)
     return report
 
 

@@ -5,6 +5,14 @@ shards into a keep-everything manifest, builds a small and a large NVILA (``tiny
 ``small`` configs, one tokenizer for both so their losses are comparable), trains both with
 the stage trainer on the same data, and saves them where the DeltaLoss scorer loads them
 (``<out>/small``, ``<out>/large``).
+
+The proxies start from random weights, so they train at ``lr`` (1e-3, not the 1.5e-5 that
+fine-tunes a pretrained NVILA). DeltaLoss is only a signal when the large proxy is clearly stronger than the small one. So
+the small proxy gets ``steps`` per stage (a weak reference), while the large one (about 9x the
+parameters) trains in rounds of ``round_steps`` (default ``max(steps, 25)``) until its loss on the trainer's held-out slice of the
+trusted data (kept out of training) stops improving by ``min_delta`` for ``patience`` rounds,
+or ``max_rounds`` is reached; the best round's checkpoint is kept. ``proxies.json`` records
+each proxy's held-out loss, steps, parameters and seconds (the proxies' training cost).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Callable
 
 from curation.shards import dataset_of, list_shards
@@ -42,16 +51,16 @@ def seed_manifest(trusted: list[str], work: str, out: str, kinds: dict[str, str]
 
 
 def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_size: int = 8, max_length: int = 512,
-                  seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print) -> dict[str, Any]:
+                  seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
+                  round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
+                  lr: float = 1e-3) -> dict[str, Any]:
     from curation.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
-    from training_hooks.kickoff import train_from_manifest
 
     trusted = [trusted] if isinstance(trusted, str) else list(trusted)
     os.makedirs(out, exist_ok=True)
     manifest_url = seed_manifest(trusted, os.path.join(out, "seed-work"), os.path.join(out, "seed-curated"))
     m = load_manifest(manifest_url)
-    results = {}
     small_init = init_tiny_model(m, os.path.join(out, "init-small"), size="tiny", seed=seed)
     # one tokenizer for both proxies: the large one is built with the small one's vocabulary
     large_init = init_tiny_model(m, os.path.join(out, "init-large"), size="small", seed=seed)
@@ -62,19 +71,87 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
             if f.startswith(("tokenizer", "special_tokens")):
                 shutil.copy(os.path.join(small_init, f), os.path.join(large_init, f))
         _rebuild_with_tokenizer(large_init)
-    stages = {st.stage: {"steps": steps} for st in m.stages}
+    def runner(n: int) -> Callable[[str, str], dict[str, Any]]:
+        def run(init: str, output: str) -> dict[str, Any]:
+            from training_hooks.kickoff import train_from_manifest
+
+            recipe = {"init": init, "output": output, "seed": seed, "ray": {"enabled": use_ray},
+                      "defaults": {"batch_size": batch_size, "max_length": max_length, "save_every": max(10, n)},
+                      "stages": {st.stage: {"steps": n, "lr": lr} for st in m.stages}}
+            return train_from_manifest(manifest_url, recipe, info=info)
+        return run
+
+    results = {"small": _train_small(runner(steps), small_init, out),
+               "large": _train_to_convergence(runner(round_steps or max(steps, 25)), large_init, out, max_rounds,
+                                              patience, min_delta, info)}
     for name, init in (("small", small_init), ("large", large_init)):
-        recipe = {"init": init, "output": os.path.join(out, f"train-{name}"), "seed": seed, "ray": {"enabled": use_ray},
-                  "defaults": {"batch_size": batch_size, "max_length": max_length, "save_every": max(10, steps)},
-                  "stages": stages}
-        report = train_from_manifest(manifest_url, recipe, info=info)
-        dest = os.path.join(out, name)
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(report["final_checkpoint"], dest)
-        results[name] = {"dir": dest, "stages": [(s["stage"], s["first_loss"], s["last_loss"]) for s in report["stages"]]}
+        results[name]["parameters"] = _parameters(init)
+    info("proxies: " + "; ".join(f"{n}: held-out loss {r['heldout_loss']:.3f} after {r['steps']} steps, "
+                                 f"{r['parameters']} parameters, {r['seconds']:.0f} s" for n, r in results.items()))
     with open(os.path.join(out, "proxies.json"), "w") as f:
         json.dump({"manifest": manifest_url, **results}, f, indent=2)
     return results
+
+
+def _heldout(report: dict[str, Any]) -> float:
+    """Mean held-out loss over the stages and data kinds of one training run."""
+    losses = [v for st in report["stages"] for v in (st.get("heldout_loss") or {}).values() if v is not None]
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _summary(report: dict[str, Any], dest: str, seconds: float, steps: int) -> dict[str, Any]:
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(report["final_checkpoint"], dest)
+    return {"dir": dest, "stages": [(s["stage"], s["first_loss"], s["last_loss"]) for s in report["stages"]],
+            "heldout_loss": _heldout(report), "steps": steps, "seconds": round(seconds, 1)}
+
+
+def _train_small(run: Callable[[str, str], dict[str, Any]], init: str, out: str) -> dict[str, Any]:
+    t0 = time.time()
+    report = run(init, os.path.join(out, "train-small"))
+    return _summary(report, os.path.join(out, "small"), time.time() - t0, sum(s["steps"] for s in report["stages"]))
+
+
+def _train_to_convergence(run: Callable[[str, str], dict[str, Any]], init: str, out: str, max_rounds: int,
+                          patience: int, min_delta: float, info: Callable[[str], None]) -> dict[str, Any]:
+    """Rounds of training from the previous round's checkpoint; early stopping on held-out loss."""
+    t0 = time.time()
+    best, best_loss, best_steps, since_best, steps, rounds = None, float("inf"), 0, 0, 0, []
+    prev = init
+    for r in range(max(1, max_rounds)):
+        report = run(prev, os.path.join(out, "train-large", f"round-{r}"))
+        prev = report["final_checkpoint"]
+        steps += sum(s["steps"] for s in report["stages"])
+        loss = _heldout(report)
+        rounds.append(round(loss, 4))
+        info(f"large proxy round {r}: held-out loss {loss:.4f} (best {best_loss:.4f})")
+        if best is None or loss < best_loss - min_delta:  # a NaN loss (no held-out slice) keeps round 0
+            best, best_loss, best_steps, since_best = report, loss, steps, 0
+        else:
+            since_best += 1
+            if since_best > patience:
+                break
+    res = _summary(best, os.path.join(out, "large"), time.time() - t0, steps)
+    res.update(heldout_by_round=rounds, steps_of_best=best_steps)
+    return res
+
+
+def _parameters(path: str) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as st:
+                n += sum(_prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return n
+
+
+def _prod(shape: Any) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
 
 
 def _rebuild_with_tokenizer(path: str) -> None:

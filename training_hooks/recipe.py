@@ -85,7 +85,8 @@ class RayTrainConfig(BaseModel):
     enabled: bool = True
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # DDP only: every rank holds the whole (small) model; rank 0 writes its checkpoints
+    strategy: Literal["ddp"] = "ddp"
     address: Optional[str] = None
 
 
