@@ -1,10 +1,10 @@
-"""A minimal, fast tar scanner and writer for copying members verbatim.
+"""A minimal, fast tar scanner for reading members verbatim (resharding copies them; see verified_copy).
 
 Resharding copies kept samples unchanged. Re-creating headers with ``tarfile`` costs more
-than moving the bytes, so this module reads each member's raw blocks (its header, any GNU
-long-name or PAX blocks before it, its data and padding) and writes them back as they were:
-the output members are byte-identical to the input members, headers included. The shard
-reader uses the same scanner, so both see a tar the same way.
+than moving the bytes, so this module yields each member's raw blocks (its header, any GNU
+long-name or PAX blocks before it, its data and padding), which ``curation/verified_copy.py``
+writes back as they were: the output members are byte-identical to the input members,
+headers included. The shard reader uses the same scanner, so both see a tar the same way.
 
 Regular files, GNU long names (``L``, ``K``) and PAX extended headers (``x``, ``g``) are
 understood; directories are skipped; links and devices are reported (``typeflag``) with no
@@ -23,11 +23,10 @@ tar's end-of-archive blocks is complete as far as anyone can tell: it ends witho
 from __future__ import annotations
 
 import gzip
-import hashlib
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import BinaryIO, Iterator
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default blocking factor; archives end on a record boundary
@@ -314,48 +313,3 @@ def final_size(nbytes: int) -> int:
     """Size of a tar holding ``nbytes`` of member blocks once closed (end blocks, record padding)."""
     total = nbytes + 2 * BLOCK
     return total + (RECORD - total % RECORD) % RECORD
-
-
-class RawTarWriter:
-    """Append raw member blocks to a binary file; md5 and size of what was written.
-
-    The md5 runs on a helper thread (hashlib releases the GIL on large buffers), so hashing
-    overlaps reading and writing instead of adding to them.
-    """
-
-    def __init__(self, f: Any) -> None:
-        import queue
-        import threading
-
-        self.f = f
-        self.md5 = hashlib.md5()
-        self.size = 0
-        self._q: queue.Queue = queue.Queue(maxsize=256)
-        self._t = threading.Thread(target=self._hash, name="tar-md5", daemon=True)
-        self._t.start()
-
-    def _hash(self) -> None:
-        while True:
-            b = self._q.get()
-            if b is None:
-                return
-            self.md5.update(b)
-
-    def write_raw(self, *parts: bytes) -> None:
-        for b in parts:
-            self.f.write(b)
-            self._q.put(b)
-            self.size += len(b)
-
-    def close(self) -> None:
-        # two zero blocks end the archive; pad to a whole record like tar does
-        end = 2 * BLOCK
-        total = self.size + end
-        end += (RECORD - total % RECORD) % RECORD
-        self.write_raw(b"\0" * end)
-        self._q.put(None)
-        self._t.join()
-
-    def abort(self) -> None:
-        self._q.put(None)
-        self._t.join()
