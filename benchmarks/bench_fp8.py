@@ -44,7 +44,7 @@ def small_model():
 
 def batches(m, tok, n: int, bs: int):
     """``n`` batches of ``bs`` captioned images, each with the LLM positions it takes."""
-    from curation.synth import Scene, encode_image, render_scene
+    from curation.corpus.synth import Scene, encode_image, render_scene
     from model.conversation import build_chat, collate
     from model.image_processing import layout_token_count
 

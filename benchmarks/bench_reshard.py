@@ -7,7 +7,7 @@ score store), then times on the same files, page cache warm, arms alternating:
 - plain copy: read each input shard and write it to a new file (1 MiB chunks, no parsing);
 - least verified copy: the least any verified copy must do: the plain copy plus an md5 of
   what it writes and an fsync per file;
-- ours, one process: ``curation.curate.curate``, what ``curate reshard`` runs: selection in
+- ours, one process: ``curation.selection.curate.curate``, what ``curate reshard`` runs: selection in
   DuckDB, resharding (every input hashed as it is read and checked against the checksum it
   was scored with, members copied byte for byte, md5 of every output shard, one fsync per
   shard, stats, wids index) and the manifest;
@@ -51,9 +51,9 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 def make_corpus(root: str, samples: int, per_shard: int, seed: int = 0) -> str:
     """Shards under ``root/in/bench``, scored by ``basic`` into ``root/work``; returns the shard folder."""
-    from curation.engine import ScorerSpec, ShardTask, score_local
-    from curation.shards import list_shards
-    from curation.writer import ShardWriter
+    from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+    from curation.data.shards import list_shards
+    from curation.data.writer import ShardWriter
 
     rng = np.random.default_rng(seed)
     shard_dir = f"{root}/in/bench"
@@ -99,8 +99,8 @@ def plain_copy(urls: list[str], out: str, verified: bool) -> float:
 
 def ours(work: str, policy: str, out: str, max_samples: int, use_ray: bool) -> tuple[float, int]:
     """(wall seconds of curate, samples written)."""
-    from curation.curate import curate
-    from curation.reshard import ReshardConfig
+    from curation.selection.curate import curate
+    from curation.selection.reshard import ReshardConfig
 
     t0 = time.perf_counter()
     manifest, _ = curate(work, policy, out, ReshardConfig(max_samples=max_samples, workers=2), use_ray=use_ray)
@@ -124,8 +124,8 @@ def run_arms(args: argparse.Namespace) -> dict:
     """Build and score the corpus, then time every arm ``args.repeats`` times, alternating."""
     import ray
 
-    from curation.engine import ensure_ray
-    from curation.shards import list_shards
+    from curation.scoring.engine import ensure_ray
+    from curation.data.shards import list_shards
 
     times: dict[str, list[float]] = {"copy": [], "verified_copy": [], "ours_1": [], "ours_ray2": []}
     cpu: dict[str, list[float]] = {"copy": [], "verified_copy": [], "ours_1": []}  # this process's CPU seconds

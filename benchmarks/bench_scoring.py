@@ -40,14 +40,14 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def make_corpus(out: str, n: int, per_shard: int, seed: int = 0) -> None:
-    from curation.synth import DatasetSpec, SynthConfig, synthesize
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 
     synthesize(out, SynthConfig(seed=seed, datasets=[DatasetSpec("bench", "pair", n, {}, per_shard)]))
 
 
 def _tasks(corpus: str) -> list:
-    from curation.engine import ShardTask
-    from curation.shards import list_shards
+    from curation.scoring.engine import ShardTask
+    from curation.data.shards import list_shards
 
     return [ShardTask(u, "bench", "pair") for u in list_shards(f"{corpus}/bench")]
 
@@ -56,7 +56,7 @@ def ceiling_arm(corpus: str, model: str, batch: int, threads: int) -> dict:
     """Samples/s of the model alone on batches prepared beforehand."""
     import torch
 
-    from curation.shards import read_shard
+    from curation.data.shards import read_shard
     from scorers.clip import ClipScorer
 
     torch.set_num_threads(threads)
@@ -78,7 +78,7 @@ def ceiling_arm(corpus: str, model: str, batch: int, threads: int) -> dict:
 def engine_arm(corpus: str, model: str, batch: int, workers: int, work: str) -> dict:
     import ray
 
-    from curation.engine import ScorerSpec, run_scoring
+    from curation.scoring.engine import ScorerSpec, run_scoring
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     spec = ScorerSpec("clip", {"model": model}, batch_size=batch, workers=workers, num_cpus=1)
@@ -100,7 +100,7 @@ def memory_arm(corpus: str, work: str) -> dict:
     """Drive a scoring run and nothing else: worker and driver peak RSS."""
     import ray
 
-    from curation.engine import ScorerSpec, run_scoring
+    from curation.scoring.engine import ScorerSpec, run_scoring
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     report = run_scoring(_tasks(corpus), ScorerSpec("clip", {"model": "tiny-clip"}, batch_size=32, workers=2,

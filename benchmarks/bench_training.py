@@ -31,10 +31,10 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from curation.curate import curate
-    from curation.engine import ScorerSpec, ShardTask, score_local
-    from curation.shards import dataset_of, list_shards
-    from curation.synth import DatasetSpec, SynthConfig, synthesize
+    from curation.selection.curate import curate
+    from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+    from curation.data.shards import dataset_of, list_shards
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
     from model import NVILAForCausalLM
     from model.nvila import load_tokenizer
     from training_hooks.bootstrap import init_tiny_model

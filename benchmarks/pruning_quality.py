@@ -30,7 +30,7 @@ def heldout_loss(model_dir: str, shards: list[str], max_samples: int = 200) -> f
     from model.conversation import collate
     from model.examples import ExampleBuilder
     from model.nvila import load_tokenizer
-    from curation.shards import read_shard
+    from curation.data.shards import read_shard
 
     model = NVILAForCausalLM.from_pretrained(model_dir).eval()
     tok = load_tokenizer(model_dir)
@@ -58,11 +58,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from curation.curate import curate
-    from curation.dfn import FilterTrainConfig, train_filter
-    from curation.engine import ScorerSpec, ShardTask, score_local
-    from curation.shards import dataset_of, list_shards
-    from curation.synth import DEFAULT_PAIR_RATES, DatasetSpec, SynthConfig, load_ground_truth, synthesize
+    from curation.selection.curate import curate
+    from curation.scoring.dfn import FilterTrainConfig, train_filter
+    from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+    from curation.data.shards import dataset_of, list_shards
+    from curation.corpus.synth import DEFAULT_PAIR_RATES, DatasetSpec, SynthConfig, load_ground_truth, synthesize
     from training_hooks.bootstrap import init_tiny_model
     from training_hooks.kickoff import train_from_manifest
     from training_hooks.proxies import train_proxies

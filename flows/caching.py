@@ -31,24 +31,24 @@ def _sha(obj: Any) -> str:
 
 
 def _file_sha(url: str) -> str:
-    from curation import io as cio
+    from curation.data import storage
 
-    return hashlib.sha256(cio.read_bytes(url)).hexdigest()
+    return hashlib.sha256(storage.read_bytes(url)).hexdigest()
 
 
 def score_key(context: Any, params: dict[str, Any]) -> str:
     """Recipe bytes, every input shard's version, the scorer's config hash (weights included)."""
-    from curation.recipe import scoring_fingerprint
+    from curation.scoring.recipe import scoring_fingerprint
 
     return scoring_fingerprint(params["recipe_path"], params["scorer"])
 
 
 def curate_key(context: Any, params: dict[str, Any]) -> str:
     """Policy bytes and the version of every score file the selection reads."""
-    from curation import io as cio
+    from curation.data import storage
 
     return _sha({"policy": _file_sha(params["policy_path"]),
-                 "scores": cio.versions(cio.join(params["work"], "scores"))})
+                 "scores": storage.versions(storage.join(params["work"], "scores"))})
 
 
 def _train_recipe(recipe: str | dict[str, Any]) -> tuple[str, str | None]:

@@ -11,7 +11,7 @@ from flows.tasks import curation_report, run_curate, run_score, select_task, sel
 
 
 def _scorer_names(recipe_path: str) -> list[str]:
-    from curation.recipe import check_recipe, load_score_recipe
+    from curation.scoring.recipe import check_recipe, load_score_recipe
 
     if not os.path.exists(recipe_path):
         raise FileNotFoundError(f"scoring recipe not found: {recipe_path}")
@@ -48,7 +48,7 @@ def reshard_flow(work: str, policy: str, out: str, max_samples: int = 1000, shuf
 def curate_flow(score_recipe: str, policy: str, out: str, max_samples: int = 1000,
                 shuffle_seed: Optional[int] = None) -> dict[str, Any]:
     """Score, select, reshard, manifest. Publishes the kept/dropped table and a report with histograms."""
-    from curation.recipe import load_score_recipe
+    from curation.scoring.recipe import load_score_recipe
 
     log = get_run_logger()
     if not os.path.exists(policy):

@@ -31,9 +31,9 @@ from flows.tasks import (
 
 @flow(name="demo", log_prints=True)
 def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True) -> dict[str, Any]:
-    from curation import demo as d
-    from curation.manifest import load_manifest
-    from curation.synth import DatasetSpec, SynthConfig
+    from flows import demo_parts as d
+    from curation.selection.manifest import load_manifest
+    from curation.corpus.synth import DatasetSpec, SynthConfig
     from training_hooks.bootstrap import init_tiny_model
 
     log = get_run_logger()
@@ -48,7 +48,7 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     corpus = synthesize_task(os.path.join(out, "corpus"), size, seed)
     n_trusted = max(400, corpus["datasets"]["coyo_synth"]["samples"])
     trusted_cfg = SynthConfig(seed=seed + 1000, datasets=[DatasetSpec("trusted_pairs", "pair", n_trusted, {}, 200)])
-    from curation.synth import synthesize
+    from curation.corpus.synth import synthesize
 
     synthesize(os.path.join(out, "trusted"), trusted_cfg)
     timings["synthesize"] = round(time.time() - t0, 1)

@@ -30,7 +30,7 @@ def _check_file(path: str, what: str) -> str:
 
 @task(name="synthesize-corpus", retries=1)
 def synthesize_task(out: str, size: str = "small", seed: int = 0, noise_scale: float = 1.0) -> dict[str, Any]:
-    from curation.synth import SynthConfig, synthesize
+    from curation.corpus.synth import SynthConfig, synthesize
 
     log = get_run_logger()
     result = synthesize(out, SynthConfig.preset(size, seed=seed, noise_scale=noise_scale), workers=min(2, os.cpu_count() or 1))
@@ -41,7 +41,7 @@ def synthesize_task(out: str, size: str = "small", seed: int = 0, noise_scale: f
 
 @task(name="train-dfn-filter", retries=1)
 def train_filter_task(trusted: str, out: str, steps: int = 150, seed: int = 0) -> dict[str, Any]:
-    from curation.dfn import FilterTrainConfig, train_filter
+    from curation.scoring.dfn import FilterTrainConfig, train_filter
 
     log = get_run_logger()
     r = train_filter(trusted, out, FilterTrainConfig(steps=steps, batch_size=64, warmup=10, seed=seed, shuffle_buffer=512),
@@ -62,8 +62,8 @@ def train_proxies_task(trusted: str, out: str, steps: int = 20, seed: int = 0) -
       cache_policy=ByContent(content=score_key), cache_expiration=CACHE_TTL, persist_result=True)
 def score_task(recipe_path: str, scorer: str) -> dict[str, Any]:
     """One scorer of a recipe over all its shards, on Ray."""
-    from curation.engine import run_scoring
-    from curation.recipe import check_recipe, load_score_recipe
+    from curation.scoring.engine import run_scoring
+    from curation.scoring.recipe import check_recipe, load_score_recipe
 
     log = get_run_logger()
     recipe = load_score_recipe(_check_file(recipe_path, "scoring recipe"))
@@ -87,8 +87,8 @@ def score_task(recipe_path: str, scorer: str) -> dict[str, Any]:
 def curate_task(work: str, policy_path: str, out: str, max_samples: int = 1000, shuffle_seed: int | None = None,
                 _scores: Any = None) -> dict[str, Any]:
     """Selection, byte-exact resharding and the manifest (``_scores`` only orders it after scoring)."""
-    from curation.curate import curate
-    from curation.reshard import ReshardConfig
+    from curation.selection.curate import curate
+    from curation.selection.reshard import ReshardConfig
 
     log = get_run_logger()
     manifest, url = curate(work, _check_file(policy_path, "policy"), out,
@@ -102,7 +102,7 @@ def curate_task(work: str, policy_path: str, out: str, max_samples: int = 1000, 
 
 @task(name="select", retries=1)
 def select_task(work: str, policy_path: str) -> dict[str, Any]:
-    from curation.curate import select
+    from curation.selection.curate import select
 
     res = select(work, _check_file(policy_path, "policy"))
     return {"decisions": res.decisions_url, "counts": res.counts, "sql": res.sql}
@@ -121,7 +121,7 @@ def train_task(manifest: str, recipe: str | dict) -> dict[str, Any]:
 
 def run_score(recipe_path: str, scorer: str) -> dict[str, Any]:
     """``score_task``, forced to run (and re-cache) when any score file it writes is missing."""
-    from curation.recipe import score_files_present
+    from curation.scoring.recipe import score_files_present
 
     _check_file(recipe_path, "scoring recipe")
     return fresh_unless(score_task, score_files_present(recipe_path, scorer))(recipe_path, scorer)
@@ -129,9 +129,9 @@ def run_score(recipe_path: str, scorer: str) -> dict[str, Any]:
 
 def run_curate(work: str, policy_path: str, out: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """``curate_task``, forced to run when ``out`` has no manifest."""
-    from curation import io as cio
+    from curation.data import storage
 
-    present = cio.exists(cio.join(out, "manifest.json"))
+    present = storage.exists(storage.join(out, "manifest.json"))
     return fresh_unless(curate_task, present)(work, policy_path, out, *args, **kwargs)
 
 
@@ -165,7 +165,7 @@ def score_histograms(work: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from curation.store import ScoreStore
+    from curation.scoring.store import ScoreStore
 
     store = ScoreStore(work)
     cols = [c for c in ("clip_score", "delta_loss", "caption_words", "aspect_ratio") if c in store.columns()]

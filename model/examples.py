@@ -7,7 +7,7 @@
 
 A sample that cannot be used (unreadable, no caption, bad media, longer than ``max_length``)
 gives ``None`` and is counted in ``skipped`` by reason. Samples are duck-typed (``kind``,
-``error``, ``key``, payload fields), as ``curation.samples`` defines them.
+``error``, ``key``, payload fields), as ``curation.data.samples`` defines them.
 """
 
 from __future__ import annotations

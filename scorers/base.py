@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import pyarrow as pa
 
 if TYPE_CHECKING:  # scorers depend on the sample model only by shape (kind, error, payload fields)
-    from curation.samples import Sample
+    from curation.data.samples import Sample
 
 
 @dataclass

@@ -9,7 +9,7 @@ by more than ``MOTION_DELTA`` of full scale between consecutive frames, averaged
 frame pairs, after ``MOTION_POOL`` x ``MOTION_POOL`` averaging so that sensor and codec noise
 (which flickers every pixel a little) does not count as motion. A static clip scores ~0, a
 clip whose subject crosses the frame a few percent; the selection's motion threshold is
-calibrated on trusted clips (``curation.calibrate``).
+calibrated on trusted clips (``curation.selection.calibrate``).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def s3_bucket(s3_endpoint):
 
 def noisy_config(seed: int = 7, pairs: int = 60, docs: int = 16, videos: int = 14):
     """A small corpus where every noise type shows up (high rates, fixed seed)."""
-    from curation.synth import NOISE_TYPES, DatasetSpec, SynthConfig
+    from curation.corpus.synth import NOISE_TYPES, DatasetSpec, SynthConfig
 
     def even(kind: str, total: float) -> dict[str, float]:
         names = NOISE_TYPES[kind]
@@ -100,7 +100,7 @@ def noisy_config(seed: int = 7, pairs: int = 60, docs: int = 16, videos: int = 1
 
 @pytest.fixture(scope="session")
 def noisy_corpus(tmp_path_factory):
-    from curation.synth import synthesize
+    from curation.corpus.synth import synthesize
 
     out = str(tmp_path_factory.mktemp("corpus"))
     result = synthesize(out, noisy_config())

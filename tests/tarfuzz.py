@@ -4,7 +4,7 @@ A case is a good shard (GNU, PAX or ustar layout, plain or gzipped) plus one mut
 cut, byte flips, a header field replaced with garbage (its checksum fixed or not), or a PAX
 header replaced with garbage records. :func:`check` reads the damaged shard with the real
 reader and asserts what a user relies on: it ends, it raises nothing but
-:class:`~curation.shards.ShardError` (and that only when no sample could be read), and every
+:class:`~curation.data.shards.ShardError` (and that only when no sample could be read), and every
 sample whose blocks lie wholly before the first damaged byte comes out, in order, without
 error except possibly the last of them (the damage may belong to it: a broken header
 does not always say which member it was).
@@ -27,7 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from curation.shards import ShardError, read_shard, split_key
+from curation.data.shards import ShardError, read_shard, split_key
 
 FIELDS = {"name": (0, 100), "mode": (100, 108), "uid": (108, 116), "size": (124, 136), "mtime": (136, 148),
           "chksum": (148, 156), "typeflag": (156, 157), "magic": (257, 263), "prefix": (345, 500)}

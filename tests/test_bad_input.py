@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.shards import ShardError, count_samples, read_shard
-from curation.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
+from curation.data.shards import ShardError, count_samples, read_shard
+from curation.corpus.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
 
 RNG = np.random.default_rng(0)
 GOOD_JPG = encode_image(render_scene(Scene("circle", "red", "blue", "center"), 48, 40, RNG), "jpg")

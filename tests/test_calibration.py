@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.calibrate import CalibrationError, TrustedColumn, calibrate_policy, quantile_threshold, score_trusted
-from curation.policy import load_policy, run_selection
-from curation.store import ScoreStore
-from curation.synth import DatasetSpec, SynthConfig, synthesize
+from curation.selection.calibrate import CalibrationError, TrustedColumn, calibrate_policy, quantile_threshold, score_trusted
+from curation.selection.policy import load_policy, run_selection
+from curation.scoring.store import ScoreStore
+from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 from scorers.basic import BasicScorer, motion_score
 from scorers.clip import one_to_one_scores
 

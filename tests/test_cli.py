@@ -9,7 +9,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from curation.cli import app
+from curation.app.cli import app
 
 
 def test_demo_end_to_end_tiny(tmp_path):
@@ -18,7 +18,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["HOME"] = str(tmp_path / "home")
     os.makedirs(env["HOME"])
-    r = subprocess.run([sys.executable, "-m", "curation.cli", "demo", "--out", str(tmp_path / "demo"), "--size", "tiny"],
+    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "demo", "--out", str(tmp_path / "demo"), "--size", "tiny"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=env["HOME"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # the run's Prefect database is its own, migrated before the server started, and nothing locked
@@ -34,7 +34,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert report["clip_auc_clean_vs_mismatched"]["coyo_synth"] >= 0.9
     # the curated output drops most injected noise and keeps most clean samples
     assert report["noise_dropped_fraction"] >= 0.5 and report["clean_kept_fraction"] >= 0.8
-    from curation.manifest import load_manifest
+    from curation.selection.manifest import load_manifest
 
     m = load_manifest(report["manifest"]["path"])
     assert m.id == report["manifest"]["id"] and len(m.stages) == 5
@@ -71,7 +71,7 @@ def test_inspect_keeps_samples_read_before_damage(noisy_corpus, tmp_path):
     import gzip
     import shutil
 
-    from curation.shards import count_samples, list_shards
+    from curation.data.shards import count_samples, list_shards
 
     out, result = noisy_corpus
     bad = tmp_path / "coyo_synth"
@@ -101,7 +101,7 @@ def test_inspect_keeps_samples_read_before_damage(noisy_corpus, tmp_path):
 
 def test_score_summary_keeps_bracketed_hash(capsys):
     """Rich would take ``[abcdef...]`` for a markup tag and drop it."""
-    from curation.cli import out_console, score_summary_line
+    from curation.app.cli import out_console, score_summary_line
 
     report = {"scorer": "clip", "config_hash": "abcdef0123456789", "scored": 3, "skipped": 1, "failed": [],
               "rows": 30, "sample_errors": 2, "seconds": 1.5}

@@ -9,16 +9,16 @@ import sys
 import pytest
 import webdataset as wds
 
-from curation import io as cio
-from curation.compat import ray_read_webdataset, webdataset_reader
-from curation.shards import list_shards, read_shard
-from curation.synth import SynthConfig, load_ground_truth, synthesize
+from curation.data import storage
+from curation.data.compat import ray_read_webdataset, webdataset_reader
+from curation.data.shards import list_shards, read_shard
+from curation.corpus.synth import SynthConfig, load_ground_truth, synthesize
 
 
 def test_reader_reads_shards_written_by_webdataset(tmp_path):
     import numpy as np
 
-    from curation.synth import Scene, encode_image, render_scene
+    from curation.corpus.synth import Scene, encode_image, render_scene
 
     rng = np.random.default_rng(0)
     path = str(tmp_path / "wds-000000.tar")
@@ -45,14 +45,14 @@ def _expected_counts(out: str) -> dict[str, int]:
 def _check_webdataset_and_ray(out: str) -> None:
     counts = _expected_counts(out)
     for ds, n in counts.items():
-        urls = list_shards(cio.join(out, ds))
+        urls = list_shards(storage.join(out, ds))
         assert urls, ds
         # webdataset's own reader (through the fsspec opener for s3://)
         keys = [s["__key__"] for s in webdataset_reader(urls)]
         assert len(keys) == n and len(set(keys)) == n, ds
         assert sum(1 for u in urls for _ in read_shard(u)) == n
     # ray.data's own reader; decoder=False keeps members as bytes (some images are corrupt on purpose)
-    urls = list_shards([cio.join(out, ds) for ds in counts])
+    urls = list_shards([storage.join(out, ds) for ds in counts])
     dataset = ray_read_webdataset(urls)
     rows = dataset.select_columns(["__key__"]).take_all()
     assert len(rows) == sum(counts.values())
@@ -71,7 +71,7 @@ def ray_local(s3_endpoint):
 
 def test_synth_cli_local_read_by_webdataset_and_ray(tmp_path, ray_local):
     out = str(tmp_path / "corpus")
-    r = subprocess.run([sys.executable, "-m", "curation.cli", "synth", "--out", out, "--size", "tiny", "--json"],
+    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "synth", "--out", out, "--size", "tiny", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert '"coyo_synth"' in r.stdout
@@ -81,12 +81,12 @@ def test_synth_cli_local_read_by_webdataset_and_ray(tmp_path, ray_local):
 @pytest.mark.s3
 def test_synth_cli_to_s3_read_by_webdataset_and_ray(s3_bucket, ray_local):
     out = f"{s3_bucket}/corpus"
-    r = subprocess.run([sys.executable, "-m", "curation.cli", "synth", "--out", out, "--size", "tiny"],
+    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "synth", "--out", out, "--size", "tiny"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert "ground truth" in r.stdout
     # the pair datasets carry img2dataset's sidecar files on S3 too
-    names = [cio.basename(u) for u in cio.list_files(f"{out}/coyo_synth")]
+    names = [storage.basename(u) for u in storage.list_files(f"{out}/coyo_synth")]
     assert "00000.tar" in names and "00000.parquet" in names and "00000_stats.json" in names
     _check_webdataset_and_ray(out)
 
@@ -98,4 +98,4 @@ def test_synthesize_to_s3_matches_local_bytes(s3_bucket, tmp_path):
     remote = synthesize(f"{s3_bucket}/c", cfg)
     assert {k: [s.md5sum for s in v] for k, v in local.shards.items()} == {k: [s.md5sum for s in v] for k, v in remote.shards.items()}
     for a, b in zip(local.shards["video_synth"], remote.shards["video_synth"]):
-        assert cio.read_bytes(a.url) == cio.read_bytes(b.url)
+        assert storage.read_bytes(a.url) == storage.read_bytes(b.url)

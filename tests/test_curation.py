@@ -10,17 +10,17 @@ import shutil
 import pytest
 
 from conftest import noisy_config
-from curation import io as cio
-from curation.compat import ray_read_webdataset, webdataset_reader
-from curation.curate import curate, kept_keys
-from curation.dfn import FilterTrainConfig, train_filter
-from curation.engine import ScorerSpec, ShardTask, score_local
-from curation.manifest import load_manifest
-from curation.policy import PolicyError, load_policy, run_selection
-from curation.reshard import ReshardConfig, ReshardError
-from curation.shards import dataset_of, iter_raw_samples, list_shards
-from curation.store import ScoreStore
-from curation.synth import DatasetSpec, SynthConfig, load_ground_truth, synthesize
+from curation.data import storage
+from curation.data.compat import ray_read_webdataset, webdataset_reader
+from curation.selection.curate import curate, kept_keys
+from curation.scoring.dfn import FilterTrainConfig, train_filter
+from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+from curation.selection.manifest import load_manifest
+from curation.selection.policy import PolicyError, load_policy, run_selection
+from curation.selection.reshard import ReshardConfig, ReshardError
+from curation.data.shards import dataset_of, iter_raw_samples, list_shards
+from curation.scoring.store import ScoreStore
+from curation.corpus.synth import DatasetSpec, SynthConfig, load_ground_truth, synthesize
 
 POLICY = {
     "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 1}],
@@ -228,7 +228,7 @@ def _reshard_until(args: list[str], out: str, kill_after: int | None) -> int:
     import time
 
     before = _new_names(out, set()) if os.path.exists(out) else set()
-    proc = subprocess.Popen([sys.executable, "-m", "curation.cli", "reshard", *args, "--out", out],
+    proc = subprocess.Popen([sys.executable, "-m", "curation.app.cli", "reshard", *args, "--out", out],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while kill_after is not None and proc.poll() is None and time.monotonic() < deadline:
@@ -313,4 +313,4 @@ def test_s3_end_to_end(s3_bucket, scored):
     assert all(i.url.startswith("s3://") for refs in manifest.inputs.values() for i in refs)
     for ds, o in manifest.outputs.items():
         assert len(list(webdataset_reader([s.url for s in o.shards]))) == o.samples == manifest.selection[ds].kept
-        assert cio.exists(o.index)
+        assert storage.exists(o.index)

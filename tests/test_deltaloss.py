@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from curation.engine import ScorerSpec, ShardTask, score_local
-from curation.samples import PairSample
-from curation.shards import dataset_of, list_shards, read_shard
-from curation.store import ScoreStore
-from curation.synth import DatasetSpec, Scene, SynthConfig, encode_image, render_scene, synthesize
+from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+from curation.data.samples import PairSample
+from curation.data.shards import dataset_of, list_shards, read_shard
+from curation.scoring.store import ScoreStore
+from curation.corpus.synth import DatasetSpec, Scene, SynthConfig, encode_image, render_scene, synthesize
 from model import NVILAConfig, NVILAForCausalLM
 from model.conversation import collate
 from model.examples import ExampleBuilder
@@ -155,7 +155,7 @@ def test_exactly_once_rows_and_resume_on_the_engine(models, tmp_path):
 
 
 def test_policy_keeps_top_half_by_delta_loss(models, tmp_path):
-    from curation.policy import load_policy, run_selection
+    from curation.selection.policy import load_policy, run_selection
 
     synthesize(str(tmp_path / "c"), SynthConfig(seed=2, datasets=[DatasetSpec("d", "pair", 20, {}, 10)]))
     tasks = [ShardTask(u, dataset_of(u)) for u in list_shards(str(tmp_path / "c" / "d"))]
@@ -170,7 +170,7 @@ def test_train_proxies_cli_then_score(tmp_path):
     import sys
 
     synthesize(str(tmp_path / "t"), SynthConfig(seed=4, datasets=[DatasetSpec("trusted", "pair", 40, {}, 20)]))
-    r = subprocess.run([sys.executable, "-m", "curation.cli", "train-proxies", "--trusted", str(tmp_path / "t" / "trusted"),
+    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "train-proxies", "--trusted", str(tmp_path / "t" / "trusted"),
                         "--out", str(tmp_path / "proxies"), "--steps", "4", "--batch-size", "4", "--max-rounds", "2"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

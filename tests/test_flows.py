@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curation.synth import DatasetSpec, SynthConfig, synthesize
+from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def _score_file_mtimes(work: Path) -> dict[str, int]:
 def test_nightly_run_sees_a_new_shard_and_rescores_only_it(harness, tmp_path):
     """The nightly deployment passes the same paths every night: a shard added between two
     nights must be scored (only it) and land in the second manifest, whose parent is the first."""
-    from curation.manifest import lineage, load_manifest
+    from curation.selection.manifest import lineage, load_manifest
     from flows.curation_flows import curate_flow
 
     corpus = tmp_path / "corpus"
@@ -232,7 +232,7 @@ def test_nightly_run_sees_a_new_shard_and_rescores_only_it(harness, tmp_path):
     assert [x.id for x in lineage(str(out / "manifest.json"))] == [second["id"], first["id"]]
     from typer.testing import CliRunner
 
-    from curation.cli import app
+    from curation.app.cli import app
 
     r = CliRunner().invoke(app, ["manifest", "show", str(out / "manifest.json"), "--lineage", "--json"])
     assert r.exit_code == 0, r.output

@@ -9,9 +9,9 @@ import zipfile
 import numpy as np
 from typer.testing import CliRunner
 
-from curation.cli import app
-from curation.shards import list_shards, read_shard
-from curation.synth import Scene, encode_image, render_scene
+from curation.app.cli import app
+from curation.data.shards import list_shards, read_shard
+from curation.corpus.synth import Scene, encode_image, render_scene
 
 
 def _mmc4_fixture(tmp_path):

@@ -15,7 +15,7 @@ from model.fp8 import FP8UnsupportedError, convert_to_fp8, fp8_hardware, sqnr
 from model.image_processing import image_token_count, plan_image, video_token_count
 from model.nvila import IGNORE_INDEX
 from model.tokenizer import train_bpe_tokenizer
-from curation.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
+from curation.corpus.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
 
 CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue") for s in ("circle", "square") for b in ("white", "black")]
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from curation.outlock import OutputLockedError, output_lock
+from curation.data.outlock import OutputLockedError, output_lock
 
 HOLD = """
 import sys, time
-from curation.outlock import output_lock
+from curation.data.outlock import output_lock
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
@@ -22,7 +22,7 @@ with output_lock(sys.argv[1]):
 
 
 def test_second_run_to_the_same_out_is_refused(tmp_path):
-    from curation.curate import curate
+    from curation.selection.curate import curate
 
     out = tmp_path / "curated"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
@@ -41,7 +41,7 @@ def test_second_run_to_the_same_out_is_refused(tmp_path):
 def test_cli_reports_the_lock(tmp_path):
     from typer.testing import CliRunner
 
-    from curation.cli import app
+    from curation.app.cli import app
 
     out = tmp_path / "curated"
     with output_lock(str(out)):

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from curation.cli import app
-from curation.policy import PolicyError, load_policy, run_selection
-from curation.sqlsafe import sandbox
-from curation.store import ScoreStore
+from curation.app.cli import app
+from curation.selection.policy import PolicyError, load_policy, run_selection
+from curation.selection.sqlsafe import sandbox
+from curation.scoring.store import ScoreStore
 
 H0 = 0x0123_4567_89AB_CDEF
 

@@ -54,9 +54,9 @@ def _score(recipe: Path, env: dict[str, str]) -> list[dict]:
 def _table(work: str):
     import pyarrow.dataset as pads
 
-    from curation import io as cio
+    from curation.data import storage
 
-    fs, path = cio.get_fs(work)
+    fs, path = storage.get_fs(work)
     t = pads.dataset(f"{path}/scores/basic", filesystem=fs, format="parquet", partitioning="hive").to_table()
     return t.sort_by([("dataset", "ascending"), ("shard", "ascending"), ("key", "ascending")])
 
@@ -64,7 +64,7 @@ def _table(work: str):
 @pytest.mark.slow
 @pytest.mark.s3
 def test_score_on_a_two_node_cluster_matches_a_local_run(s3_bucket, tmp_path):
-    from curation.synth import DatasetSpec, SynthConfig, synthesize
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 
     synthesize(f"{s3_bucket}/corpus", SynthConfig(seed=5, datasets=[
         DatasetSpec("coyo_synth", "pair", 48, {"corrupt_image": 0.1, "empty_caption": 0.1}, 12)]))

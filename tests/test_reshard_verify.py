@@ -18,14 +18,14 @@ import tarfile
 import numpy as np
 import pytest
 
-from curation import io as cio
-from curation.curate import curate
-from curation.engine import ScorerSpec, ShardTask, score_local
-from curation.manifest import summarize
-from curation.reshard import ReshardConfig, ReshardError
-from curation.shards import dataset_of, iter_raw_samples, list_shards
-from curation.synth import DatasetSpec, Scene, SynthConfig, encode_image, render_scene, synthesize
-from curation.tarstream import scan
+from curation.data import storage
+from curation.selection.curate import curate
+from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+from curation.selection.manifest import summarize
+from curation.selection.reshard import ReshardConfig, ReshardError
+from curation.data.shards import dataset_of, iter_raw_samples, list_shards
+from curation.corpus.synth import DatasetSpec, Scene, SynthConfig, encode_image, render_scene, synthesize
+from curation.data.tarstream import scan
 
 KEEP_ALL = {"defaults": [{"rule": "valid", "min_size": 1}]}
 
@@ -66,7 +66,7 @@ def test_changed_input_is_refused_by_name_and_its_group_leaves_nothing(scored_pa
             import ray
 
             ray.shutdown()
-    fs, root = cio.get_fs(out)
+    fs, root = storage.get_fs(out)
     names = sorted(os.path.relpath(p, root) for p in fs.find(root)) if fs.exists(root) else []
     assert not [n for n in names if "pairs-00001-" in n or "pairs-00001.json" in n]  # nothing of the refused group
     assert not [n for n in names if os.path.basename(n).startswith(".")]  # no temp file left behind
@@ -145,8 +145,8 @@ def test_unsafe_members_are_never_written_even_when_errors_are_kept(tmp_path):
 def test_one_pass_scan_gives_each_member_its_raw_blocks_and_the_file_md5(tmp_path, chunk):
     """Long names (GNU and PAX headers before the member), a directory, members straddling read
     chunks: each sample's pieces are exactly its members' raw blocks, and the md5 is the file's."""
-    from curation.reshard_inputs import tar_samples
-    from curation.verified_copy import VerifiedInput
+    from curation.selection.reshard_inputs import tar_samples
+    from curation.selection.verified_copy import VerifiedInput
 
     path = str(tmp_path / "mixed.tar")
     rng = np.random.default_rng(1)

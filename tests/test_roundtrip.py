@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation import io as cio
-from curation.samples import InterleavedSample, PairSample, VideoSample
-from curation.shards import list_shards, read_shard, shard_info
-from curation.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
-from curation.writer import ShardWriter
+from curation.data import storage
+from curation.data.samples import InterleavedSample, PairSample, VideoSample
+from curation.data.shards import list_shards, read_shard, shard_info
+from curation.corpus.synth import Scene, encode_image, encode_mp4, render_clip, render_scene
+from curation.data.writer import ShardWriter
 
 
 def _pairs(n: int) -> list[dict]:
@@ -56,7 +56,7 @@ def _videos(n: int) -> list[dict]:
 
 
 def _write(base: str, dataset: str, samples: list[dict], **kw) -> list[str]:
-    with ShardWriter(cio.join(base, dataset), **kw) as w:
+    with ShardWriter(storage.join(base, dataset), **kw) as w:
         for s in samples:
             w.write(s)
     return [s.url for s in w.written]
@@ -73,7 +73,7 @@ def test_pair_roundtrip(base):
     samples = _pairs(7)
     urls = _write(base, "coyo", samples, max_samples=3)
     assert len(urls) == 3  # 3 + 3 + 1
-    assert list_shards(cio.join(base, "coyo")) == urls
+    assert list_shards(storage.join(base, "coyo")) == urls
     got = [s for u in urls for s in read_shard(u, kind="pair")]
     assert [s.key for s in got] == [s["__key__"] for s in samples]
     for s, ref in zip(got, samples):
@@ -128,8 +128,8 @@ def test_writer_byte_limit_and_determinism(tmp_path):
         # every shard respects the limit (tar end blocks and padding included) unless one sample alone exceeds it
         with tarfile.open(u) as tf:
             n = len({m.name.split(".")[0] for m in tf.getmembers()})
-        assert n == 1 or cio.get_fs(u)[0].size(u) <= 8 * 1024
-    assert [cio.read_bytes(x) for x in a] == [cio.read_bytes(x) for x in b]
+        assert n == 1 or storage.get_fs(u)[0].size(u) <= 8 * 1024
+    assert [storage.read_bytes(x) for x in a] == [storage.read_bytes(x) for x in b]
     assert sum(1 for u in a for _ in read_shard(u)) == 10
 
 
@@ -139,12 +139,12 @@ def test_writer_leaves_nothing_on_failure(tmp_path):
         with ShardWriter(out) as w:
             w.write(_pairs(1)[0])
             w.write({"__key__": "bad", "txt": 123})  # not bytes/str
-    assert cio.list_files(out) == []  # no half-written shard under a final name
+    assert storage.list_files(out) == []  # no half-written shard under a final name
     assert [p.name for p in (tmp_path / "ds").iterdir()] == []
 
 
 def test_shard_info_reads_img2dataset_sidecars(tmp_path):
-    from curation.synth import SynthConfig, synthesize
+    from curation.corpus.synth import SynthConfig, synthesize
 
     synthesize(str(tmp_path), SynthConfig.preset("tiny"))
     url = list_shards(str(tmp_path / "coyo_synth"))[0]

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from curation import io as cio
-from curation.engine import ScorerSpec, ShardTask, read_score_metadata, run_scoring, score_file_url, score_local
-from curation.recipe import RecipeError, check_recipe, load_score_recipe
-from curation.shards import dataset_of, list_shards, read_shard, shard_name
-from curation.store import ScoreStore
-from curation.synth import load_ground_truth
+from curation.data import storage
+from curation.scoring.engine import ScorerSpec, ShardTask, read_score_metadata, run_scoring, score_file_url, score_local
+from curation.scoring.recipe import RecipeError, check_recipe, load_score_recipe
+from curation.data.shards import dataset_of, list_shards, read_shard, shard_name
+from curation.scoring.store import ScoreStore
+from curation.corpus.synth import load_ground_truth
 from scorers import build_scorer
 from scorers.clip import ClipScorer, save_open_clip_dir
 
@@ -153,7 +153,7 @@ def test_engine_exactly_once_and_skip_on_rerun(noisy_corpus, tiny_clip_dir, tmp_
     assert json.loads(md["identity"])["model"].startswith("local-dir:")
     assert md["shard_checksum"]
     # rerun: everything skipped, nothing rewritten
-    mtimes = {p: os.path.getmtime(p) for p in cio.list_files(f"{work}/scores/clip/dataset=coyo_synth")}
+    mtimes = {p: os.path.getmtime(p) for p in storage.list_files(f"{work}/scores/clip/dataset=coyo_synth")}
     again = run_scoring(tasks, spec, work)
     assert len(again.skipped) == len(tasks) and not again.scored
     assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
@@ -163,7 +163,7 @@ def test_engine_exactly_once_and_skip_on_rerun(noisy_corpus, tiny_clip_dir, tmp_
 
 
 def test_changed_shard_is_rescored(tmp_path, ray_session):
-    from curation.synth import SynthConfig, synthesize
+    from curation.corpus.synth import SynthConfig, synthesize
 
     synthesize(str(tmp_path / "c"), SynthConfig.preset("tiny", seed=1))
     url = list_shards(str(tmp_path / "c" / "cc3m_synth"))[0]
@@ -202,7 +202,7 @@ scorers:
 
 
 def _run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "curation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "curation.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ))
 
 
@@ -214,14 +214,14 @@ def test_killed_run_resumes_to_identical_rows(noisy_corpus, tiny_clip_dir, tmp_p
     r = _run_cli("score", "--config", str(tmp_path / "ref.yaml"))
     assert r.returncode == 0, r.stderr
     # start the same job, kill it (whole process group) once some but not all files exist
-    proc = subprocess.Popen([sys.executable, "-m", "curation.cli", "score", "--config", str(tmp_path / "killed.yaml")],
+    proc = subprocess.Popen([sys.executable, "-m", "curation.app.cli", "score", "--config", str(tmp_path / "killed.yaml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     total = len(_tasks(out)) * 2
     deadline = time.time() + 300
     n = 0
     while time.time() < deadline:
-        n = sum(len(cio.list_files(d, ".parquet")) for s in ("basic", "clip")
-                for d in cio.list_dirs(f"{work}/scores/{s}"))
+        n = sum(len(storage.list_files(d, ".parquet")) for s in ("basic", "clip")
+                for d in storage.list_dirs(f"{work}/scores/{s}"))
         if n >= 3:
             break
         time.sleep(0.2)
@@ -240,7 +240,7 @@ def test_killed_run_resumes_to_identical_rows(noisy_corpus, tiny_clip_dir, tmp_p
             assert ra == rb, (scorer, k)
     # no temp files left behind under final names
     for scorer in ("basic", "clip"):
-        for d in cio.list_dirs(f"{work}/scores/{scorer}"):
+        for d in storage.list_dirs(f"{work}/scores/{scorer}"):
             for f in os.listdir(d):
                 assert f.endswith(".parquet") or f.startswith("."), f
 
@@ -271,7 +271,7 @@ def test_store_joined_view_and_query_cli(noisy_corpus, tiny_clip_dir, tmp_path):
 
 @pytest.mark.s3
 def test_s3_input_and_output(s3_bucket, tiny_clip_dir, ray_session):
-    from curation.synth import SynthConfig, synthesize
+    from curation.corpus.synth import SynthConfig, synthesize
 
     synthesize(f"{s3_bucket}/corpus", SynthConfig.preset("tiny", seed=3))
     tasks = [ShardTask(u, dataset_of(u)) for ds in ("coyo_synth", "video_synth") for u in list_shards(f"{s3_bucket}/corpus/{ds}")]
@@ -315,7 +315,7 @@ def test_two_sources_with_one_identity_are_refused(noisy_corpus, tmp_path):
     refused at planning, naming both, instead of overwriting (or silently reusing) the first's."""
     import shutil
 
-    from curation.engine import SourceConflictError
+    from curation.scoring.engine import SourceConflictError
 
     out, _ = noisy_corpus
     src = list_shards(f"{out}/coyo_synth")[0]
@@ -363,7 +363,7 @@ def test_damaged_shard_keeps_rows_before_the_damage(tmp_path, ray_session):
 
 def test_dfn_filter_separates_mismatched_captions(tmp_path):
     """DFN: a tiny CLIP trained on clean pairs only ranks held-out clean pairs above injected mismatches."""
-    from curation.synth import DatasetSpec, SynthConfig, synthesize
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 
     trusted = SynthConfig(seed=21, datasets=[DatasetSpec("trusted", "pair", 600, {}, 300)])
     heldout = SynthConfig(seed=22, datasets=[DatasetSpec("heldout", "pair", 200, {"mismatched_caption": 0.2, "noise_image": 0.05}, 100)])

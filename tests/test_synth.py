@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import noisy_config
-from curation.samples import InterleavedSample, PairSample, VideoSample
-from curation.shards import list_shards, read_shard
-from curation.synth import NOISE_TYPES, UNREADABLE_NOISE, DatasetSpec, SynthConfig, load_ground_truth, synthesize
+from curation.data.samples import InterleavedSample, PairSample, VideoSample
+from curation.data.shards import list_shards, read_shard
+from curation.corpus.synth import NOISE_TYPES, UNREADABLE_NOISE, DatasetSpec, SynthConfig, load_ground_truth, synthesize
 
 
 def _read_all(out: str) -> dict[tuple[str, str], object]:
@@ -156,7 +156,7 @@ def test_bad_synth_config_is_refused():
 
 
 def test_video_encoding_is_bit_exact():
-    from curation.synth import Scene, encode_mp4, render_clip
+    from curation.corpus.synth import Scene, encode_mp4, render_clip
 
     frames = render_clip(Scene("circle", "red", "blue", "center"), "from left to right", 64, 8, np.random.default_rng(0))
     assert len({hashlib.md5(encode_mp4(frames, 8)).hexdigest() for _ in range(12)}) == 1

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from conftest import noisy_config
-from curation.curate import curate
-from curation.engine import ScorerSpec, ShardTask, score_local
-from curation.shards import dataset_of, list_shards
-from curation.synth import synthesize
+from curation.selection.curate import curate
+from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+from curation.data.shards import dataset_of, list_shards
+from curation.corpus.synth import synthesize
 from training_hooks.bootstrap import init_tiny_model
 from model.examples import interleave
 from training_hooks.data import DataSplit, mix, stage_sources, stream_samples
@@ -74,7 +74,7 @@ def test_five_stages_on_ray_train_each_changing_only_its_modules(setup, tmp_path
     out = tmp_path / "run"
     recipe = _recipe(setup, out, ray={"enabled": True, "num_workers": 1})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    r = subprocess.run([sys.executable, "-m", "curation.cli", "train", "--manifest", setup["manifest_url"],
+    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "train", "--manifest", setup["manifest_url"],
                         "--recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "align" in r.stdout and "trains projector" in r.stdout  # the plan is printed first
@@ -165,7 +165,7 @@ def test_train_resumes_after_real_kills(setup, tmp_path):
 
     def cmd(out):
         (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(dict(recipe, output=str(out))))
-        return [sys.executable, "-m", "curation.cli", "train", "--manifest", setup["manifest_url"],
+        return [sys.executable, "-m", "curation.app.cli", "train", "--manifest", setup["manifest_url"],
                 "--recipe", str(tmp_path / f"{out.name}.yaml")]
 
     full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, timeout=600)
@@ -308,13 +308,13 @@ def test_stage_without_data_is_skipped_with_a_message(setup, tmp_path):
 def test_caption_parser_reads_every_synthetic_template(setup):
     """The true captions of the clean pairs, judged against the ground truth: every colour, shape
     and background right, and the position right wherever a template states it."""
-    from curation.synth import load_ground_truth
+    from curation.corpus.synth import load_ground_truth
     from training_hooks.evaluate import ATTRIBUTES, caption_scores, judge, parse_caption
 
     truth = {(r["dataset"], r["key"]): r for r in load_ground_truth(str(setup["root"] / "corpus")).iter_rows(named=True)}
     judged = []
     for url in list_shards(str(setup["root"] / "corpus" / "coyo_synth")):
-        from curation.shards import read_shard
+        from curation.data.shards import read_shard
 
         for s in read_shard(url):
             t = truth[(s.dataset, s.key)]
@@ -332,7 +332,7 @@ def test_caption_parser_reads_every_synthetic_template(setup):
 def test_curate_eval_reports_loss_accuracy_and_gallery(setup, tmp_path):
     from typer.testing import CliRunner
 
-    from curation.cli import app
+    from curation.app.cli import app
 
     corpus = setup["root"] / "corpus"
     r = CliRunner().invoke(app, ["eval", "--checkpoint", setup["init"], "--shards", str(corpus / "coyo_synth"),

@@ -25,7 +25,7 @@ SMALL = {
 
 
 def corpus_texts(manifest: Any, limit: int = 2000) -> list[str]:
-    from curation.shards import read_shard
+    from curation.data.shards import read_shard
 
     texts: list[str] = []
     for ds, out in manifest.outputs.items():

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from curation.shards import read_shard
+from curation.data.shards import read_shard
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Caption accuracy: the model writes a caption for each image (greedy decoding, the prompt
 ``Describe the image.``); the colour, shape, position and background it states are read out
-of the caption by matching the synthetic corpus' vocabulary (``curation.synth``: the first
+of the caption by matching the synthetic corpus' vocabulary (``curation.corpus.synth``: the first
 colour word is the shape's colour, the second the background's, as in every caption template)
 and compared with what the ground truth (``ground_truth.parquet``) records for the image.
 Accuracy is right attributes / attributes judged. Colour, shape and background are judged on
@@ -52,7 +52,7 @@ def mean_token_loss(model: Any, examples: Sequence[Any], pad_id: int, batch_size
 
 def parse_caption(text: str) -> dict[str, str | None]:
     """The attributes a caption states, in the synthetic corpus' vocabulary (None: not stated)."""
-    from curation.synth import COLORS, POSITIONS, SHAPES
+    from curation.corpus.synth import COLORS, POSITIONS, SHAPES
 
     low = text.lower()
     words = re.findall(r"[a-z]+", low)
@@ -125,18 +125,18 @@ def load_truth(urls: Sequence[str], ground_truth: str | None) -> dict[tuple[str,
 
     import polars as pl
 
-    from curation import io as cio
+    from curation.data import storage
 
-    paths = [ground_truth] if ground_truth else sorted({cio.join(cio.dirname(cio.dirname(u)), "ground_truth.parquet")
+    paths = [ground_truth] if ground_truth else sorted({storage.join(storage.dirname(storage.dirname(u)), "ground_truth.parquet")
                                                         for u in urls})
-    paths = [p for p in paths if cio.exists(p)]
+    paths = [p for p in paths if storage.exists(p)]
     if ground_truth and not paths:
         raise FileNotFoundError(f"ground truth not found: {ground_truth}")
     if not paths:
         return None
     truth: dict[tuple[str, str], dict[str, Any]] = {}
     for p in paths:
-        for row in pl.read_parquet(io.BytesIO(cio.read_bytes(p))).iter_rows(named=True):
+        for row in pl.read_parquet(io.BytesIO(storage.read_bytes(p))).iter_rows(named=True):
             detail = json.loads(row["detail"] or "{}")
             truth[(row["dataset"], row["key"])] = {"noise": row["noise"], **{a: detail.get(a) for a in ATTRIBUTES}}
     return truth
@@ -144,7 +144,7 @@ def load_truth(urls: Sequence[str], ground_truth: str | None) -> dict[tuple[str,
 
 def read_eval_samples(urls: Sequence[str], limit: int) -> tuple[list[Any], int]:
     """The first ``limit`` readable samples of the shards, and how many unreadable ones were met."""
-    from curation.shards import read_shard
+    from curation.data.shards import read_shard
 
     samples, unreadable = [], 0
     for url in urls:
@@ -194,7 +194,7 @@ def evaluate_checkpoint(checkpoint: str, shards: Sequence[str] | str, *, ground_
                         out_dir: str | None = None, limit: int = 200, gallery: int = 16, prompt: str = DEFAULT_PROMPT,
                         batch_size: int = 16) -> dict[str, Any]:
     """``curate eval``: load a checkpoint, evaluate it on the shards, write the gallery."""
-    from curation.shards import list_shards
+    from curation.data.shards import list_shards
     from model import NVILAForCausalLM
     from model.nvila import load_tokenizer
 

@@ -12,8 +12,8 @@ import os
 import time
 from typing import Any, Callable
 
-from curation import io as cio
-from curation.manifest import Manifest, load_manifest
+from curation.data import storage
+from curation.selection.manifest import Manifest, load_manifest
 from training_hooks.checkpoint import write_json_atomic
 from training_hooks.recipe import StagePlan, TrainRecipe, TrainRecipeError, load_train_recipe, plan_stages
 
@@ -24,17 +24,17 @@ class TrainingInputError(ValueError):
 
 def verify_manifest_shards(m: Manifest, stages: list[StagePlan]) -> None:
     """Every shard a stage reads exists, with the size and md5 the manifest recorded."""
-    from curation.shards import file_checksum
+    from curation.data.shards import file_checksum
 
     needed = {ds for st in stages for ds in st.datasets}
     for ds in sorted(needed):
         for s in m.outputs[ds].shards:
-            if not cio.exists(s.url):
+            if not storage.exists(s.url):
                 raise TrainingInputError(f"manifest {m.id}: shard {s.url} of {ds} is missing")
             size, checksum = file_checksum(s.url)  # md5 of a local file; the ETag on an object store
             if size != s.filesize:
                 raise TrainingInputError(f"manifest {m.id}: shard {s.url} is {size} bytes, the manifest says {s.filesize}")
-            if not cio.is_remote(s.url) and checksum != s.md5sum:
+            if not storage.is_remote(s.url) and checksum != s.md5sum:
                 raise TrainingInputError(f"manifest {m.id}: shard {s.url} has md5 {checksum}, "
                                          f"the manifest says {s.md5sum}")
 
@@ -118,7 +118,7 @@ def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Cal
             info(f"stage {st.name}: already complete, {res['steps']} steps (delete {stage_dir} to retrain)")
         else:
             cfg = {"plan": st.model_dump(), "stage_dir": stage_dir, "init_dir": prev, "manifest": os.path.abspath(manifest_path)
-                   if not cio.is_remote(manifest_path) else manifest_path, "seed": recipe.seed, "precision": recipe.precision,
+                   if not storage.is_remote(manifest_path) else manifest_path, "seed": recipe.seed, "precision": recipe.precision,
                    "fp8": recipe.fp8.model_dump(), "prompts": recipe.prompts,
                    "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu}
             info(f"stage {st.name}: training from {prev}")

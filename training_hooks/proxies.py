@@ -23,15 +23,15 @@ import shutil
 import time
 from typing import Any, Callable
 
-from curation.shards import dataset_of, list_shards
+from curation.data.shards import dataset_of, list_shards
 
 
 def seed_manifest(trusted: list[str], work: str, out: str, kinds: dict[str, str] | None = None) -> str:
     """Score the trusted shards with the basic scorer and curate them, keeping every readable
     sample, into a manifest whose datasets feed ``image_sft`` (pairs, videos) and ``pretrain``
     (documents)."""
-    from curation.curate import curate
-    from curation.engine import ScorerSpec, ShardTask, score_local
+    from curation.selection.curate import curate
+    from curation.scoring.engine import ScorerSpec, ShardTask, score_local
 
     urls = list_shards(trusted)
     if not urls:
@@ -40,7 +40,7 @@ def seed_manifest(trusted: list[str], work: str, out: str, kinds: dict[str, str]
     report = score_local(tasks, ScorerSpec("basic"), work)
     if report.failed:
         raise RuntimeError(f"cannot read trusted shards: {[(s.url, s.failed) for s in report.failed]}")
-    from curation.store import ScoreStore
+    from curation.scoring.store import ScoreStore
 
     kinds_seen = dict(ScoreStore(work).con.execute("SELECT dataset, any_value(kind) FROM basic GROUP BY 1").fetchall())
     stages: dict[str, dict[str, float]] = {}
@@ -54,7 +54,7 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
                   seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
                   round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
                   lr: float = 1e-3) -> dict[str, Any]:
-    from curation.manifest import load_manifest
+    from curation.selection.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
     trusted = [trusted] if isinstance(trusted, str) else list(trusted)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from curation.prefetch import prefetch
+from curation.common.prefetch import prefetch
 from model.examples import ExampleBuilder
 from training_hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from training_hooks.device import all_positions, all_sum, stage_device, to_device
@@ -122,7 +122,7 @@ def _train_step(model: Any, opt: Any, sched: Any, batch: dict, plan: StagePlan, 
 
 def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """The training loop of one stage (what every Ray Train worker runs)."""
-    from curation.manifest import load_manifest
+    from curation.selection.manifest import load_manifest
 
     plan = StagePlan(**config["plan"])
     stage_dir = config["stage_dir"]
@@ -260,7 +260,7 @@ def run_stage_on_ray(config: dict[str, Any], num_workers: int = 1, use_gpu: bool
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from curation.engine import ensure_ray
+    from curation.scoring.engine import ensure_ray
 
     ensure_ray(address=address)
     cfg = dict(config, use_gpu=use_gpu, threads=config.get("threads") or 1)

@@ -15,9 +15,9 @@ import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from curation import io as cio
-from curation.samples import Sample
-from curation.tarstream import final_size
+from curation.data import storage
+from curation.data.samples import Sample
+from curation.data.tarstream import final_size
 
 
 @dataclass
@@ -79,7 +79,7 @@ class TarSink:
         self.url = url
         self.mtime = mtime
         self.nsamples = 0
-        self._ctx = cio.atomic_write(url, storage_options)
+        self._ctx = storage.atomic_write(url, storage_options)
         self._raw = self._ctx.__enter__()
         self._hash = _HashingWriter(self._raw)
         # GNU format: long member names without PAX records, read by every tar tool
@@ -153,10 +153,10 @@ class ShardWriter:
         self.written: list[WrittenShard] = []
         self._sink: TarSink | None = None
         self._bytes = 0
-        cio.makedirs(out, storage_options)
+        storage.makedirs(out, storage_options)
 
     def shard_url(self, index: int) -> str:
-        return cio.join(self.out, self.pattern.format(index=index))
+        return storage.join(self.out, self.pattern.format(index=index))
 
     def _open(self) -> TarSink:
         self._sink = TarSink(self.shard_url(self.index), self.storage_options, self.mtime)

@@ -9,7 +9,7 @@ consecutive input shards, each written by one Ray task; a group is recorded as c
 redoes only unfinished groups. Each output shard gets a ``<shard>_stats.json``; each dataset
 gets a wids index ``index.wids.json`` (``wids-shard-index-v1``).
 
-Every input byte is read once (``curation.verified_copy``, ``curation.reshard_inputs``): it is
+Every input byte is read once (``curation.selection.verified_copy``, ``curation.selection.reshard_inputs``): it is
 hashed as it is read, and the input refused, with its group's output discarded, when the hash is
 not the checksum the shard was scored with. Kept samples holding members that must never be written (absolute or
 ``..`` paths, links, devices) are left out and named, whatever the policy.
@@ -26,10 +26,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-from curation import io as cio
-from curation.reshard_inputs import ReshardError, open_input, stat_inputs, tar_samples, verify_input
-from curation.tarstream import TarFormatError
-from curation.verified_copy import GroupWriter, Piece, VerifiedInput
+from curation.data import storage
+from curation.selection.reshard_inputs import ReshardError, open_input, stat_inputs, tar_samples, verify_input
+from curation.data.tarstream import TarFormatError
+from curation.selection.verified_copy import GroupWriter, Piece, VerifiedInput
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +118,22 @@ def plan_groups(inputs: list[InputShard], cfg: ReshardConfig) -> list[Group]:
 
 
 def _group_record_url(out: str, g: Group) -> str:
-    return cio.join(out, g.dataset, "_groups", f"{g.dataset}-{g.index:05d}.json")
+    return storage.join(out, g.dataset, "_groups", f"{g.dataset}-{g.index:05d}.json")
 
 
 def _load_done(out: str, g: Group, storage_options: dict | None) -> GroupResult | None:
     url = _group_record_url(out, g)
-    if not cio.exists(url, storage_options):
+    if not storage.exists(url, storage_options):
         return None
     try:
-        rec = json.loads(cio.read_bytes(url, storage_options))
+        rec = json.loads(storage.read_bytes(url, storage_options))
     except ValueError:
         return None
     if rec.get("plan_hash") != g.plan_hash:
         return None
-    fs, _ = cio.get_fs(out, storage_options)
+    fs, _ = storage.get_fs(out, storage_options)
     for s in rec["shards"]:
-        _, path = cio.get_fs(s["url"], storage_options)
+        _, path = storage.get_fs(s["url"], storage_options)
         if not fs.exists(path) or fs.size(path) != s["filesize"]:
             return None
     return GroupResult(g.dataset, g.index, rec["shards"], rec["copied"], 0, 0.0, skipped=True,
@@ -186,7 +186,7 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
     if done is not None:
         return done
     t0 = time.time()
-    ds_url = cio.join(out, g.dataset)
+    ds_url = storage.join(out, g.dataset)
     _remove_parts(ds_url, f"{g.dataset}-{g.index:05d}-", storage_options)  # leftovers of an earlier plan
     sizes: dict[str, int] = {}
     refused: list[dict[str, str]] = []
@@ -211,11 +211,11 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
     shards = []
     for ws in written:
         stats = {**ws, "dataset": g.dataset}
-        cio.write_bytes(ws["url"][: -len(".tar")] + "_stats.json", json.dumps(stats, indent=2).encode(), storage_options)
+        storage.write_bytes(ws["url"][: -len(".tar")] + "_stats.json", json.dumps(stats, indent=2).encode(), storage_options)
         shards.append(stats)
     record = {"plan_hash": g.plan_hash, "dataset": g.dataset, "group": g.index, "copied": copied, "shards": shards,
               "refused": refused}
-    cio.write_bytes(_group_record_url(out, g), json.dumps(record, indent=2).encode(), storage_options)
+    storage.write_bytes(_group_record_url(out, g), json.dumps(record, indent=2).encode(), storage_options)
     return GroupResult(g.dataset, g.index, shards, copied, sum(sizes.values()), time.time() - t0, refused=refused,
                        input_sizes=sizes)
 
@@ -223,12 +223,12 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
 def _remove_parts(ds_url: str, prefix: str, storage_options: dict | None) -> None:
     """Delete output shards (and stats) of one group left by an earlier, different plan, and the
     temp files of a run of it that was killed."""
-    for url in cio.list_files(ds_url, storage_options=storage_options):
-        name = cio.basename(url)
+    for url in storage.list_files(ds_url, storage_options=storage_options):
+        name = storage.basename(url)
         if name.startswith(prefix) and (name.endswith(".tar") or name.endswith("_stats.json")):
-            fs, path = cio.get_fs(url, storage_options)
+            fs, path = storage.get_fs(url, storage_options)
             fs.rm(path)
-    if not cio.is_remote(ds_url) and os.path.isdir(ds_url):
+    if not storage.is_remote(ds_url) and os.path.isdir(ds_url):
         for name in os.listdir(ds_url):
             if name.startswith(f".{prefix}") and ".tmp-" in name:
                 os.unlink(os.path.join(ds_url, name))
@@ -252,11 +252,11 @@ def write_index(out: str, dataset: str, shards: list[dict[str, Any]], storage_op
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
         "name": dataset,
-        "shardlist": [{"url": cio.basename(s["url"]), "nsamples": s["nsamples"], "filesize": s["filesize"],
+        "shardlist": [{"url": storage.basename(s["url"]), "nsamples": s["nsamples"], "filesize": s["filesize"],
                        "md5sum": s["md5sum"]} for s in shards],
     }
-    url = cio.join(out, dataset, "index.wids.json")
-    cio.write_bytes(url, json.dumps(index, indent=2).encode(), storage_options)
+    url = storage.join(out, dataset, "index.wids.json")
+    storage.write_bytes(url, json.dumps(index, indent=2).encode(), storage_options)
     return url
 
 
@@ -285,7 +285,7 @@ def _on_ray(groups: list[Group], out: str, cfg: ReshardConfig, storage_options: 
     running ones finish (their inputs verified, they stay for a rerun), then the failure is raised."""
     import ray
 
-    from curation.engine import ensure_ray
+    from curation.scoring.engine import ensure_ray
 
     ensure_ray()
     task = ray.remote(num_cpus=1, max_retries=2)(write_group)
@@ -311,7 +311,7 @@ def _on_ray(groups: list[Group], out: str, cfg: ReshardConfig, storage_options: 
 
 def _new_dirs(out: str, datasets: set[str]) -> list[str]:
     """Local folders this run would create, deepest first (removed again if a refusal leaves them empty)."""
-    if cio.is_remote(out):
+    if storage.is_remote(out):
         return []
     paths = [os.path.join(out, ds, "_groups") for ds in sorted(datasets)] + \
             [os.path.join(out, ds) for ds in sorted(datasets)] + [out]

@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from curation import io as cio
+from curation.data import storage
 
 FSSPEC_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
-    return cio.open_url(url, mode)
+    return storage.open_url(url, mode)
 
 
 def register_fsspec_with_webdataset(protocols: tuple[str, ...] = FSSPEC_PROTOCOLS) -> None:
@@ -41,17 +41,17 @@ def webdataset_reader(urls: str | list[str], **kwargs: Any):
 
 def ray_filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """A pyarrow filesystem for ``ray.data.read_*`` over this URL (None for local paths)."""
-    if not cio.is_remote(url):
+    if not storage.is_remote(url):
         return None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, _ = cio.get_fs(url, storage_options)
+    fs, _ = storage.get_fs(url, storage_options)
     return PyFileSystem(FSSpecHandler(fs))
 
 
 def ray_paths(urls: list[str]) -> list[str]:
     """Strip the scheme from URLs for a ray read that is given an explicit filesystem."""
-    return [u.split("://", 1)[1] if cio.is_remote(u) else u for u in urls]
+    return [u.split("://", 1)[1] if storage.is_remote(u) else u for u in urls]
 
 
 def ray_read_webdataset(urls: list[str], storage_options: dict[str, Any] | None = None, **kwargs: Any):

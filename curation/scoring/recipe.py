@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from curation import io as cio
+from curation.data import storage
 
 
 class RecipeError(ValueError):
@@ -88,7 +88,7 @@ class ScoreRecipe(BaseModel):
 
 def _resolve(path: str, base: str) -> str:
     path = os.path.expanduser(path)
-    if cio.is_remote(path) or os.path.isabs(path):
+    if storage.is_remote(path) or os.path.isabs(path):
         return path
     return os.path.normpath(os.path.join(base, path))
 
@@ -138,8 +138,8 @@ def load_score_recipe(path_or_dict: str | dict[str, Any], base_dir: str | None =
 def check_recipe(recipe: ScoreRecipe) -> tuple[list[Any], list[Any]]:
     """Everything that can fail before work starts: shards exist, scorers build. Returns
     (shard tasks, scorer specs)."""
-    from curation.engine import ScorerSpec, ShardTask
-    from curation.shards import dataset_of, list_shards
+    from curation.scoring.engine import ScorerSpec, ShardTask
+    from curation.data.shards import dataset_of, list_shards
     from scorers import build_scorer
 
     tasks: list[ShardTask] = []
@@ -153,7 +153,7 @@ def check_recipe(recipe: ScoreRecipe) -> tuple[list[Any], list[Any]]:
         for u in urls:
             tasks.append(ShardTask(u, src.dataset or dataset_of(u), src.kind))
     seen: dict[tuple[str, str], str] = {}
-    from curation.shards import shard_name
+    from curation.data.shards import shard_name
 
     for t in tasks:
         k = (t.dataset, shard_name(t.url))
@@ -189,18 +189,18 @@ def scoring_fingerprint(path: str, scorer: str) -> str:
         raise RecipeError(f"scorer {scorer!r} is not in recipe {path}")
     with open(path, "rb") as f:
         recipe_sha = hashlib.sha256(f.read()).hexdigest()
-    blob = {"recipe": recipe_sha, "shards": [v for t in tasks for v in cio.versions(t.url)],
+    blob = {"recipe": recipe_sha, "shards": [v for t in tasks for v in storage.versions(t.url)],
             "scorer": spec.build().config_hash(), "work": recipe.work}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def score_files_present(path: str, scorer: str) -> bool:
     """Whether every score file that scoring ``path`` with ``scorer`` writes exists (one listing)."""
-    from curation.engine import score_file_url
-    from curation.shards import shard_name
+    from curation.scoring.engine import score_file_url
+    from curation.data.shards import shard_name
 
     recipe = load_score_recipe(path)
     tasks, _ = check_recipe(recipe)
-    present = {u for u, v in cio.versions(cio.join(recipe.work, "scores", scorer)) if v != "missing"}
+    present = {u for u, v in storage.versions(storage.join(recipe.work, "scores", scorer)) if v != "missing"}
     expected = (score_file_url(recipe.work, scorer, t.dataset, shard_name(t.url)) for t in tasks)
-    return all(cio.to_url(*cio.get_fs(u)) in present for u in expected)
+    return all(storage.to_url(*storage.get_fs(u)) in present for u in expected)

@@ -21,8 +21,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from curation import io as cio
-from curation.writer import ShardWriter, WrittenShard
+from curation.data import storage
+from curation.data.writer import ShardWriter, WrittenShard
 
 
 @dataclass
@@ -144,6 +144,6 @@ def import_mmc4(
                 writer.write({"__key__": key, "json": json.dumps(doc).encode(), **members})
                 report.written += 1
     report.shards = writer.written
-    cio.write_bytes(cio.join(out, "import_report.json"), json.dumps(report.to_dict(), indent=2).encode(), storage_options)
+    storage.write_bytes(storage.join(out, "import_report.json"), json.dumps(report.to_dict(), indent=2).encode(), storage_options)
     return report
 

@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import io as cio
-from curation.prefetch import prefetch
-from curation.shards import file_checksum, read_shard
+from curation.data import storage
+from curation.common.prefetch import prefetch
+from curation.data.shards import file_checksum, read_shard
 from scorers import build_scorer, scorer_class
 from scorers.base import IDENTITY_SCHEMA, Scorer
 
@@ -123,12 +123,12 @@ class RunReport:
 
 
 def score_file_url(work: str, scorer: str, dataset: str, shard: str) -> str:
-    return cio.join(work, "scores", scorer, f"dataset={dataset}", f"{shard}.parquet")
+    return storage.join(work, "scores", scorer, f"dataset={dataset}", f"{shard}.parquet")
 
 
 def read_score_metadata(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str] | None:
     """The ``curation.*`` metadata of a score file, or None if it does not exist / is unreadable."""
-    fs, path = cio.get_fs(url, storage_options)
+    fs, path = storage.get_fs(url, storage_options)
     if not fs.exists(path):
         return None
     try:
@@ -201,7 +201,7 @@ def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int =
     table = table.replace_schema_metadata({META_PREFIX + k.encode(): v.encode() for k, v in meta.items()})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    cio.write_bytes(out_url, buf.getvalue(), storage_options)
+    storage.write_bytes(out_url, buf.getvalue(), storage_options)
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -285,7 +285,7 @@ def plan_tasks(tasks: list[ShardTask], scorer: Scorer, work: str,
     """Fill in shard checksums; split into (to score, already done). Two sources with one
     identity (dataset, shard name), in this run or in a score file an earlier run wrote, are
     refused before anything is scored, naming both: one would overwrite the other."""
-    from curation.shards import shard_name
+    from curation.data.shards import shard_name
 
     todo, done, conflicts = [], [], []
     claimed: dict[str, str] = {}  # score file -> the shard url of this run that claims it
@@ -325,7 +325,7 @@ def run_scoring(
     """Score ``tasks`` with one scorer on Ray; return what was scored, skipped and failed."""
     import ray
 
-    from curation.shards import shard_name
+    from curation.data.shards import shard_name
 
     t0 = time.time()
     scorer = spec.build()  # identity only: the model loads in the workers
@@ -387,7 +387,7 @@ def run_scoring(
 
 def _is_permanent(e: BaseException) -> bool:
     """A shard that is empty or not a tar fails the same way every time: no retry."""
-    from curation.shards import ShardError
+    from curation.data.shards import ShardError
 
     return isinstance(getattr(e, "cause", None) or e, ShardError)
 
@@ -402,7 +402,7 @@ def _short_error(e: BaseException) -> str:
 
 def score_local(tasks: list[ShardTask], spec: ScorerSpec, work: str, progress: ProgressFn | None = None) -> RunReport:
     """The same as :func:`run_scoring` in this process, without Ray (notebooks, debugging)."""
-    from curation.shards import shard_name
+    from curation.data.shards import shard_name
 
     t0 = time.time()
     scorer = spec.build()

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from curation import io as cio
+from curation.data import storage
 
 LOCK_NAME = ".curate.lock"
 
@@ -43,8 +43,8 @@ def _describe(raw: bytes) -> str:
 @contextmanager
 def output_lock(out: str, storage_options: dict[str, Any] | None = None) -> Iterator[None]:
     """Hold the lock on ``out`` for the block; raise ``OutputLockedError`` at once if it is taken."""
-    url = cio.join(out, LOCK_NAME)
-    if cio.is_remote(out):
+    url = storage.join(out, LOCK_NAME)
+    if storage.is_remote(out):
         with _object_lock(url, storage_options):
             yield
         return
@@ -83,7 +83,7 @@ def _locked_fd(url: str, out: str) -> int:
 
 @contextmanager
 def _object_lock(url: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
-    fs, path = cio.get_fs(url, storage_options)
+    fs, path = storage.get_fs(url, storage_options)
     try:
         fs.pipe_file(path, json.dumps(_holder()).encode(), mode="create")
     except (FileExistsError, OSError) as e:
@@ -93,7 +93,7 @@ def _object_lock(url: str, storage_options: dict[str, Any] | None) -> Iterator[N
             who = _describe(fs.cat_file(path))
         except OSError:
             who = "an unknown run"
-        raise OutputLockedError(f"{cio.dirname(url)} is being written by another curate run: {who}. If no run is "
+        raise OutputLockedError(f"{storage.dirname(url)} is being written by another curate run: {who}. If no run is "
                                 f"active (a killed run leaves its lock), remove {url}") from None
     try:
         yield

@@ -22,7 +22,7 @@ and drops some of them; the first rule that drops a sample is its reason. ``vali
 read only the basic scorer's facts and run first (in their order), before scorer errors are
 counted: an empty caption is dropped as ``valid:min_caption_words``, not as the DeltaLoss
 error it also causes. A ``threshold`` rule may carry a ``calibration`` record saying which
-trusted scores and quantile its ``min`` came from (``curation.calibrate``). Ranking rules
+trusted scores and quantile its ``min`` came from (``curation.selection.calibrate``). Ranking rules
 (``top_fraction``, ``top_k``) rank the samples still kept, within their dataset, so the
 union over datasets is NVILA's "top K within each sub-dataset". Samples that a scorer
 could not score (``<scorer>_error`` set) are dropped first: reason ``unreadable`` when the sample could not
@@ -35,7 +35,7 @@ within ``max_distance`` bits, linked transitively: chains and stars keep one): t
 must be one expression over the score columns (no statements, no ``;``, no comments, no
 subqueries, balanced parentheses: refused at load, naming the rule), and selection runs on
 a DuckDB connection that cannot reach files, the network or extensions
-(``curation.sqlsafe``). The compiled query is built in ``curation.policy_sql``.
+(``curation.selection.sqlsafe``). The compiled query is built in ``curation.selection.policy_sql``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class _Rule(BaseModel):
 
 
 class Calibration(BaseModel):
-    """Where a calibrated threshold came from (``curation.calibrate``): recorded, not used."""
+    """Where a calibrated threshold came from (``curation.selection.calibrate``): recorded, not used."""
 
     model_config = ConfigDict(extra="forbid")
     trusted: str  # the trusted shards the scores came from
@@ -146,7 +146,7 @@ class SqlRule(_Rule):
     @field_validator("keep_where")
     @classmethod
     def _one_expression(cls, v: str) -> str:
-        from curation.sqlsafe import check_predicate
+        from curation.selection.sqlsafe import check_predicate
 
         try:
             check_predicate(v)
@@ -232,15 +232,15 @@ class SelectionResult:
 def run_selection(store: Any, policy: Policy, out: str | None = None) -> SelectionResult:
     """Apply a policy to the score store; write the decision table (every scored sample once,
     with ``dropped_by`` NULL when kept) to ``<work>/selection/<policy>/decisions.parquet``."""
-    import io as _io
+    import io
 
     import duckdb
     import pyarrow.parquet as pq
 
-    from curation import io as cio
+    from curation.data import storage
 
-    from curation.policy_sql import compile_policy
-    from curation.sqlsafe import sandbox
+    from curation.selection.policy_sql import compile_policy
+    from curation.selection.sqlsafe import sandbox
 
     datasets = [r[0] for r in store.con.execute("SELECT DISTINCT dataset FROM scores ORDER BY 1").fetchall()]
     if not datasets:
@@ -255,10 +255,10 @@ def run_selection(store: Any, policy: Policy, out: str | None = None) -> Selecti
     finally:
         sql_con.close()
     fp = policy.fingerprint()
-    url = out or cio.join(store.work, "selection", fp, "decisions.parquet")
-    buf = _io.BytesIO()
+    url = out or storage.join(store.work, "selection", fp, "decisions.parquet")
+    buf = io.BytesIO()
     pq.write_table(table, buf)
-    cio.write_bytes(url, buf.getvalue(), store.storage_options)
+    storage.write_bytes(url, buf.getvalue(), store.storage_options)
     counts: dict[str, dict[str, Any]] = {}
     con = duckdb.connect()
     con.register("decisions", table)

@@ -2,7 +2,7 @@
 
 Resharding copies kept samples unchanged. Re-creating headers with ``tarfile`` costs more
 than moving the bytes, so this module yields each member's raw blocks (its header, any GNU
-long-name or PAX blocks before it, its data and padding), which ``curation/verified_copy.py``
+long-name or PAX blocks before it, its data and padding), which ``curation/selection/verified_copy.py``
 writes back as they were: the output members are byte-identical to the input members,
 headers included. The shard reader uses the same scanner, so both see a tar the same way.
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from curation import io as cio
-from curation.writer import ShardWriter, WrittenShard
+from curation.data import storage
+from curation.data.writer import ShardWriter, WrittenShard
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -613,7 +613,7 @@ def _write_shard(args: tuple[DatasetSpec, SynthConfig, str, int, dict | None]) -
     spec, cfg, out, shard_idx, storage_options = args
     start = shard_idx * spec.samples_per_shard
     count = min(spec.samples_per_shard, spec.samples - start)
-    ds_url = cio.join(out, spec.name)
+    ds_url = storage.join(out, spec.name)
     truth: list[dict] = []
     t0 = time.time()
     rows = []
@@ -633,7 +633,7 @@ def _write_shard(args: tuple[DatasetSpec, SynthConfig, str, int, dict | None]) -
 
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buf)
-        cio.write_bytes(cio.join(ds_url, f"{shard_idx:05d}.parquet"), buf.getvalue(), storage_options)
+        storage.write_bytes(storage.join(ds_url, f"{shard_idx:05d}.parquet"), buf.getvalue(), storage_options)
         stats = {
             "count": count,
             "successes": count,
@@ -642,7 +642,7 @@ def _write_shard(args: tuple[DatasetSpec, SynthConfig, str, int, dict | None]) -
             "duration": round(time.time() - t0, 3),
             "status_dict": {"success": count},
         }
-        cio.write_bytes(cio.join(ds_url, f"{shard_idx:05d}_stats.json"), json.dumps(stats, indent=2).encode(), storage_options)
+        storage.write_bytes(storage.join(ds_url, f"{shard_idx:05d}_stats.json"), json.dumps(stats, indent=2).encode(), storage_options)
     return written, truth
 
 
@@ -690,7 +690,7 @@ def synthesize(
     names = [d.name for d in cfg.datasets]
     if len(set(names)) != len(names):
         raise ValueError(f"dataset names must be unique, got {names}")
-    cio.makedirs(out, storage_options)
+    storage.makedirs(out, storage_options)
     jobs = [(spec, cfg, out, i, storage_options) for spec in cfg.datasets for i in range(spec.num_shards)]
     shards: dict[str, list[WrittenShard]] = {d.name: [] for d in cfg.datasets}
     truth: list[dict] = []
@@ -710,12 +710,12 @@ def synthesize(
                         ("noise", pa.string()), ("source_key", pa.string()), ("detail", pa.string())])
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(truth, schema=schema), buf)
-    gt_url = cio.join(out, "ground_truth.parquet")
-    cio.write_bytes(gt_url, buf.getvalue(), storage_options)
+    gt_url = storage.join(out, "ground_truth.parquet")
+    storage.write_bytes(gt_url, buf.getvalue(), storage_options)
     result = SynthResult(out=out, shards=shards, ground_truth=gt_url, counts=counts)
     corpus = {"config": asdict(cfg), **result.summary(),
               "shards": {k: [s.to_dict() for s in v] for k, v in shards.items()}}
-    cio.write_bytes(cio.join(out, "corpus.json"), json.dumps(corpus, indent=2).encode(), storage_options)
+    storage.write_bytes(storage.join(out, "corpus.json"), json.dumps(corpus, indent=2).encode(), storage_options)
     return result
 
 
@@ -730,4 +730,4 @@ def load_ground_truth(out: str, storage_options: dict[str, Any] | None = None):
     """The ground truth table of a synthesized corpus, as a polars DataFrame."""
     import polars as pl
 
-    return pl.read_parquet(io.BytesIO(cio.read_bytes(cio.join(out, "ground_truth.parquet"), storage_options)))
+    return pl.read_parquet(io.BytesIO(storage.read_bytes(storage.join(out, "ground_truth.parquet"), storage_options)))

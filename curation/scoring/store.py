@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from curation import io as cio
+from curation.data import storage
 
 IDENTITY = ("dataset", "shard", "key")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -30,26 +30,26 @@ class ScoreStore:
     def __init__(self, work: str, storage_options: dict[str, Any] | None = None,
                  con: duckdb.DuckDBPyConnection | None = None) -> None:
         self.work = work
-        self.root = cio.join(work, "scores")
+        self.root = storage.join(work, "scores")
         self.storage_options = storage_options
         self.con = con or duckdb.connect()
-        if cio.is_remote(work):
-            fs, _ = cio.get_fs(work, storage_options)
+        if storage.is_remote(work):
+            fs, _ = storage.get_fs(work, storage_options)
             self.con.register_filesystem(fs)
         self.views: dict[str, list[str]] = {}
         self.refresh()
 
     def scorers(self) -> list[str]:
         found = []
-        for d in cio.list_dirs(self.root, self.storage_options):
-            name = cio.basename(d)
-            if _NAME_RE.match(name) and any(cio.list_files(x, ".parquet", self.storage_options)
-                                            for x in cio.list_dirs(d, self.storage_options)):
+        for d in storage.list_dirs(self.root, self.storage_options):
+            name = storage.basename(d)
+            if _NAME_RE.match(name) and any(storage.list_files(x, ".parquet", self.storage_options)
+                                            for x in storage.list_dirs(d, self.storage_options)):
                 found.append(name)
         return found
 
     def files_glob(self, scorer: str) -> str:
-        return cio.join(self.root, scorer, "dataset=*", "*.parquet")
+        return storage.join(self.root, scorer, "dataset=*", "*.parquet")
 
     def refresh(self) -> None:
         """(Re)create the views from the files present now."""
@@ -113,12 +113,12 @@ class ScoreStore:
     # ---- provenance
     def file_metadata(self) -> list[dict[str, str]]:
         """The ``curation.*`` metadata of every score file (one dict per file, with ``file``)."""
-        from curation.engine import read_score_metadata
+        from curation.scoring.engine import read_score_metadata
 
         out = []
         for scorer in self.views:
-            for d in cio.list_dirs(cio.join(self.root, scorer), self.storage_options):
-                for f in cio.list_files(d, ".parquet", self.storage_options):
+            for d in storage.list_dirs(storage.join(self.root, scorer), self.storage_options):
+                for f in storage.list_files(d, ".parquet", self.storage_options):
                     md = read_score_metadata(f, self.storage_options)
                     if md:
                         out.append({**md, "file": f})
@@ -133,7 +133,7 @@ class ScoreStore:
         """
         import json
 
-        from curation.shards import shard_name
+        from curation.data.shards import shard_name
 
         shards: dict[tuple[str, str], dict[str, Any]] = {}
         scorers: dict[str, dict[str, dict[str, Any]]] = {}

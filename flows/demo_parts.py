@@ -13,16 +13,16 @@ import os
 from collections import Counter
 from typing import Any
 
-from curation.dfn import roc_auc
-from curation.shards import list_shards, read_shard
-from curation.sqlsafe import literal
-from curation.synth import UNREADABLE_NOISE, load_ground_truth
+from curation.scoring.dfn import roc_auc
+from curation.data.shards import list_shards, read_shard
+from curation.selection.sqlsafe import literal
+from curation.corpus.synth import UNREADABLE_NOISE, load_ground_truth
 
 # The demo's embedded policy: validity (incl. the caption rule), exact and near dedup, CLIP
 # filters (pairs: image x caption; MMC4: every image's sentence under one-to-one assignment,
 # so a document with a distractor image goes; video: frames x caption), a motion filter for static clips, stage plan.
 # The ``min`` values here are placeholders: ``calibrated_policy`` replaces every one of them
-# with a quantile of the same score on trusted data of the same kind (curation.calibrate).
+# with a quantile of the same score on trusted data of the same kind (curation.selection.calibrate).
 DEFAULT_POLICY: dict[str, Any] = {
     "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 2}],
     "datasets": {
@@ -54,8 +54,8 @@ def calibrated_policy(out: str, seed: int, filter_dir: str, datasets: dict[str, 
     """DEFAULT_POLICY with every threshold read off trusted data (``datasets``: name -> kind):
     synthesize a clean calibration set per kind under ``<out>/calibration``, score it with the
     same scorers and settings as the corpus, and take the ``quantile`` per dataset and column."""
-    from curation.calibrate import DEFAULT_QUANTILE, TrustedColumn, calibrate_policy, score_trusted
-    from curation.synth import DatasetSpec, SynthConfig, synthesize
+    from curation.selection.calibrate import DEFAULT_QUANTILE, TrustedColumn, calibrate_policy, score_trusted
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
     from scorers.basic import BasicScorer
     from scorers.clip import ClipScorer
 
@@ -119,7 +119,7 @@ def check_against_ground_truth(corpus: str, shard_urls: list[str]) -> dict[str, 
 
 def analyze(work: str, corpus: str, decisions: str) -> dict[str, Any]:
     """Score distributions by injected noise, CLIP AUC per dataset, and noise caught by the selection."""
-    from curation.store import ScoreStore
+    from curation.scoring.store import ScoreStore
 
     store = ScoreStore(work)
     truth = literal(os.path.join(corpus, "ground_truth.parquet"))  # paths and names enter SQL only quoted

@@ -47,7 +47,7 @@ def synth(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
 ) -> None:
     """Write a synthetic corpus (pairs, MMC4 documents, videos) with known noise."""
-    from curation.synth import SynthConfig, synthesize
+    from curation.corpus.synth import SynthConfig, synthesize
 
     try:
         cfg = SynthConfig.preset(size, seed=seed, noise_scale=noise_scale)
@@ -91,7 +91,7 @@ def import_mmc4_cmd(
     max_shard_bytes: int = typer.Option(1 << 30, help="Bytes per shard before starting a new one"),
 ) -> None:
     """Convert MMC4 jsonl documents + an image folder into WebDataset shards."""
-    from curation.mmc4 import import_mmc4
+    from curation.corpus.mmc4 import import_mmc4
 
     try:
         report = import_mmc4(jsonl, images, out, samples_per_shard=samples_per_shard, max_bytes=max_shard_bytes)
@@ -115,7 +115,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON"),
 ) -> None:
     """Read shards and report samples, kinds and unreadable samples per dataset."""
-    from curation.shards import ShardError, list_shards, read_shard
+    from curation.data.shards import ShardError, list_shards, read_shard
 
     try:
         urls = list_shards(shards)
@@ -168,8 +168,8 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print the run reports as JSON"),
 ) -> None:
     """Score every sample of the recipe's shards with its scorers (Ray, resumable)."""
-    from curation.engine import SourceConflictError, run_scoring
-    from curation.recipe import RecipeError, check_recipe, load_score_recipe
+    from curation.scoring.engine import SourceConflictError, run_scoring
+    from curation.scoring.recipe import RecipeError, check_recipe, load_score_recipe
 
     try:
         recipe = load_score_recipe(config)
@@ -235,7 +235,7 @@ def query(
     """Query sample scores with SQL (DuckDB)."""
     import duckdb
 
-    from curation.store import ScoreStore
+    from curation.scoring.store import ScoreStore
 
     store = ScoreStore(work)
     if not store.views:
@@ -275,7 +275,7 @@ def train_filter_cmd(
     ground_truth: Optional[str] = typer.Option(None, help="ground_truth.parquet labelling the held-out shards"),
 ) -> None:
     """Train a DFN-style CLIP filter on trusted pairs; save it for the clip scorer."""
-    from curation.dfn import FilterTrainConfig, evaluate_filter, train_filter
+    from curation.scoring.dfn import FilterTrainConfig, evaluate_filter, train_filter
 
     if eval_shards and not ground_truth:
         _fail("--eval needs --ground-truth to know which held-out samples are noise")
@@ -320,9 +320,9 @@ def select(
     as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON"),
 ) -> None:
     """Apply a selection policy to the scores: kept keys and a reason for every dropped sample."""
-    from curation.policy import PolicyError, load_policy, run_selection
-    from curation.policy_sql import compile_policy
-    from curation.store import ScoreStore
+    from curation.selection.policy import PolicyError, load_policy, run_selection
+    from curation.selection.policy_sql import compile_policy
+    from curation.scoring.store import ScoreStore
 
     try:
         pol = load_policy(policy)
@@ -354,11 +354,11 @@ def reshard(
     workers: int = typer.Option(2, help="Parallel Ray tasks (1: in this process, without Ray)"),
 ) -> None:
     """Select, copy kept samples byte for byte into new shards, and write the manifest."""
-    from curation.curate import curate
-    from curation.manifest import summarize
-    from curation.policy import PolicyError
-    from curation.reshard import ReshardConfig, ReshardError
-    from curation.outlock import OutputLockedError
+    from curation.selection.curate import curate
+    from curation.selection.manifest import summarize
+    from curation.selection.policy import PolicyError
+    from curation.selection.reshard import ReshardConfig, ReshardError
+    from curation.data.outlock import OutputLockedError
 
     try:
         cfg = ReshardConfig(max_samples=max_samples, max_bytes=max_bytes, shuffle_seed=shuffle_seed, workers=workers)
@@ -390,7 +390,7 @@ def manifest_show(
     show_lineage: bool = typer.Option(False, "--lineage", help="List the manifests this one replaced, newest first"),
 ) -> None:
     """Summarize a manifest: inputs, scorers, kept/dropped per dataset and reason, stages."""
-    from curation.manifest import lineage, load_manifest, summarize
+    from curation.selection.manifest import lineage, load_manifest, summarize
 
     try:
         m = load_manifest(path)
@@ -474,7 +474,7 @@ def init_model(
 ) -> None:
     """Build a small NVILA (and a BPE tokenizer from the curated captions) to train from when
     no pretrained checkpoint is at hand."""
-    from curation.manifest import load_manifest
+    from curation.selection.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
     if size not in ("tiny", "small"):
@@ -519,7 +519,7 @@ def demo(
     """The whole service end to end on embedded defaults, as a Prefect flow (ephemeral server,
     local Ray): synthesize, train the DFN filter and DeltaLoss proxies, score, select, reshard,
     write the manifest, train NVILA stage by stage, and write a report with plots."""
-    from curation.synth import SynthConfig
+    from curation.corpus.synth import SynthConfig
 
     try:
         SynthConfig.preset(size)
@@ -550,7 +550,7 @@ def demo(
     out_console.print(f"report: {report['report']['html']} (and {report['report']['markdown']})")
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m curation.cli`
+def main() -> None:  # pragma: no cover - console entry for `python -m curation.app.cli`
     app()
 
 

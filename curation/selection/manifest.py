@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from curation import io as cio
-from curation.policy import STAGES
+from curation.data import storage
+from curation.selection.policy import STAGES
 
 MANIFEST_VERSION = 1
 
@@ -143,9 +143,9 @@ class Manifest(BaseModel):
 
 
 def load_manifest(url: str, storage_options: dict[str, Any] | None = None, verify: bool = True) -> Manifest:
-    if not cio.exists(url, storage_options):
+    if not storage.exists(url, storage_options):
         raise FileNotFoundError(f"manifest not found: {url}")
-    m = Manifest.model_validate_json(cio.read_bytes(url, storage_options))
+    m = Manifest.model_validate_json(storage.read_bytes(url, storage_options))
     if verify:
         m.verify_id()
     return m
@@ -158,7 +158,7 @@ def write_manifest(m: Manifest, url: str, storage_options: dict[str, Any] | None
     can be followed back (``curate manifest show --lineage``). Rewriting the same content (same
     id) keeps the existing parent.
     """
-    if cio.exists(url, storage_options):
+    if storage.exists(url, storage_options):
         try:
             old = load_manifest(url, storage_options, verify=False)
         except (ValueError, OSError):
@@ -166,14 +166,14 @@ def write_manifest(m: Manifest, url: str, storage_options: dict[str, Any] | None
         if old is not None and old.id == m.id:
             m.parent = old.parent
         elif old is not None and old.id:
-            cio.write_bytes(archived_url(url, old.id), old.to_json().encode(), storage_options)
+            storage.write_bytes(archived_url(url, old.id), old.to_json().encode(), storage_options)
             m.parent = old.id
-    cio.write_bytes(url, m.to_json().encode(), storage_options)
+    storage.write_bytes(url, m.to_json().encode(), storage_options)
     return url
 
 
 def archived_url(url: str, manifest_id: str) -> str:
-    return cio.join(cio.dirname(url), "manifests", f"{manifest_id}.json")
+    return storage.join(storage.dirname(url), "manifests", f"{manifest_id}.json")
 
 
 def lineage(url: str, storage_options: dict[str, Any] | None = None, limit: int = 100) -> list[Manifest]:
@@ -181,7 +181,7 @@ def lineage(url: str, storage_options: dict[str, Any] | None = None, limit: int 
     chain = [load_manifest(url, storage_options)]
     while chain[-1].parent and len(chain) < limit:
         prev = archived_url(url, chain[-1].parent)
-        if not cio.exists(prev, storage_options):
+        if not storage.exists(prev, storage_options):
             break
         chain.append(load_manifest(prev, storage_options))
     return chain

@@ -31,8 +31,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from curation import io as cio
-from curation.tarstream import final_size
+from curation.data import storage
+from curation.data.tarstream import final_size
 
 # Read size. Large enough that hashing and syscalls are per-chunk, not per-member; small enough
 # that the chunks in flight come from malloc's heap: 2 MiB and larger buffers are mapped fresh
@@ -178,8 +178,8 @@ class _OutputShard:
         self._fsync: Future | None = None
         self._fd: int | None = None
         self._upload: Any = None
-        fs, self._path = cio.get_fs(url, storage_options)
-        if cio.is_remote(url):
+        fs, self._path = storage.get_fs(url, storage_options)
+        if storage.is_remote(url):
             self._upload = fs.open(self._path, "wb")  # the object appears only when the upload completes
         else:
             parent = os.path.dirname(self._path)
@@ -275,7 +275,7 @@ class GroupWriter:
             cur.close(self._fsyncs)
             cur = self._open = None
         if cur is None:
-            url = cio.join(self.ds_url, self.pattern.format(index=len(self._shards)))
+            url = storage.join(self.ds_url, self.pattern.format(index=len(self._shards)))
             cur = self._open = _OutputShard(url, self.storage_options)
             self._shards.append(cur)
         for buf, start, end in pieces:

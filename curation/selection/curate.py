@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from curation import io as cio
-from curation.manifest import Manifest, build_manifest, write_manifest
-from curation.outlock import output_lock
-from curation.policy import Policy, PolicyError, SelectionResult, load_policy, run_selection
-from curation.reshard import InputShard, ReshardConfig, ReshardError, reshard
-from curation.store import ScoreStore
+from curation.data import storage
+from curation.selection.manifest import Manifest, build_manifest, write_manifest
+from curation.data.outlock import output_lock
+from curation.selection.policy import Policy, PolicyError, SelectionResult, load_policy, run_selection
+from curation.selection.reshard import InputShard, ReshardConfig, ReshardError, reshard
+from curation.scoring.store import ScoreStore
 
 
 def kept_keys(decisions_url: str, storage_options: dict | None = None) -> dict[tuple[str, str], list[str]]:
@@ -17,7 +17,7 @@ def kept_keys(decisions_url: str, storage_options: dict | None = None) -> dict[t
 
     import pyarrow.parquet as pq
 
-    t = pq.read_table(io.BytesIO(cio.read_bytes(decisions_url, storage_options)))
+    t = pq.read_table(io.BytesIO(storage.read_bytes(decisions_url, storage_options)))
     out: dict[tuple[str, str], list[str]] = {}
     for ds, shard, key, dropped in zip(*(t.column(c).to_pylist() for c in ("dataset", "shard", "key", "dropped_by"))):
         lst = out.setdefault((ds, shard), [])
@@ -89,5 +89,5 @@ def curate_unlocked(
 
     manifest = build_manifest(work=work, inputs=shards, sizes=result.input_sizes, scorers=scorers, policy=pol,
                               selection=selection, reshard_result=result, reshard_cfg={k: v for k, v in asdict(cfg).items() if k != "workers"})
-    url = write_manifest(manifest, cio.join(out, "manifest.json"), storage_options)
+    url = write_manifest(manifest, storage.join(out, "manifest.json"), storage_options)
     return manifest, url

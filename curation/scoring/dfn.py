@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from curation.shards import list_shards, read_shard
+from curation.data.shards import list_shards, read_shard
 
 
 @dataclass

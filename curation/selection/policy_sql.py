@@ -3,8 +3,8 @@
 Each dataset gets a chain of CTEs, one step per rule, each marking ``dropped_by`` on the
 rows it drops among those still kept. Names are always quoted identifiers and values quoted
 literals or numbers; the only text taken from the policy as SQL is a ``sql`` rule's
-``keep_where``, which :func:`curation.sqlsafe.check_predicate` has checked at load to be one
-expression with no subquery, and which runs in :func:`curation.sqlsafe.sandbox`.
+``keep_where``, which :func:`curation.selection.sqlsafe.check_predicate` has checked at load to be one
+expression with no subquery, and which runs in :func:`curation.selection.sqlsafe.sandbox`.
 
 ``near_dedup`` links every two samples whose 64-bit hashes differ in at most
 ``max_distance`` bits and keeps exactly one sample of each connected group (so a chain
@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from curation.policy import (DedupRule, NearDedupRule, Policy, PolicyError, SqlRule, ThresholdRule, TopFractionRule,
+from curation.selection.policy import (DedupRule, NearDedupRule, Policy, PolicyError, SqlRule, ThresholdRule, TopFractionRule,
                              TopKRule, ValidRule)
-from curation.sqlsafe import ident as _q
-from curation.sqlsafe import literal as _lit
+from curation.selection.sqlsafe import ident as _q
+from curation.selection.sqlsafe import literal as _lit
 
 
 def _num(x: float) -> str:
@@ -228,7 +228,7 @@ def _check_names(policy: Policy, datasets: list[str], cols: set[str]) -> None:
 
 def _needed(policy: Policy, columns: list[str], error_cols: list[str]) -> list[str]:
     """The score columns the query reads: identity, errors, what the rules name."""
-    from curation.sqlsafe import check_predicate
+    from curation.selection.sqlsafe import check_predicate
 
     need = {"dataset", "shard", "key", "kind", *error_cols}
     for rule in list(policy.defaults) + [r for rs in policy.datasets.values() for r in rs]:

@@ -5,7 +5,7 @@ A shard is a POSIX tar whose members are grouped into samples by key: the member
 WebDataset convention: the key runs up to the first dot of the base name). Members of a
 sample are contiguous in the tar.
 
-The reader streams the tar (``curation.tarstream.scan`` over an fsspec file object), holds
+The reader streams the tar (``curation.data.tarstream.scan`` over an fsspec file object), holds
 one sample in memory at a time, never extracts anything to disk, and yields exactly one
 record per key it finds. A sample it cannot read still comes out, with ``error`` set.
 """
@@ -23,9 +23,9 @@ from typing import Any, Iterable, Iterator
 
 import braceexpand
 
-from curation import io as cio
-from curation.tarstream import TarFormatError, scan
-from curation.samples import (
+from curation.data import storage
+from curation.data.tarstream import TarFormatError, scan
+from curation.data.samples import (
     IMAGE_EXTS,
     KINDS,
     VIDEO_EXTS,
@@ -67,7 +67,7 @@ class ReadOptions:
 
 def shard_name(url: str) -> str:
     """``s3://b/coyo/00012.tar`` -> ``00012``."""
-    name = cio.basename(url)
+    name = storage.basename(url)
     for suf in TAR_SUFFIXES:
         if name.endswith(suf):
             return name[: -len(suf)]
@@ -76,7 +76,7 @@ def shard_name(url: str) -> str:
 
 def dataset_of(url: str) -> str:
     """The default dataset name of a shard: its parent folder's name."""
-    return cio.basename(cio.dirname(url))
+    return storage.basename(storage.dirname(url))
 
 
 def list_shards(spec: str | Iterable[str], storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -93,13 +93,13 @@ def list_shards(spec: str | Iterable[str], storage_options: dict[str, Any] | Non
     urls: list[str] = []
     for one in braceexpand.braceexpand(spec):
         if any(ch in one for ch in "*?["):
-            fs, path = cio.get_fs(one, storage_options)
-            urls.extend(cio.to_url(fs, p) for p in sorted(fs.glob(path)) if p.endswith(TAR_SUFFIXES))
+            fs, path = storage.get_fs(one, storage_options)
+            urls.extend(storage.to_url(fs, p) for p in sorted(fs.glob(path)) if p.endswith(TAR_SUFFIXES))
         elif one.endswith(TAR_SUFFIXES):
             urls.append(one)
         else:
-            found = [u for u in cio.list_files(one, storage_options=storage_options) if u.endswith(TAR_SUFFIXES)]
-            if not found and not cio.exists(one, storage_options):
+            found = [u for u in storage.list_files(one, storage_options=storage_options) if u.endswith(TAR_SUFFIXES)]
+            if not found and not storage.exists(one, storage_options):
                 raise FileNotFoundError(f"no such shard or folder: {one}")
             urls.extend(found)
     return sorted(dict.fromkeys(urls))
@@ -478,7 +478,7 @@ def read_shard(
 
 def open_shard(url: str, storage_options: dict[str, Any] | None = None):
     """Open a shard for streaming; ``.tar.gz`` / ``.tgz`` are decompressed on the fly."""
-    f = cio.open_url(url, "rb", storage_options)
+    f = storage.open_url(url, "rb", storage_options)
     if url.endswith((".gz", ".tgz")):
         return gzip.GzipFile(fileobj=f, mode="rb")
     return f
@@ -500,9 +500,9 @@ class ShardInfo:
 
 def file_checksum(url: str, storage_options: dict[str, Any] | None = None) -> tuple[int, str]:
     """(size, checksum): md5 of local files, the ETag of objects in a store."""
-    fs, path = cio.get_fs(url, storage_options)
+    fs, path = storage.get_fs(url, storage_options)
     info = fs.info(path)
-    if cio.is_remote(url) and info.get("ETag"):
+    if storage.is_remote(url) and info.get("ETag"):
         return int(info["size"]), str(info["ETag"]).strip('"')
     h = hashlib.md5()
     with fs.open(path, "rb") as f:
@@ -514,13 +514,13 @@ def file_checksum(url: str, storage_options: dict[str, Any] | None = None) -> tu
 def shard_info(url: str, dataset: str | None = None, storage_options: dict[str, Any] | None = None) -> ShardInfo:
     size, checksum = file_checksum(url, storage_options)
     name = shard_name(url)
-    base = cio.dirname(url)
-    stats_url = cio.join(base, f"{name}_stats.json")
-    parquet_url = cio.join(base, f"{name}.parquet")
+    base = storage.dirname(url)
+    stats_url = storage.join(base, f"{name}_stats.json")
+    parquet_url = storage.join(base, f"{name}.parquet")
     stats = None
-    if cio.exists(stats_url, storage_options):
+    if storage.exists(stats_url, storage_options):
         try:
-            stats = json.loads(cio.read_bytes(stats_url, storage_options))
+            stats = json.loads(storage.read_bytes(stats_url, storage_options))
         except ValueError:
             log.warning("ignoring unreadable stats file %s", stats_url)
     return ShardInfo(
@@ -530,7 +530,7 @@ def shard_info(url: str, dataset: str | None = None, storage_options: dict[str, 
         size=size,
         checksum=checksum,
         stats=stats,
-        parquet=parquet_url if cio.exists(parquet_url, storage_options) else None,
+        parquet=parquet_url if storage.exists(parquet_url, storage_options) else None,
     )
 
 

@@ -81,7 +81,7 @@ def score_trusted(shard_dirs: Sequence[str], scorers: Sequence[Any], batch_size:
     the corpus is scored with, so that the distributions compare); columns by name, one value
     per readable sample (unreadable or failed samples are left out: they say nothing about what
     a good sample scores)."""
-    from curation.shards import list_shards, read_shard
+    from curation.data.shards import list_shards, read_shard
 
     cols: dict[str, list] = {}
     batch: list[Any] = []

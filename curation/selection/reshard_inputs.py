@@ -1,16 +1,16 @@
 """Input shards of a reshard: refused early when gone, verified as they are read, scanned into samples.
 
-``inp`` below is a ``curation.reshard.InputShard`` (url, dataset, shard, checksum).
+``inp`` below is a ``curation.selection.reshard.InputShard`` (url, dataset, shard, checksum).
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
-from curation import io as cio
-from curation.shards import split_key, unsafe_name
-from curation.tarstream import scan
-from curation.verified_copy import Piece, VerifiedInput
+from curation.data import storage
+from curation.data.shards import split_key, unsafe_name
+from curation.data.tarstream import scan
+from curation.selection.verified_copy import Piece, VerifiedInput
 
 
 class ReshardError(RuntimeError):
@@ -32,9 +32,9 @@ def _is_md5(checksum: str) -> bool:
 
 def open_input(inp: Any, storage_options: dict | None) -> Any:
     """Open an input shard for one verified pass; on a store, refuse at once if its ETag moved."""
-    fs, path = cio.get_fs(inp.url, storage_options)
+    fs, path = storage.get_fs(inp.url, storage_options)
     try:
-        if not cio.is_remote(inp.url):
+        if not storage.is_remote(inp.url):
             return open(path, "rb", buffering=0)  # plain reads of CHUNK bytes, no copy through a buffer
         fs.invalidate_cache(path)
         etag = str(fs.info(path).get("ETag") or "").strip('"')
@@ -48,7 +48,7 @@ def open_input(inp: Any, storage_options: dict | None) -> Any:
 def verify_input(inp: Any, src: VerifiedInput) -> int:
     """Read and hash the rest of the input; refuse it if its md5 is not the one scored. Its size."""
     size, md5 = src.finish()
-    if (_is_md5(inp.checksum) or not cio.is_remote(inp.url)) and md5 != inp.checksum:
+    if (_is_md5(inp.checksum) or not storage.is_remote(inp.url)) and md5 != inp.checksum:
         raise _changed(inp, md5)  # on a store a multipart ETag is no md5: the ETag check at open covers it
     return size
 
@@ -93,21 +93,21 @@ def stat_inputs(inputs: list[Any], storage_options: dict | None = None) -> dict[
     is written, inputs that are gone and, on object stores, inputs whose ETag moved."""
     by_dir: dict[str, list[Any]] = {}
     for inp in inputs:
-        by_dir.setdefault(cio.dirname(inp.url), []).append(inp)
+        by_dir.setdefault(storage.dirname(inp.url), []).append(inp)
     sizes: dict[str, int] = {}
     for folder, items in sorted(by_dir.items()):
-        fs, path = cio.get_fs(folder, storage_options)
+        fs, path = storage.get_fs(folder, storage_options)
         fs.invalidate_cache(path)
         try:
-            listing = {cio.basename(e["name"]): e for e in fs.ls(path, detail=True)}
+            listing = {storage.basename(e["name"]): e for e in fs.ls(path, detail=True)}
         except FileNotFoundError:
             listing = {}
         for inp in items:
-            entry = listing.get(cio.basename(inp.url))
+            entry = listing.get(storage.basename(inp.url))
             if entry is None:
                 raise _missing(inp)
             etag = str(entry.get("ETag") or "").strip('"')
-            if cio.is_remote(inp.url) and etag and etag != inp.checksum:
+            if storage.is_remote(inp.url) and etag and etag != inp.checksum:
                 raise _changed(inp, etag)
             sizes[inp.url] = int(entry["size"])
     return sizes
