@@ -124,7 +124,7 @@ def run_arms(args: argparse.Namespace) -> dict:
     """Build and score the corpus, then time every arm ``args.repeats`` times, alternating."""
     import ray
 
-    from curation.scoring.engine import ensure_ray
+    from curation.common.raycluster import ensure_ray
     from curation.data.shards import list_shards
 
     times: dict[str, list[float]] = {"copy": [], "verified_copy": [], "ours_1": [], "ours_ray2": []}

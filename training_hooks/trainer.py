@@ -260,7 +260,7 @@ def run_stage_on_ray(config: dict[str, Any], num_workers: int = 1, use_gpu: bool
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from curation.scoring.engine import ensure_ray
+    from curation.common.raycluster import ensure_ray
 
     ensure_ray(address=address)
     cfg = dict(config, use_gpu=use_gpu, threads=config.get("threads") or 1)

@@ -1,52 +1,37 @@
 """The scoring engine: scorers over shards, on Ray, resumable, exactly once.
 
-For each scorer, every input shard becomes one Parquet file
-``<work>/scores/<scorer>/dataset=<dataset>/<shard>.parquet`` holding one row per sample
-of the shard (``dataset, shard, key, kind, error`` plus the scorer's columns). Files are
-written atomically and carry the scorer identity, its config hash and the input shard's
-checksum in their metadata; a rerun skips every file whose hash and checksum match, so a
-killed run resumes where it stopped and a changed scorer or shard is scored again.
+For each scorer, every input shard becomes one score file (``curation.scoring.scorefile``:
+``<work>/scores/<scorer>/dataset=<dataset>/<shard>.parquet``, one row per sample, written
+atomically with the scorer's config hash and the shard's checksum). A rerun skips every file
+whose hash and checksum match (:func:`plan_tasks`), so a killed run resumes where it stopped and
+a changed scorer or shard is scored again.
 
-Workers are Ray actors (``ray.init()`` locally, or the cluster in ``RAY_ADDRESS``): a model
-loads once per actor. Inside an actor a reader thread streams the shard, decodes and
-prepares batches (``Scorer.prepare``) while the main thread runs the model
-(``Scorer.compute``), so decoding overlaps compute. A shard whose scoring fails is retried,
-then reported with its error while every other shard completes.
+Workers are Ray actors (``curation.scoring.workers``; ``ray.init()`` locally, or the cluster in
+``RAY_ADDRESS``): a model loads once per actor, decoding overlaps the model inside each actor,
+and a shard whose scoring fails is retried, then reported with its error while every other
+shard completes. :func:`score_local` does the same in this process, without Ray.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from curation.data import storage
-from curation.common.prefetch import prefetch
-from curation.data.shards import file_checksum, read_shard
-from scorers import build_scorer, scorer_class
-from scorers.base import IDENTITY_SCHEMA, Scorer
-
-log = logging.getLogger(__name__)
-
-META_PREFIX = b"curation."
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One input shard to score: where it is, which dataset it belongs to, its kind."""
-
-    url: str
-    dataset: str
-    kind: str = "auto"
-    checksum: str | None = None  # filled by the driver (md5 locally, ETag on S3)
+from curation.data.shards import file_checksum, shard_name
+from curation.scoring.scorefile import (  # noqa: F401 - re-exported: the engine's public types
+    META_PREFIX,
+    ShardResult,
+    ShardTask,
+    is_done,
+    read_score_metadata,
+    score_file_url,
+    score_shard,
+)
+from scorers import build_scorer
+from scorers.base import Scorer
 
 
 @dataclass
@@ -63,23 +48,6 @@ class ScorerSpec:
 
     def build(self) -> Scorer:
         return build_scorer(self.name, **self.params)
-
-
-@dataclass
-class ShardResult:
-    url: str
-    dataset: str
-    out: str
-    rows: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-    skipped: bool = False
-    failed: str | None = None
-    attempts: int = 1
-    peak_rss_mb: float | None = None  # of the process that scored the shard, at the end of it
-    node: str = ""  # the Ray node that scored it (empty when scored in-process)
-    started_at: float | None = None  # wall clock when the worker began the shard (throughput windows)
-    pid: int | None = None  # the process that scored it
 
 
 @dataclass
@@ -119,163 +87,6 @@ class RunReport:
         }
 
 
-# --------------------------------------------------------------------------- paths & metadata
-
-
-def score_file_url(work: str, scorer: str, dataset: str, shard: str) -> str:
-    return storage.join(work, "scores", scorer, f"dataset={dataset}", f"{shard}.parquet")
-
-
-def read_score_metadata(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str] | None:
-    """The ``curation.*`` metadata of a score file, or None if it does not exist / is unreadable."""
-    fs, path = storage.get_fs(url, storage_options)
-    if not fs.exists(path):
-        return None
-    try:
-        with fs.open(path, "rb") as f:
-            md = pq.read_metadata(f).metadata or {}
-    except Exception:  # noqa: BLE001 - an unreadable file is simply not done
-        return None
-    return {k[len(META_PREFIX):].decode(): v.decode() for k, v in md.items() if k.startswith(META_PREFIX)}
-
-
-def is_done(md: dict[str, str] | None, config_hash: str, shard_checksum: str | None) -> bool:
-    """Whether a score file's metadata says it holds this scorer config's scores of these shard bytes."""
-    if md is None or md.get("config_hash") != config_hash:
-        return False
-    return shard_checksum is None or md.get("shard_checksum") == shard_checksum
-
-
-# --------------------------------------------------------------------------- one shard
-
-
-def _batches(task: ShardTask, batch_size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for s in read_shard(task.url, kind=task.kind, dataset=task.dataset):
-        batch.append(s)
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _prefetch(task: ShardTask, scorer: Scorer, batch_size: int, depth: int) -> Iterator[Any]:
-    """Read + prepare batches on a thread, ``depth`` batches ahead of the consumer."""
-    return prefetch((scorer.prepare(b) for b in _batches(task, batch_size)), depth, name=f"prefetch-{task.url}",
-                    join_timeout=5)
-
-
-def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int = 64, prefetch: int = 2,
-                storage_options: dict[str, Any] | None = None) -> ShardResult:
-    """Score one shard with a set-up scorer and write its Parquet file atomically."""
-    t0 = time.time()
-    schema = pa.schema(list(IDENTITY_SCHEMA) + list(scorer.schema()))
-    tables: list[pa.Table] = []
-    errors = 0
-    for prepared in _prefetch(task, scorer, batch_size, prefetch):
-        cols = scorer.compute(prepared)
-        n = len(prepared.samples)
-        ident = {
-            "dataset": [s.dataset for s in prepared.samples],
-            "shard": [s.shard for s in prepared.samples],
-            "key": [s.key for s in prepared.samples],
-            "kind": [s.kind for s in prepared.samples],
-            "error": list(prepared.errors),
-        }
-        errors += sum(e is not None for e in prepared.errors)
-        data = {**ident, **{f.name: cols.get(f.name, [None] * n) for f in scorer.schema()}}
-        tables.append(pa.Table.from_pydict(data, schema=schema))
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    meta = {
-        "scorer": scorer.name,
-        "version": scorer.version,
-        "identity": json.dumps(scorer.identity(), sort_keys=True, default=str),
-        "config_hash": scorer.config_hash(),
-        "shard_url": task.url,
-        "shard_checksum": task.checksum or "",
-        "dataset": task.dataset,
-        "rows": str(table.num_rows),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    table = table.replace_schema_metadata({META_PREFIX + k.encode(): v.encode() for k, v in meta.items()})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(out_url, buf.getvalue(), storage_options)
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return ShardResult(task.url, task.dataset, out_url, rows=table.num_rows, errors=errors, seconds=time.time() - t0,
-                       peak_rss_mb=round(peak, 1), started_at=t0, pid=os.getpid())
-
-
-# --------------------------------------------------------------------------- Ray
-
-
-def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
-    """``ray.init`` once: the cluster in ``address``/``RAY_ADDRESS`` if set, else a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from e
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-
-
-def _check_reachable(address: str, timeout: float = 3.0) -> None:
-    """Fail at once on a Ray address nothing listens on (ray.init would retry for minutes)."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        return  # let Ray interpret unusual forms itself
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from None
-
-
-def _make_worker_class():
-    import ray
-
-    @ray.remote
-    class ScoringWorker:
-        """Holds one set-up scorer (its model loaded once) and scores shards with it."""
-
-        def __init__(self, name: str, params: dict[str, Any], threads: int, gpus: float = 0.0) -> None:
-            import inspect
-
-            import torch
-
-            torch.set_num_threads(max(1, threads))
-            params = dict(params)
-            cls = scorer_class(name)
-            if gpus > 0 and "device" not in params and "device" in inspect.signature(cls.__init__).parameters:
-                params["device"] = "cuda"  # a worker given a GPU uses it unless told otherwise
-            self.scorer = cls(**params)
-            self.scorer.setup()
-
-        def score(self, task: ShardTask, out_url: str, batch_size: int) -> ShardResult:
-            result = score_shard(self.scorer, task, out_url, batch_size)
-            result.node = ray.get_runtime_context().get_node_id()
-            return result
-
-    return ScoringWorker
-
-
 class SourceConflictError(ValueError):
     """Two input shards that would share one score file (same dataset, same shard name)."""
 
@@ -285,7 +96,6 @@ def plan_tasks(tasks: list[ShardTask], scorer: Scorer, work: str,
     """Fill in shard checksums; split into (to score, already done). Two sources with one
     identity (dataset, shard name), in this run or in a score file an earlier run wrote, are
     refused before anything is scored, naming both: one would overwrite the other."""
-    from curation.data.shards import shard_name
 
     todo, done, conflicts = [], [], []
     claimed: dict[str, str] = {}  # score file -> the shard url of this run that claims it
@@ -313,6 +123,15 @@ def plan_tasks(tasks: list[ShardTask], scorer: Scorer, work: str,
 ProgressFn = Callable[[ShardResult, int, int], None]  # (result, shards done, shards total)
 
 
+def _recorder(report: RunReport, total: int, progress: ProgressFn | None) -> Callable[[ShardResult], None]:
+    def record(result: ShardResult) -> None:
+        report.shards.append(result)
+        if progress:
+            progress(result, len(report.shards), total)
+
+    return record
+
+
 def run_scoring(
     tasks: list[ShardTask],
     spec: ScorerSpec,
@@ -323,92 +142,36 @@ def run_scoring(
     num_cpus: int | None = None,
 ) -> RunReport:
     """Score ``tasks`` with one scorer on Ray; return what was scored, skipped and failed."""
-    import ray
-
-    from curation.data.shards import shard_name
+    from curation.common.raycluster import ensure_ray
+    from curation.scoring.workers import WorkerPool
 
     t0 = time.time()
     scorer = spec.build()  # identity only: the model loads in the workers
     report = RunReport(spec.name, scorer.config_hash(), work)
+    record = _recorder(report, len(tasks), progress)
     todo, done = plan_tasks(tasks, scorer, work)
-    report.shards.extend(done)
-    total = len(tasks)
     for r in done:
-        if progress:
-            progress(r, len(report.shards), total)
-    if not todo:
-        report.seconds = time.time() - t0
-        return report
-    ensure_ray(num_cpus, ray_address)
-    Worker = _make_worker_class()
-    n_workers = max(1, min(spec.workers, len(todo)))
-    threads = max(1, int(spec.num_cpus))
-    opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
-
-    def new_worker():
-        return Worker.options(**opts).remote(spec.name, spec.params, threads, spec.num_gpus)
-
-    workers = [new_worker() for _ in range(n_workers)]
-    pending: list[tuple[ShardTask, int]] = [(t, 1) for t in todo]
-    running: dict[Any, tuple[ShardTask, int, int]] = {}  # ref -> (task, attempt, worker index)
-    free = list(range(n_workers))
-    while pending or running:
-        while pending and free:
-            task, attempt = pending.pop(0)
-            w = free.pop(0)
-            out = score_file_url(work, spec.name, task.dataset, shard_name(task.url))
-            running[workers[w].score.remote(task, out, spec.batch_size)] = (task, attempt, w)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        ref = ready[0]
-        task, attempt, w = running.pop(ref)
+        record(r)
+    if todo:
+        ensure_ray(num_cpus, ray_address)
+        pool = WorkerPool(spec, min(spec.workers, len(todo)))
         try:
-            result: ShardResult = ray.get(ref)
-            result.attempts = attempt
-        except Exception as e:  # noqa: BLE001 - the shard failed; others go on
-            if isinstance(e, ray.exceptions.RayActorError):
-                workers[w] = new_worker()  # the actor died (OOM, segfault): replace it
-            reason = _short_error(e)
-            if attempt <= spec.max_retries and not _is_permanent(e):
-                log.warning("scoring %s with %s failed (attempt %d), retrying: %s", task.url, spec.name, attempt, reason)
-                pending.append((task, attempt + 1))
-                free.append(w)
-                continue
-            out = score_file_url(work, spec.name, task.dataset, shard_name(task.url))
-            result = ShardResult(task.url, task.dataset, out, failed=reason, attempts=attempt)
-        free.append(w)
-        report.shards.append(result)
-        if progress:
-            progress(result, len(report.shards), total)
-    for w in workers:
-        ray.kill(w)
+            pool.run(todo, work, record)
+        finally:
+            pool.close()
     report.seconds = time.time() - t0
     return report
 
 
-def _is_permanent(e: BaseException) -> bool:
-    """A shard that is empty or not a tar fails the same way every time: no retry."""
-    from curation.data.shards import ShardError
-
-    return isinstance(getattr(e, "cause", None) or e, ShardError)
-
-
-def _short_error(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
-
-
 def score_local(tasks: list[ShardTask], spec: ScorerSpec, work: str, progress: ProgressFn | None = None) -> RunReport:
     """The same as :func:`run_scoring` in this process, without Ray (notebooks, debugging)."""
-    from curation.data.shards import shard_name
-
     t0 = time.time()
     scorer = spec.build()
     report = RunReport(spec.name, scorer.config_hash(), work)
+    record = _recorder(report, len(tasks), progress)
     todo, done = plan_tasks(tasks, scorer, work)
-    report.shards.extend(done)
+    for r in done:
+        record(r)
     if todo:
         scorer.setup()
     for task in todo:
@@ -417,9 +180,7 @@ def score_local(tasks: list[ShardTask], spec: ScorerSpec, work: str, progress: P
             result = score_shard(scorer, task, out, spec.batch_size)
         except Exception as e:  # noqa: BLE001
             result = ShardResult(task.url, task.dataset, out, failed=f"{type(e).__name__}: {e}")
-        report.shards.append(result)
-        if progress:
-            progress(result, len(report.shards), len(tasks))
+        record(result)
     report.seconds = time.time() - t0
     return report
 

@@ -285,7 +285,7 @@ def _on_ray(groups: list[Group], out: str, cfg: ReshardConfig, storage_options: 
     running ones finish (their inputs verified, they stay for a rerun), then the failure is raised."""
     import ray
 
-    from curation.scoring.engine import ensure_ray
+    from curation.common.raycluster import ensure_ray
 
     ensure_ray()
     task = ray.remote(num_cpus=1, max_retries=2)(write_group)
