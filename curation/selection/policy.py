@@ -44,119 +44,18 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from curation.selection.rules import RULE_NAMES, Rule
 
 STAGES = ("align", "vision_pretrain", "pretrain", "image_sft", "video_sft")
 
 
 class PolicyError(ValueError):
     """A policy that cannot run; the message names the offending field."""
-
-
-class _Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Optional[str] = None  # the reason recorded for samples this rule drops
-
-
-class Calibration(BaseModel):
-    """Where a calibrated threshold came from (``curation.selection.calibrate``): recorded, not used."""
-
-    model_config = ConfigDict(extra="forbid")
-    trusted: str  # the trusted shards the scores came from
-    column: str
-    quantile: float = Field(ge=0, lt=1)
-    samples: int = Field(ge=1)
-    value: float  # the quantile before rounding
-
-
-class ThresholdRule(_Rule):
-    rule: Literal["threshold"]
-    column: str
-    min: Optional[float] = None
-    max: Optional[float] = None
-    calibration: Optional[Calibration] = None
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "ThresholdRule":
-        if self.min is None and self.max is None:
-            raise ValueError("threshold needs min, max or both")
-        return self
-
-
-class ValidRule(_Rule):
-    rule: Literal["valid"]
-    decodable: bool = True
-    min_size: Optional[int] = Field(None, ge=1)  # both sides at least this many pixels
-    max_aspect_ratio: Optional[float] = Field(None, ge=1)
-    min_caption_words: Optional[int] = Field(None, ge=0)
-    max_caption_words: Optional[int] = Field(None, ge=1)
-    min_caption_chars: Optional[int] = Field(None, ge=0)
-
-
-class DedupRule(_Rule):
-    rule: Literal["dedup"]
-    column: str = "sha256"
-    prefer: Optional[str] = None  # keep the duplicate with the highest value here (default: first by shard, key)
-
-
-class NearDedupRule(_Rule):
-    rule: Literal["near_dedup"]
-    column: str = "phash"
-    max_distance: int = Field(4, ge=0, le=15)  # Hamming distance between 64-bit hashes
-    prefer: Optional[str] = None
-
-
-class TopFractionRule(_Rule):
-    rule: Literal["top_fraction"]
-    column: str
-    fraction: float
-    ascending: bool = False  # keep the lowest values instead
-
-    @field_validator("fraction")
-    @classmethod
-    def _frac(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {v}")
-        return v
-
-
-class TopKRule(_Rule):
-    rule: Literal["top_k"]
-    column: str
-    k: Optional[int] = Field(None, ge=1)
-    fraction: Optional[float] = None  # k as a fraction of the samples still kept
-    ascending: bool = False
-
-    @model_validator(mode="after")
-    def _one(self) -> "TopKRule":
-        if (self.k is None) == (self.fraction is None):
-            raise ValueError("top_k needs exactly one of k or fraction")
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        return self
-
-
-class SqlRule(_Rule):
-    rule: Literal["sql"]
-    keep_where: str  # a DuckDB predicate over the score columns; rows where it is not true are dropped
-
-    @field_validator("keep_where")
-    @classmethod
-    def _one_expression(cls, v: str) -> str:
-        from curation.selection.sqlsafe import check_predicate
-
-        try:
-            check_predicate(v)
-        except ValueError as e:
-            raise ValueError(f"keep_where must be one SQL expression over the score columns: {e}") from None
-        return v
-
-
-Rule = Annotated[Union[ThresholdRule, ValidRule, DedupRule, NearDedupRule, TopFractionRule, TopKRule, SqlRule],
-                 Field(discriminator="rule")]
 
 
 class Policy(BaseModel):
@@ -188,8 +87,7 @@ class Policy(BaseModel):
 def _format(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in (
-            "threshold", "valid", "dedup", "near_dedup", "top_fraction", "top_k", "sql")))
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in RULE_NAMES))
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid policy: " + "; ".join(parts)
 

@@ -1,0 +1,277 @@
+"""Selection rules: each one a class that owns its YAML fields, the score columns it reads, the
+reason it records, and the SQL step that drops samples.
+
+A rule is a pydantic model (its fields are what a policy YAML writes under ``rule: <name>``)
+with three methods:
+
+- ``columns(all_columns)``: the score columns it reads (checked against the store before any
+  query runs, and the only columns the sandboxed query may read);
+- ``label(i)``: the reason recorded in ``dropped_by`` for the samples it drops (``name:`` in
+  the YAML overrides it);
+- ``apply(chain, label)``: appends its step to the dataset's CTE chain (:class:`Chain`), marking
+  ``dropped_by`` on rows it drops among those still kept.
+
+``early = True`` rules (``valid``) run before scorer errors are counted, so a sample is dropped
+for its cause (an empty caption), not for the scorer error that cause produces downstream.
+
+Adding a rule is adding one class here, decorated with :func:`register`: policies accept it,
+the compiler runs it, its reason shows in ``curate select --explain``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from curation.selection.sqlsafe import ident as q
+from curation.selection.sqlsafe import literal as lit
+
+
+def num(x: float) -> str:
+    return repr(float(x))
+
+
+class Chain:
+    """The CTE chain of one dataset: s0 -> s1 -> ... each step marking ``dropped_by``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ctes: list[tuple[str, str]] = []
+        self.n = 0
+
+    def add(self, body: str) -> None:
+        self.n += 1
+        self.ctes.append((self.prev, body))
+
+    def mark(self, reason: str, drop_when: str) -> None:
+        """Drop kept rows for which ``drop_when`` is true (NULL counts as not dropped: callers coalesce)."""
+        self.add(f"SELECT * REPLACE (CASE WHEN dropped_by IS NULL AND ({drop_when}) THEN {lit(reason)} "
+                 f"ELSE dropped_by END AS dropped_by) FROM {self.prev}")
+
+    @property
+    def prev(self) -> str:
+        """The newest CTE: what the next step reads."""
+        return f"{self.prefix}{self.n}"
+
+
+def rank_order(prefer: str | None) -> str:
+    """Which sample of a group is kept: the highest ``prefer`` first, then the first by (shard, key)."""
+    base = "shard, key"
+    return f"{q(prefer)} DESC NULLS LAST, {base}" if prefer else base
+
+
+class SelectionRule(BaseModel):
+    """What every rule shares; subclasses add their fields and the three methods."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Optional[str] = None  # the reason recorded for samples this rule drops
+    early: ClassVar[bool] = False
+
+    def columns(self, all_columns: list[str]) -> list[str]:
+        return [self.column] + ([self.prefer] if getattr(self, "prefer", None) else [])  # type: ignore[attr-defined]
+
+    def label(self, i: int) -> str:
+        return self.name or f"{self.rule}:{self.column}"  # type: ignore[attr-defined]
+
+    def apply(self, chain: Chain, label: str) -> None:
+        raise NotImplementedError
+
+
+RULE_CLASSES: list[type[SelectionRule]] = []
+
+
+def register(cls: type[SelectionRule]) -> type[SelectionRule]:
+    RULE_CLASSES.append(cls)
+    return cls
+
+
+class Calibration(BaseModel):
+    """Where a calibrated threshold came from (``curation.selection.calibrate``): recorded, not used."""
+
+    model_config = ConfigDict(extra="forbid")
+    trusted: str  # the trusted shards the scores came from
+    column: str
+    quantile: float = Field(ge=0, lt=1)
+    samples: int = Field(ge=1)
+    value: float  # the quantile before rounding
+
+
+@register
+class ThresholdRule(SelectionRule):
+    rule: Literal["threshold"]
+    column: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    calibration: Optional[Calibration] = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ThresholdRule":
+        if self.min is None and self.max is None:
+            raise ValueError("threshold needs min, max or both")
+        return self
+
+    def label(self, i: int) -> str:
+        lo = f">={self.min:g}" if self.min is not None else ""
+        hi = f"<={self.max:g}" if self.max is not None else ""
+        return self.name or f"threshold:{self.column}{lo}{hi}"
+
+    def apply(self, chain: Chain, label: str) -> None:
+        conds = []
+        if self.min is not None:
+            conds.append(f"{q(self.column)} >= {num(self.min)}")
+        if self.max is not None:
+            conds.append(f"{q(self.column)} <= {num(self.max)}")
+        chain.mark(label, f"NOT coalesce({' AND '.join(conds)}, false)")
+
+
+@register
+class ValidRule(SelectionRule):
+    rule: Literal["valid"]
+    decodable: bool = True
+    min_size: Optional[int] = Field(None, ge=1)  # both sides at least this many pixels
+    max_aspect_ratio: Optional[float] = Field(None, ge=1)
+    min_caption_words: Optional[int] = Field(None, ge=0)
+    max_caption_words: Optional[int] = Field(None, ge=1)
+    min_caption_chars: Optional[int] = Field(None, ge=0)
+    early: ClassVar[bool] = True
+
+    def _checks(self) -> list[tuple[str, list[str], str]]:
+        """(check, columns read, SQL that keeps) for each check this rule sets."""
+        checks = [("decodable", ["decodable"], "decodable")] if self.decodable else []
+        if self.min_size is not None:
+            checks.append(("min_size", ["width", "height"], f"width >= {self.min_size} AND height >= {self.min_size}"))
+        if self.max_aspect_ratio is not None:
+            checks.append(("max_aspect_ratio", ["aspect_ratio"], f"aspect_ratio <= {num(self.max_aspect_ratio)}"))
+        if self.min_caption_words is not None:
+            checks.append(("min_caption_words", ["caption_words"], f"caption_words >= {self.min_caption_words}"))
+        if self.max_caption_words is not None:
+            checks.append(("max_caption_words", ["caption_words"], f"caption_words <= {self.max_caption_words}"))
+        if self.min_caption_chars is not None:
+            checks.append(("min_caption_chars", ["caption_chars"], f"caption_chars >= {self.min_caption_chars}"))
+        return checks
+
+    def columns(self, all_columns: list[str]) -> list[str]:
+        return list(dict.fromkeys(c for _, cols, _ in self._checks() for c in cols))
+
+    def label(self, i: int) -> str:
+        return self.name or "valid"  # each check appends ':<check>'
+
+    def apply(self, chain: Chain, label: str) -> None:
+        for check, _, keep in self._checks():
+            chain.mark(f"{label}:{check}", f"NOT coalesce({keep}, false)")
+
+
+@register
+class DedupRule(SelectionRule):
+    rule: Literal["dedup"]
+    column: str = "sha256"
+    prefer: Optional[str] = None  # keep the duplicate with the highest value here (default: first by shard, key)
+
+    def apply(self, chain: Chain, label: str) -> None:
+        col = q(self.column)
+        chain.add(
+            f"SELECT * EXCLUDE (_rn) REPLACE (CASE WHEN dropped_by IS NULL AND _rn > 1 THEN {lit(label)} "
+            f"ELSE dropped_by END AS dropped_by) FROM (SELECT *, CASE WHEN dropped_by IS NULL AND {col} "
+            f"IS NOT NULL THEN row_number() OVER (PARTITION BY dropped_by IS NULL, {col} ORDER BY "
+            f"{rank_order(self.prefer)}) END AS _rn FROM {chain.prev})"
+        )
+
+
+@register
+class NearDedupRule(SelectionRule):
+    rule: Literal["near_dedup"]
+    column: str = "phash"
+    max_distance: int = Field(4, ge=0, le=15)  # Hamming distance between 64-bit hashes
+    prefer: Optional[str] = None
+
+    def apply(self, chain: Chain, label: str) -> None:
+        from curation.selection.near_dedup import near_dedup_step
+
+        chain.add(near_dedup_step(chain.prev, self.column, self.max_distance, rank_order(self.prefer), lit(label)))
+
+
+class _RankingRule(SelectionRule):
+    column: str
+    ascending: bool = False  # keep the lowest values instead
+
+    def _limit(self) -> str:
+        raise NotImplementedError
+
+    def apply(self, chain: Chain, label: str) -> None:
+        direction = "ASC" if self.ascending else "DESC"
+        chain.add(
+            f"SELECT * EXCLUDE (_rk, _alive) REPLACE (CASE WHEN dropped_by IS NULL AND (_rk > {self._limit()} OR "
+            f"{q(self.column)} IS NULL) THEN {lit(label)} ELSE dropped_by END AS dropped_by) FROM (SELECT *, "
+            f"row_number() OVER (PARTITION BY dropped_by IS NULL ORDER BY {q(self.column)} {direction} NULLS LAST, "
+            f"shard, key) AS _rk, count(*) FILTER (WHERE dropped_by IS NULL) OVER () AS _alive FROM {chain.prev})"
+        )
+
+
+@register
+class TopFractionRule(_RankingRule):
+    rule: Literal["top_fraction"]
+    fraction: float
+
+    @field_validator("fraction")
+    @classmethod
+    def _frac(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {v}")
+        return v
+
+    def _limit(self) -> str:
+        return f"ceil({num(self.fraction)} * _alive)"
+
+
+@register
+class TopKRule(_RankingRule):
+    rule: Literal["top_k"]
+    k: Optional[int] = Field(None, ge=1)
+    fraction: Optional[float] = None  # k as a fraction of the samples still kept
+
+    @model_validator(mode="after")
+    def _one(self) -> "TopKRule":
+        if (self.k is None) == (self.fraction is None):
+            raise ValueError("top_k needs exactly one of k or fraction")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        return self
+
+    def _limit(self) -> str:
+        return str(int(self.k)) if self.k is not None else f"ceil({num(self.fraction)} * _alive)"
+
+
+@register
+class SqlRule(SelectionRule):
+    rule: Literal["sql"]
+    keep_where: str  # a DuckDB predicate over the score columns; rows where it is not true are dropped
+
+    @field_validator("keep_where")
+    @classmethod
+    def _one_expression(cls, v: str) -> str:
+        from curation.selection.sqlsafe import check_predicate
+
+        try:
+            check_predicate(v)
+        except ValueError as e:
+            raise ValueError(f"keep_where must be one SQL expression over the score columns: {e}") from None
+        return v
+
+    def columns(self, all_columns: list[str]) -> list[str]:
+        """The columns the predicate names (all of them when it cannot tell); unknown names fail
+        when the query runs, with DuckDB's message."""
+        from curation.selection.sqlsafe import check_predicate
+
+        names = check_predicate(self.keep_where)
+        return list(all_columns) if names is None else [c for c in names if c in all_columns]
+
+    def label(self, i: int) -> str:
+        return self.name or f"sql:{i}"
+
+    def apply(self, chain: Chain, label: str) -> None:
+        chain.mark(label, f"NOT coalesce(({self.keep_where}), false)")  # checked at load: one expression
+
+
+RULE_NAMES = tuple(c.model_fields["rule"].annotation.__args__[0] for c in RULE_CLASSES)
+Rule = Annotated[Union[tuple(RULE_CLASSES)], Field(discriminator="rule")]  # type: ignore[valid-type]
