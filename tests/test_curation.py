@@ -114,7 +114,7 @@ def test_ranking_rules_keep_top_within_each_dataset(scored):
     (lambda p: p["datasets"]["mmc4_synth"][1].update(fraction=1.5), r"fraction must be in \(0, 1\]"),
     (lambda p: p["stages"].update(warmup={"coyo_synth": 1}), r"unknown stage 'warmup'"),
     (lambda p: p["stages"]["align"].update(nope=1.0), r"stages\.align\.nope"),
-    (lambda p: p["datasets"]["coyo_synth"].append({"rule": "blur"}), r"datasets\.coyo_synth\.3"),
+    (lambda p: p["datasets"]["coyo_synth"].append({"rule": "blur"}), r"datasets\.coyo_synth\[3\]"),
 ])
 def test_bad_policies_are_refused_before_work(scored, tmp_path, mutate, match):
     pol = json.loads(json.dumps(POLICY))

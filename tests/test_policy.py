@@ -125,7 +125,7 @@ def test_sql_rule_runs_an_expression(tmp_path):
 def test_sql_rule_that_is_not_one_expression_is_refused_at_load(tmp_path, expr, why):
     out = tmp_path / "x.csv"
     policy = _sql_policy(expr.format(out=out))
-    with pytest.raises(PolicyError, match=rf"datasets\.web\.1\.keep_where: .*{why}"):
+    with pytest.raises(PolicyError, match=rf"datasets\.web\[1\]\.keep_where: .*{why}"):
         load_policy(policy)
     # the same through the command line, from a policy file: refused, nothing written
     work = _work(tmp_path, [_row("a")])

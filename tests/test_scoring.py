@@ -306,7 +306,7 @@ def test_bad_recipes_fail_before_work(tmp_path, noisy_corpus, tiny_clip_dir):
     bad(lambda d: d["scorers"][1]["params"].update(model="ViT-B-32", pretrained="no_such_tag"), r"unknown pretrained tag")
     bad(lambda d: d["scorers"][1]["params"].update(threshold="high"), r"scorers\[1\]\.params \(clip\): threshold must be a number")
     r = _run_cli("score", "--config", str(tmp_path / "missing.yaml"))
-    assert r.returncode == 2 and "recipe file not found" in r.stderr
+    assert r.returncode == 2 and "scoring recipe not found" in r.stderr
     assert not (tmp_path / "w").exists()
 
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 STAGE_ORDER = ("align", "vision_pretrain", "pretrain", "image_sft", "video_sft")
 MODULES = ("vision_tower", "projector", "llm")
@@ -139,30 +138,12 @@ class StagePlan(BaseModel):
         return self.lr * self.vision_lr_ratio if "llm" in self.train else self.lr
 
 
-def _format(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {err['msg']}")
-    return "invalid training recipe: " + "; ".join(parts)
-
-
 def load_train_recipe(path_or_dict: str | dict[str, Any], base_dir: str | None = None) -> TrainRecipe:
-    if isinstance(path_or_dict, str):
-        if not os.path.exists(path_or_dict):
-            raise TrainRecipeError(f"training recipe not found: {path_or_dict}")
-        with open(path_or_dict) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise TrainRecipeError(f"training recipe {path_or_dict} is not valid YAML: {e}") from None
-        base = base_dir or os.path.dirname(os.path.abspath(path_or_dict))
-    else:
-        data, base = dict(path_or_dict), base_dir or os.getcwd()
-    try:
-        recipe = TrainRecipe.model_validate(data)
-    except ValidationError as e:
-        raise TrainRecipeError(_format(e)) from None
+    """Parse and validate a training recipe; resolve ``init`` and ``output`` relative to its file."""
+    from curation.common.yamlfile import load_yaml_model
+
+    recipe, base = load_yaml_model(path_or_dict, TrainRecipe, what="training recipe", error=TrainRecipeError,
+                                   empty_hint="give it init: (a checkpoint) and stages:", base_dir=base_dir)
     for field in ("init", "output"):
         v = os.path.expanduser(getattr(recipe, field))
         if "://" not in v and not os.path.isabs(v):

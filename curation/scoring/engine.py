@@ -21,17 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from curation.data.shards import file_checksum, shard_name
-from curation.scoring.scorefile import (  # noqa: F401 - re-exported: the engine's public types
-    META_PREFIX,
-    ShardResult,
-    ShardTask,
-    is_done,
-    read_score_metadata,
-    score_file_url,
-    score_shard,
-)
+from curation.scoring.scorefile import ShardResult, ShardTask, is_done, read_score_metadata, score_file_url, score_shard
 from scorers import build_scorer
 from scorers.base import Scorer
+
+__all__ = ["ScorerSpec", "ShardTask", "ShardResult", "RunReport", "SourceConflictError", "plan_tasks", "run_scoring",
+           "score_local", "score_file_url", "read_score_metadata", "to_json"]
 
 
 @dataclass

@@ -23,8 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curation.data import storage
 
@@ -93,33 +92,12 @@ def _resolve(path: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, path))
 
 
-def _format(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
-        parts.append(f"{loc}: {err['msg']}")
-    return "invalid recipe: " + "; ".join(parts)
-
-
 def load_score_recipe(path_or_dict: str | dict[str, Any], base_dir: str | None = None) -> ScoreRecipe:
-    """Parse and validate a recipe; resolve paths; check that shards and models exist."""
-    if isinstance(path_or_dict, str):
-        if not os.path.exists(path_or_dict):
-            raise RecipeError(f"recipe file not found: {path_or_dict}")
-        with open(path_or_dict) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise RecipeError(f"recipe {path_or_dict} is not valid YAML: {e}") from None
-        base = base_dir or os.path.dirname(os.path.abspath(path_or_dict))
-    else:
-        data, base = path_or_dict, base_dir or os.getcwd()
-    if not isinstance(data, dict):
-        raise RecipeError("recipe must be a mapping with work, sources and scorers")
-    try:
-        recipe = ScoreRecipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(_format(e)) from None
+    """Parse and validate a recipe; resolve paths relative to its file."""
+    from curation.common.yamlfile import load_yaml_model
+
+    recipe, base = load_yaml_model(path_or_dict, ScoreRecipe, what="scoring recipe", error=RecipeError,
+                                   empty_hint="give it work, sources and scorers", base_dir=base_dir)
     recipe.work = _resolve(recipe.work, base)
     for i, src in enumerate(recipe.sources):
         specs = [src.shards] if isinstance(src.shards, str) else src.shards

@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curation.selection.rules import RULE_NAMES, Rule
 
@@ -84,33 +82,14 @@ class Policy(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in RULE_NAMES))
-        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "invalid policy: " + "; ".join(parts)
-
-
 def load_policy(path_or_dict: str | dict[str, Any]) -> Policy:
-    where = "policy"
-    if isinstance(path_or_dict, str):
-        where = f"policy {path_or_dict}"
-        if not os.path.exists(path_or_dict):
-            raise PolicyError(f"policy file not found: {path_or_dict}")
-        with open(path_or_dict) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise PolicyError(f"{where} is not valid YAML: {e}") from None
-    else:
-        data = path_or_dict
-    if not data:  # an empty file would keep everything: surely not what its author meant
-        raise PolicyError(f"{where} is empty: give it rules (defaults:, datasets:) and stages:")
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as e:
-        raise PolicyError(_format(e)) from None
+    """Parse and validate a selection policy (a YAML file or a mapping)."""
+    from curation.common.yamlfile import load_yaml_model
+
+    # an empty policy would keep everything: surely not what its author meant
+    policy, _ = load_yaml_model(path_or_dict, Policy, what="policy", error=PolicyError, hidden=RULE_NAMES,
+                                empty_hint="give it rules (defaults:, datasets:) and stages:")
+    return policy
 
 
 # --------------------------------------------------------------------------- run
