@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
@@ -37,10 +37,9 @@ def _file_sha(url: str) -> str:
 
 
 def score_key(context: Any, params: dict[str, Any]) -> str:
-    """Recipe bytes, every input shard's version, the scorer's config hash (weights included)."""
-    from curation.scoring.recipe import scoring_fingerprint
-
-    return scoring_fingerprint(params["recipe_path"], params["scorer"])
+    """Recipe bytes, every input shard's version, the scorer's config hash (weights included):
+    ``ScoringPlan.fingerprint``."""
+    return params["plan"].fingerprint(params["scorer"])
 
 
 def curate_key(context: Any, params: dict[str, Any]) -> str:
@@ -85,10 +84,12 @@ class ByContent(CachePolicy):
     """Task source + parameters + ``content``'s key of what the task reads."""
 
     content: Optional[Callable[[Any, dict[str, Any]], str]] = None
+    exclude: list[str] = field(default_factory=list)  # parameters ``content`` already covers (not hashable as is)
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> Optional[str]:
         key = self.content(task_ctx, inputs) if self.content else ""
-        base = (TASK_SOURCE + INPUTS).compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters,
+        plain = {k: v for k, v in inputs.items() if k not in self.exclude}
+        base = (TASK_SOURCE + INPUTS).compute_key(task_ctx=task_ctx, inputs=plain, flow_parameters=flow_parameters,
                                                   **kwargs)
         return _sha([base, key])

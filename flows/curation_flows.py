@@ -7,22 +7,14 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from flows.tasks import curation_report, run_curate, run_score, select_task, selection_table
-
-
-def _scorer_names(recipe_path: str) -> list[str]:
-    from curation.scoring.recipe import check_recipe, load_score_recipe
-
-    if not os.path.exists(recipe_path):
-        raise FileNotFoundError(f"scoring recipe not found: {recipe_path}")
-    _, specs = check_recipe(load_score_recipe(recipe_path))  # a bad recipe fails the run here, before any work
-    return [s.name for s in specs]
+from flows.tasks import curation_report, run_curate, run_score, scoring_plan, select_task, selection_table
 
 
 @flow(name="score", log_prints=True)
 def score_flow(recipe: str) -> list[dict[str, Any]]:
     """Score every shard of the recipe's sources with each of its scorers (Ray inside the tasks)."""
-    return [run_score(recipe, name) for name in _scorer_names(recipe)]
+    plan = scoring_plan(recipe)
+    return [run_score(plan, name) for name in plan.scorer_names]
 
 
 @flow(name="select", log_prints=True)
@@ -48,13 +40,12 @@ def reshard_flow(work: str, policy: str, out: str, max_samples: int = 1000, shuf
 def curate_flow(score_recipe: str, policy: str, out: str, max_samples: int = 1000,
                 shuffle_seed: Optional[int] = None) -> dict[str, Any]:
     """Score, select, reshard, manifest. Publishes the kept/dropped table and a report with histograms."""
-    from curation.scoring.recipe import load_score_recipe
-
     log = get_run_logger()
     if not os.path.exists(policy):
         raise FileNotFoundError(f"policy not found: {policy}")
-    scores = score_flow(score_recipe)
-    work = load_score_recipe(score_recipe).work
+    plan = scoring_plan(score_recipe)
+    scores = [run_score(plan, name) for name in plan.scorer_names]
+    work = plan.work
     curated = run_curate(work, policy, out, max_samples, shuffle_seed, _scores=[s["config_hash"] for s in scores])
     selection_table(curated)
     curation_report(work, curated)

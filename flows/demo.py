@@ -20,6 +20,7 @@ from flows.tasks import (
     curation_report,
     run_curate,
     run_score,
+    scoring_plan,
     run_train,
     selection_table,
     synthesize_task,
@@ -70,7 +71,8 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     recipe_path = os.path.join(out, "score.yaml")
     with open(recipe_path, "w") as f:
         yaml.safe_dump(d.score_recipe(cfg.datasets, filt["dir"], proxies), f, sort_keys=False)
-    scores = [run_score(recipe_path, name) for name in ("basic", "clip", "deltaloss")]
+    plan = scoring_plan(recipe_path)
+    scores = [run_score(plan, name) for name in plan.scorer_names]
     timings["score"] = round(time.time() - t0, 1)
 
     t0 = time.time()

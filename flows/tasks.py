@@ -19,6 +19,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from curation.scoring.plan import ScoringPlan
 from flows.caching import CACHE_TTL, ByContent, curate_key, fresh_unless, score_key, train_key, train_output_present
 
 
@@ -58,24 +59,17 @@ def train_proxies_task(trusted: str, out: str, steps: int = 20, seed: int = 0) -
     return {k: v["dir"] for k, v in res.items()}
 
 
-@task(name="score", retries=2, retry_delay_seconds=5,
-      cache_policy=ByContent(content=score_key), cache_expiration=CACHE_TTL, persist_result=True)
-def score_task(recipe_path: str, scorer: str) -> dict[str, Any]:
-    """One scorer of a recipe over all its shards, on Ray."""
-    from curation.scoring.engine import run_scoring
-    from curation.scoring.recipe import check_recipe, load_score_recipe
-
+@task(name="score", retries=2, retry_delay_seconds=5, task_run_name="score-{scorer}",
+      cache_policy=ByContent(content=score_key, exclude=["plan"]), cache_expiration=CACHE_TTL, persist_result=True)
+def score_task(plan: ScoringPlan, scorer: str) -> dict[str, Any]:
+    """One scorer of a resolved scoring plan over all its shards, on Ray."""
     log = get_run_logger()
-    recipe = load_score_recipe(_check_file(recipe_path, "scoring recipe"))
-    tasks, specs = check_recipe(recipe)
-    spec = next(s for s in specs if s.name == scorer)
 
     def progress(result, done, total):
         state = "skipped (done)" if result.skipped else ("FAILED: " + result.failed if result.failed else f"{result.rows} rows")
         log.info("[%s] %d/%d %s: %s", scorer, done, total, result.url, state)
 
-    report = run_scoring(tasks, spec, recipe.work, progress=progress, ray_address=recipe.ray.address,
-                         num_cpus=recipe.ray.num_cpus)
+    report = plan.run(scorer, progress)
     summary = report.summary()
     if report.failed:
         raise RuntimeError(f"{scorer}: {len(report.failed)} shard(s) failed: {summary['failed'][:3]}")
@@ -119,12 +113,14 @@ def train_task(manifest: str, recipe: str | dict) -> dict[str, Any]:
     return train_from_manifest(manifest, recipe, info=log.info)
 
 
-def run_score(recipe_path: str, scorer: str) -> dict[str, Any]:
-    """``score_task``, forced to run (and re-cache) when any score file it writes is missing."""
-    from curation.scoring.recipe import score_files_present
+def scoring_plan(recipe_path: str) -> ScoringPlan:
+    """The recipe resolved once for a whole flow run; a bad recipe fails the run here, before any work."""
+    return ScoringPlan.resolve(_check_file(recipe_path, "scoring recipe"))
 
-    _check_file(recipe_path, "scoring recipe")
-    return fresh_unless(score_task, score_files_present(recipe_path, scorer))(recipe_path, scorer)
+
+def run_score(plan: ScoringPlan, scorer: str) -> dict[str, Any]:
+    """``score_task``, forced to run (and re-cache) when any score file it writes is missing."""
+    return fresh_unless(score_task, plan.outputs_present(scorer))(plan, scorer)
 
 
 def run_curate(work: str, policy_path: str, out: str, *args: Any, **kwargs: Any) -> dict[str, Any]:

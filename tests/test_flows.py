@@ -75,12 +75,13 @@ def test_curate_flow_publishes_table_and_report(harness, corpus):
 def test_rerun_with_same_inputs_hits_the_cache(harness, corpus):
     from prefect import flow
 
-    from flows.tasks import curate_task, score_task
+    from flows.tasks import curate_task, score_task, scoring_plan
 
     @flow
     def twice(recipe: str, policy: str, out: str):
-        a = score_task(recipe, "basic", return_state=True)
-        b = score_task(recipe, "basic", return_state=True)
+        plan = scoring_plan(recipe)
+        a = score_task(plan, "basic", return_state=True)
+        b = score_task(plan, "basic", return_state=True)
         c = curate_task(str(corpus / "work"), policy, out, return_state=True)
         d = curate_task(str(corpus / "work"), policy, out, return_state=True)
         return [s.name for s in (a, b, c, d)]
@@ -243,7 +244,7 @@ def test_cache_keys_follow_content_not_names(harness, tmp_path):
     """Same paths, changed bytes: a rewritten shard or an edited policy is never a cache hit."""
     from prefect import flow
 
-    from flows.tasks import curate_task, score_task
+    from flows.tasks import curate_task, score_task, scoring_plan
 
     corpus = tmp_path / "corpus"
     synthesize(str(corpus), SynthConfig(seed=4, datasets=[DatasetSpec("coyo_synth", "pair", 16, {}, 8)]))
@@ -254,7 +255,7 @@ def test_cache_keys_follow_content_not_names(harness, tmp_path):
 
     @flow
     def once():
-        s = score_task(str(recipe), "basic", return_state=True)
+        s = score_task(scoring_plan(str(recipe)), "basic", return_state=True)
         c = curate_task(str(tmp_path / "work"), str(policy), str(tmp_path / "out"), return_state=True)
         return s.name, c.name
 

@@ -168,25 +168,22 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print the run reports as JSON"),
 ) -> None:
     """Score every sample of the recipe's shards with its scorers (Ray, resumable)."""
-    from curation.scoring.engine import SourceConflictError, run_scoring
-    from curation.scoring.recipe import RecipeError, check_recipe, load_score_recipe
+    from curation.scoring.engine import SourceConflictError
+    from curation.scoring.plan import ScoringPlan
+    from curation.scoring.recipe import RecipeError
 
     try:
-        recipe = load_score_recipe(config)
-        tasks, specs = check_recipe(recipe)
+        plan = ScoringPlan.resolve(config)
+        if only:
+            plan = plan.only([n for n in plan.scorer_names if n in only] + sorted(set(only) - set(plan.scorer_names)))
     except RecipeError as e:
         _fail(str(e))
-    if only:
-        unknown = set(only) - {s.name for s in specs}
-        if unknown:
-            _fail(f"--scorer {sorted(unknown)} not in the recipe (it has {[s.name for s in specs]})")
-        specs = [s for s in specs if s.name in only]
-    console.print(f"scoring {len(tasks)} shard(s) with {', '.join(s.name for s in specs)} -> {recipe.work}")
+    console.print(f"scoring {len(plan.tasks)} shard(s) with {', '.join(plan.scorer_names)} -> {plan.work}")
     reports = []
-    for spec in specs:
+    for spec in plan.specs:
         t0 = time.time()
         with _progress() as prog:
-            task = prog.add_task(spec.name, total=len(tasks), rate="")
+            task = prog.add_task(spec.name, total=len(plan.tasks), rate="")
             stats = {"rows": 0, "errors": 0, "failed": 0, "skipped": 0}
 
             def tick(result, done, total, prog=prog, task=task, stats=stats, t0=t0):
@@ -204,8 +201,7 @@ def score(
                     f"{stats['failed']} failed"))
 
             try:
-                report = run_scoring(tasks, spec, recipe.work, progress=tick, ray_address=recipe.ray.address,
-                                     num_cpus=recipe.ray.num_cpus)
+                report = plan.run(spec.name, progress=tick)
             except SourceConflictError as e:
                 _fail(str(e))
         reports.append(report.summary())

@@ -26,7 +26,7 @@ from scorers import build_scorer
 from scorers.base import Scorer
 
 __all__ = ["ScorerSpec", "ShardTask", "ShardResult", "RunReport", "SourceConflictError", "plan_tasks", "run_scoring",
-           "score_local", "score_file_url", "read_score_metadata", "to_json"]
+           "score_local", "score_file_url", "ProgressFn", "read_score_metadata", "to_json"]
 
 
 @dataclass

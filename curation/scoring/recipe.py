@@ -147,38 +147,3 @@ def check_recipe(recipe: ScoreRecipe) -> tuple[list[Any], list[Any]]:
             raise RecipeError(f"scorers[{i}].params ({sc.name}): {e}") from None
         specs.append(ScorerSpec(sc.name, dict(sc.params), sc.batch_size, sc.workers, sc.num_cpus, sc.num_gpus, sc.max_retries))
     return tasks, specs
-
-
-def scoring_fingerprint(path: str, scorer: str) -> str:
-    """A content key for scoring ``path``'s shards with ``scorer``: what it reads, not its names.
-
-    It covers the recipe file's bytes, every input shard's version (size and mtime locally, the
-    ETag on S3: metadata only, no data read) and the scorer's config hash (which includes its
-    weights' checksum). A new, changed or removed shard, an edited recipe or retrained weights
-    give a new key.
-    """
-    import hashlib
-    import json
-
-    recipe = load_score_recipe(path)
-    tasks, specs = check_recipe(recipe)
-    spec = next((s for s in specs if s.name == scorer), None)
-    if spec is None:
-        raise RecipeError(f"scorer {scorer!r} is not in recipe {path}")
-    with open(path, "rb") as f:
-        recipe_sha = hashlib.sha256(f.read()).hexdigest()
-    blob = {"recipe": recipe_sha, "shards": [v for t in tasks for v in storage.versions(t.url)],
-            "scorer": spec.build().config_hash(), "work": recipe.work}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-def score_files_present(path: str, scorer: str) -> bool:
-    """Whether every score file that scoring ``path`` with ``scorer`` writes exists (one listing)."""
-    from curation.scoring.engine import score_file_url
-    from curation.data.shards import shard_name
-
-    recipe = load_score_recipe(path)
-    tasks, _ = check_recipe(recipe)
-    present = {u for u, v in storage.versions(storage.join(recipe.work, "scores", scorer)) if v != "missing"}
-    expected = (score_file_url(recipe.work, scorer, t.dataset, shard_name(t.url)) for t in tasks)
-    return all(storage.to_url(*storage.get_fs(u)) in present for u in expected)
