@@ -1,0 +1,151 @@
+"""``curate train``, ``eval``, ``init-model``, ``train-proxies``, ``demo``: train on a curated manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from curation.app.base import app, console, fail, out_console
+from curation.app.commands_data import print_synth_summary
+
+
+@app.command()
+def train(
+    manifest: str = typer.Option(..., "--manifest", "-m", help="Curated manifest.json: the only data input training needs"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Training recipe (YAML): init, output, stages, ..."),
+) -> None:
+    """Train NVILA stage by stage from a curated manifest (Ray Train or in-process)."""
+    from training_hooks.kickoff import TrainingInputError, train_from_manifest
+    from training_hooks.recipe import TrainRecipeError
+
+    try:
+        report = train_from_manifest(manifest, recipe, info=lambda t: out_console.print(t, markup=False, highlight=False))
+    except (TrainingInputError, TrainRecipeError) as e:
+        fail(str(e))
+    out_console.print(f"trained on manifest {report['manifest_id']}; final checkpoint {report['final_checkpoint']}; "
+                      f"report {os.path.join(os.path.dirname(report['loss_plot']), 'training_report.json')}")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="NVILA directory (save_pretrained, a stage's final/)"),
+    shards: list[str] = typer.Option(..., "--shards", help="Held-out shards (folders, patterns, URLs)"),
+    ground_truth: Optional[str] = typer.Option(None, help="ground_truth.parquet of the synthetic corpus (default: "
+                                                          "the one beside the shards' dataset folders, if any)"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Gallery folder (default <checkpoint>/eval)"),
+    limit: int = typer.Option(200, help="Evaluate the first N readable samples"),
+    gallery: int = typer.Option(16, help="Images in the gallery"),
+    batch_size: int = typer.Option(16),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+) -> None:
+    """Held-out loss and caption accuracy (greedy captions judged against the synthetic ground
+    truth), with a gallery of images and their generated and true captions."""
+    from training_hooks.evaluate import evaluate_checkpoint, public
+
+    try:
+        report = public(evaluate_checkpoint(checkpoint, shards, ground_truth=ground_truth, out_dir=out, limit=limit,
+                                            gallery=gallery, batch_size=batch_size))
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        out_console.print_json(json.dumps(report))
+        return
+    acc = report["caption_accuracy"]
+    out_console.print(f"{report['samples']} samples from {report['shards']} shard(s); held-out loss "
+                      f"{report['heldout_loss']}", markup=False, highlight=False)
+    if acc is None:
+        out_console.print("caption accuracy: n/a (no ground truth)")
+    else:
+        out_console.print(f"caption accuracy {acc:.1%} over {report['images']} clean images; per attribute "
+                          f"{report['per_attribute']}; position stated in {report['position_stated']:.0%}",
+                          markup=False, highlight=False)
+    out_console.print(f"gallery: {report['gallery']['png']} and {report['gallery']['markdown']}", markup=False)
+
+
+@app.command("init-model")
+def init_model(
+    manifest: str = typer.Option(..., "--manifest", "-m", help="Manifest whose curated text trains the tokenizer"),
+    out: str = typer.Option(..., "--out", "-o", help="Where to save the NVILA directory"),
+    size: str = typer.Option("tiny", help="tiny | small"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build a small NVILA (and a BPE tokenizer from the curated captions) to train from when
+    no pretrained checkpoint is at hand."""
+    from curation.selection.manifest import load_manifest
+    from training_hooks.bootstrap import init_tiny_model
+
+    if size not in ("tiny", "small"):
+        fail(f"unknown size {size!r}: use tiny or small")
+    try:
+        m = load_manifest(manifest)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    init_tiny_model(m, out, size=size, seed=seed)
+    out_console.print(f"saved a {size} NVILA to {out}")
+
+
+@app.command("train-proxies")
+def train_proxies_cmd(
+    trusted: list[str] = typer.Option(..., "--trusted", help="Trusted seed shards (folders, patterns, URLs)"),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the proxies: <out>/small and <out>/large"),
+    steps: int = typer.Option(60, help="Training steps per stage for the small proxy (and per round for the large)"),
+    max_rounds: int = typer.Option(10, min=1, help="Most rounds the large proxy trains before early stopping"),
+    batch_size: int = typer.Option(8),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a small and a large NVILA proxy on trusted data, for the DeltaLoss scorer (the large
+    one to convergence: early stopping on the trusted data's held-out slice)."""
+    from training_hooks.proxies import train_proxies
+
+    try:
+        res = train_proxies(trusted, out, steps=steps, batch_size=batch_size, seed=seed, max_rounds=max_rounds,
+                            info=lambda t: out_console.print(t, markup=False, highlight=False))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e))
+    for name, r in res.items():
+        out_console.print(f"{name} proxy: {r['dir']}  " + ", ".join(f"{s}: {a:.3f}->{b:.3f}" for s, a, b in r["stages"]))
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("./curate-demo", "--out", "-o", help="Working folder for everything the demo writes"),
+    size: str = typer.Option("small", help="Corpus size: tiny | small | medium | large | <number of pairs>"),
+    seed: int = typer.Option(0),
+    train: bool = typer.Option(True, help="Also train the tiny NVILA through its stages from the manifest"),
+) -> None:
+    """The whole service end to end on embedded defaults, as a Prefect flow (ephemeral server,
+    local Ray): synthesize, train the DFN filter and DeltaLoss proxies, score, select, reshard,
+    write the manifest, train NVILA stage by stage, and write a report with plots."""
+    from curation.corpus.synth import SynthConfig
+
+    try:
+        SynthConfig.preset(size)
+    except ValueError as e:
+        fail(str(e))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from flows.demo import demo_flow
+    from flows.local_server import local_prefect
+
+    # no Prefect server configured: the run gets its own database under --out (see flows/local_server.py)
+    with local_prefect(os.path.join(out, ".prefect"), info=lambda m: console.print(m, markup=False)) as where:
+        console.print(f"Prefect runs recorded at {where}", markup=False, highlight=False)
+        report = demo_flow(out=out, size=size, seed=seed, train=train)
+    print_synth_summary(report["corpus"])
+    t = Table(title="injected noise vs the curated selection (ground truth)")
+    for col in ("dataset", "noise", "samples", "kept", "main reason"):
+        t.add_column(col)
+    for row in report["noise_caught"]:
+        t.add_row(row["dataset"], row["noise"], str(row["samples"]), str(row["kept"]), str(row["main_reason"] or "-"))
+    out_console.print(t)
+    out_console.print(f"injected noise dropped: {report['noise_dropped_fraction']:.1%}, clean kept: "
+                      f"{report['clean_kept_fraction']:.1%}; CLIP AUC {report['clip_auc_clean_vs_mismatched']}")
+    out_console.print(f"manifest {report['manifest']['id']}: {report['manifest']['path']}")
+    if report.get("training"):
+        out_console.print("training: " + ", ".join(f"{s['stage']} {s['first_loss']:.2f}->{s['last_loss']:.2f}"
+                                                   for s in report["training"]["stages"]))
+    out_console.print(f"timings (s): {report['timings_s']}")
+    out_console.print(f"report: {report['report']['html']} (and {report['report']['markdown']})")
