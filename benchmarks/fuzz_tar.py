@@ -38,7 +38,7 @@ def main() -> None:
 
     from tarfuzz import CaseTimeout, check, damaged_gzips, damaged_tars, time_limit
 
-    logging.getLogger("curation.data.shards").setLevel(logging.ERROR)  # damaged names repeat keys: one warning each
+    logging.getLogger("curation.data.records").setLevel(logging.ERROR)  # damaged names repeat keys: one warning each
 
     outcomes: Counter = Counter()
     failures: dict[str, list[str]] = {"hang": [], "unexpected exception": [], "broken promise": []}

@@ -1,0 +1,254 @@
+"""Shards as tar records: where shards are, and the raw members of each sample, streamed.
+
+A shard is a POSIX tar whose members are grouped into samples by key: the member
+``a/b/000123.jpg`` belongs to sample ``a/b/000123`` with extension ``jpg`` (the WebDataset
+convention: the key runs up to the first dot of the base name). Members of a sample are
+contiguous in the tar. :func:`iter_raw_samples` streams a tar (``curation.data.tarstream.scan``
+over an fsspec file object), holds one sample in memory at a time and never extracts anything
+to disk. Turning raw members into typed samples is ``curation.data.builders``' job.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import braceexpand
+
+from curation.data import storage
+from curation.data.tarstream import TarFormatError, scan
+
+log = logging.getLogger(__name__)
+
+# One member larger than this is not read into memory (bounded memory per sample).
+DEFAULT_MAX_MEMBER_BYTES = 1 << 30
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+# --------------------------------------------------------------------------- shard URLs
+
+
+def shard_name(url: str) -> str:
+    """``s3://b/coyo/00012.tar`` -> ``00012``."""
+    name = storage.basename(url)
+    for suf in TAR_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def dataset_of(url: str) -> str:
+    """The default dataset name of a shard: its parent folder's name."""
+    return storage.basename(storage.dirname(url))
+
+
+def list_shards(spec: str | Iterable[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Expand a shard spec into sorted shard URLs.
+
+    Accepts a single ``.tar`` URL, a folder (every tar directly inside), a brace pattern
+    (``data/{00000..00009}.tar``, the WebDataset convention), a glob, or a list of these.
+    """
+    if not isinstance(spec, str):
+        out: list[str] = []
+        for s in spec:
+            out.extend(list_shards(s, storage_options))
+        return sorted(dict.fromkeys(out))
+    urls: list[str] = []
+    for one in braceexpand.braceexpand(spec):
+        if any(ch in one for ch in "*?["):
+            fs, path = storage.get_fs(one, storage_options)
+            urls.extend(storage.to_url(fs, p) for p in sorted(fs.glob(path)) if p.endswith(TAR_SUFFIXES))
+        elif one.endswith(TAR_SUFFIXES):
+            urls.append(one)
+        else:
+            found = [u for u in storage.list_files(one, storage_options=storage_options) if u.endswith(TAR_SUFFIXES)]
+            if not found and not storage.exists(one, storage_options):
+                raise FileNotFoundError(f"no such shard or folder: {one}")
+            urls.extend(found)
+    return sorted(dict.fromkeys(urls))
+
+
+# --------------------------------------------------------------------------- raw tar stream
+
+
+class ShardError(ValueError):
+    """A shard that holds no sample to report an error on: empty, or not a tar at all. Every
+    other problem with a tar is reported on the sample it damaged."""
+
+
+@dataclass
+class RawMember:
+    name: str
+    data: bytes | None
+    error: str | None = None
+    fatal: bool = False  # the tar broke here: nothing after this member can be read
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    m = _KEY_RE.match(name)
+    if not m:
+        return None
+    return m.group(1), m.group(2)
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a member name is unsafe to use as a path, or None."""
+    if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
+        return f"absolute member path {name!r}"
+    parts = re.split(r"[\\/]", name)
+    if ".." in parts:
+        return f"member path with '..' {name!r}"
+    return None
+
+
+def iter_members(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawMember]:
+    """Stream the members of a tar (never extracting anything).
+
+    When the tar itself is broken (truncated, malformed header, cut gzip stream) the last
+    member is ``fatal``: it carries the error, named after the member the damage belongs to,
+    or ``""`` when no trustworthy name is left; everything before it was yielded as usual.
+    """
+    try:
+        for e in scan(fileobj, max_size=max_member_bytes):
+            if not e.is_file:
+                yield RawMember(e.name, None, f"unsupported tar member type for {e.name!r} (links and devices are refused)")
+            elif e.skipped:
+                yield RawMember(e.name, None, f"member {e.name!r} is {e.size} bytes, above the {max_member_bytes}-byte limit")
+            else:
+                yield RawMember(e.name, e.data)
+    except TarFormatError as err:
+        yield RawMember(err.member or "", None, f"truncated or corrupt tar: {err}", fatal=True)
+
+
+@dataclass
+class RawSample:
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def _key_of(name: str) -> tuple[str, str | None]:
+    parts = split_key(name)
+    return parts if parts else (name, None)
+
+
+def iter_raw_samples(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample]:
+    """Group tar members into samples by key (contiguous members, WebDataset style).
+
+    A broken tar ends the stream after every sample complete before the damage: the error
+    goes to the sample the damaged member belongs to (a new record when it starts a new
+    key), or to the sample being assembled when the damage names no member. A shard with
+    no sample to carry the error (empty, not a tar) raises :class:`ShardError`. Members of
+    a key that reappears after other keys are not a sample of their own (WebDataset would
+    yield the key twice); they are skipped with a warning so that every key has one record.
+    """
+    current: RawSample | None = None
+    seen: set[str] = set()
+    for m in iter_members(fileobj, max_member_bytes):
+        key, ext = _key_of(m.name)
+        starts_new = m.name != "" and (current is None or key != current.key)
+        if starts_new and key in seen:
+            if not m.fatal:
+                log.warning("tar member %r: key %r already appeared earlier in this shard (members not "
+                            "contiguous); skipping it", m.name, key)
+                continue
+            starts_new = False  # the damage names an earlier sample: report it on the one being read
+        if starts_new:
+            if current is not None:
+                yield current
+            current = RawSample(key=key)
+            seen.add(key)
+        if current is None:  # the tar broke before its first member
+            raise ShardError(m.error or "broken tar")
+        if m.fatal:
+            current.errors.append(m.error or "broken tar")
+            yield current
+            return
+        _add_member(current, m, ext)
+    if current is not None:
+        yield current
+
+
+def _add_member(sample: RawSample, m: RawMember, ext: str | None) -> None:
+    bad = unsafe_name(m.name)
+    if bad:
+        sample.errors.append(bad)
+    if ext is None:
+        sample.errors.append(f"member {m.name!r} has no extension")
+    if m.error:
+        sample.errors.append(m.error)
+    elif (ext or "") in sample.members:
+        sample.errors.append(f"duplicate member {m.name!r}")
+    else:
+        sample.members[ext or ""] = m.data or b""
+
+
+def open_shard(url: str, storage_options: dict[str, Any] | None = None):
+    """Open a shard for streaming; ``.tar.gz`` / ``.tgz`` are decompressed on the fly."""
+    f = storage.open_url(url, "rb", storage_options)
+    if url.endswith((".gz", ".tgz")):
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    return f
+
+
+def count_samples(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Number of keys in a shard, without decoding any media."""
+    with open_shard(url, storage_options) as f:
+        return sum(1 for _ in iter_raw_samples(f))
+
+
+# --------------------------------------------------------------------------- shard info
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    dataset: str
+    name: str
+    size: int
+    checksum: str  # md5 of the bytes locally; the ETag on S3
+    stats: dict[str, Any] | None = None  # img2dataset's <shard>_stats.json when present
+    parquet: str | None = None  # img2dataset's per-shard <shard>.parquet when present
+
+
+def file_checksum(url: str, storage_options: dict[str, Any] | None = None) -> tuple[int, str]:
+    """(size, checksum): md5 of local files, the ETag of objects in a store."""
+    fs, path = storage.get_fs(url, storage_options)
+    info = fs.info(path)
+    if storage.is_remote(url) and info.get("ETag"):
+        return int(info["size"]), str(info["ETag"]).strip('"')
+    h = hashlib.md5()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return int(info["size"]), h.hexdigest()
+
+
+def shard_info(url: str, dataset: str | None = None, storage_options: dict[str, Any] | None = None) -> ShardInfo:
+    size, checksum = file_checksum(url, storage_options)
+    name = shard_name(url)
+    base = storage.dirname(url)
+    stats_url = storage.join(base, f"{name}_stats.json")
+    parquet_url = storage.join(base, f"{name}.parquet")
+    stats = None
+    if storage.exists(stats_url, storage_options):
+        try:
+            stats = json.loads(storage.read_bytes(stats_url, storage_options))
+        except ValueError:
+            log.warning("ignoring unreadable stats file %s", stats_url)
+    return ShardInfo(
+        url=url,
+        dataset=dataset or dataset_of(url),
+        name=name,
+        size=size,
+        checksum=checksum,
+        stats=stats,
+        parquet=parquet_url if storage.exists(parquet_url, storage_options) else None,
+    )
