@@ -85,6 +85,46 @@ def _validate(doc: Any) -> str | None:
     return None
 
 
+def _attach_images(doc: dict[str, Any], index: dict[str, str]) -> tuple[dict[str, bytes], int, int]:
+    """Read the images ``doc`` lists into members; drop the ones not in the folder from
+    ``image_info`` (and their similarity rows), naming them in ``missing_images``.
+    Returns (members, images attached, images missing)."""
+    members: dict[str, bytes] = {}
+    kept_info, kept_rows, missing = [], [], []
+    sim = doc.get("similarity_matrix")
+    for i, entry in enumerate(doc.get("image_info", [])):
+        name = entry["image_name"]
+        src = index.get(name)
+        if src is None:
+            missing.append(name)
+            continue
+        with open(src, "rb") as f:
+            members[name] = f.read()
+        kept_info.append(entry)
+        if isinstance(sim, list) and i < len(sim):
+            kept_rows.append(sim[i])
+    doc["image_info"] = kept_info
+    if isinstance(sim, list):
+        doc["similarity_matrix"] = kept_rows
+    if missing:
+        doc["missing_images"] = missing
+    return members, len(kept_info), len(missing)
+
+
+def _parse(label: str, line_no: int, line: str, report: "ImportReport") -> dict[str, Any] | None:
+    """The document on one jsonl line, or None (with the reason in ``report.bad_lines``)."""
+    try:
+        doc = json.loads(line)
+    except ValueError as e:
+        report.bad_lines.append(f"{label}:{line_no}: invalid JSON: {e}")
+        return None
+    reason = _validate(doc)
+    if reason:
+        report.bad_lines.append(f"{label}:{line_no}: {reason}")
+        return None
+    return doc
+
+
 def import_mmc4(
     jsonl: list[str],
     images: str,
@@ -104,46 +144,20 @@ def import_mmc4(
     report = ImportReport()
     with ShardWriter(out, "{index:05d}.tar", max_samples=samples_per_shard, max_bytes=max_bytes,
                      storage_options=storage_options) as writer:
-        for file_no, path in enumerate(jsonl):
+        for path in jsonl:
             for label, line_no, line in _iter_lines(path):
                 if not line.strip():
                     continue
                 report.documents += 1
-                try:
-                    doc = json.loads(line)
-                except ValueError as e:
-                    report.bad_lines.append(f"{label}:{line_no}: invalid JSON: {e}")
+                doc = _parse(label, line_no, line, report)
+                if doc is None:
                     continue
-                reason = _validate(doc)
-                if reason:
-                    report.bad_lines.append(f"{label}:{line_no}: {reason}")
-                    continue
+                members, attached, missing = _attach_images(doc, index)
+                report.images += attached
+                report.missing_images += missing
                 # a running number: line numbers restart in every file (and every jsonl of a zip)
-                key = f"{report.documents:011d}"
-                members: dict[str, bytes] = {}
-                kept_info, kept_rows, missing = [], [], []
-                sim = doc.get("similarity_matrix")
-                for i, entry in enumerate(doc.get("image_info", [])):
-                    name = entry["image_name"]
-                    src = index.get(name)
-                    if src is None:
-                        missing.append(name)
-                        continue
-                    with open(src, "rb") as f:
-                        members[name] = f.read()
-                    kept_info.append(entry)
-                    if isinstance(sim, list) and i < len(sim):
-                        kept_rows.append(sim[i])
-                doc["image_info"] = kept_info
-                if isinstance(sim, list):
-                    doc["similarity_matrix"] = kept_rows
-                if missing:
-                    doc["missing_images"] = missing
-                report.images += len(kept_info)
-                report.missing_images += len(missing)
-                writer.write({"__key__": key, "json": json.dumps(doc).encode(), **members})
+                writer.write({"__key__": f"{report.documents:011d}", "json": json.dumps(doc).encode(), **members})
                 report.written += 1
     report.shards = writer.written
     storage.write_bytes(storage.join(out, "import_report.json"), json.dumps(report.to_dict(), indent=2).encode(), storage_options)
     return report
-

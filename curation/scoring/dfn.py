@@ -78,6 +78,66 @@ def _stream_pairs(shards: list[str], seed: int, buffer: int, counter: dict[str, 
             yield buf.pop()
 
 
+def _new_model(cfg: FilterTrainConfig) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(model, train-time preprocessing, tokenizer, model config) of a freshly initialised CLIP."""
+    import open_clip
+    import torch
+
+    from scorers.clip import register_configs
+
+    register_configs()
+    model_cfg = open_clip.get_model_config(cfg.model)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip model config {cfg.model!r}")
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)
+    model, preprocess_train, _ = open_clip.create_model_and_transforms(cfg.model, pretrained=None)
+    return model, preprocess_train, open_clip.get_tokenizer(cfg.model), model_cfg
+
+
+def _optimizer(model: Any, cfg: FilterTrainConfig) -> Any:
+    """AdamW as CLIP trains: no weight decay on gains, biases and the logit scale."""
+    import torch
+
+    def decayed(n: str, p: Any) -> bool:
+        return p.ndim >= 2 and "logit_scale" not in n
+
+    decay = [p for n, p in model.named_parameters() if decayed(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decayed(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _lr_at(cfg: FilterTrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to zero at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _step(model: Any, opt: Any, loss_fn: Any, images: Any, texts: Any, lr: float) -> float:
+    """One contrastive step; returns the loss."""
+    import torch
+
+    for g in opt.param_groups:
+        g["lr"] = lr
+    out = model(images, texts)
+    if isinstance(out, dict):  # models created with output_dict=True
+        img_f, txt_f, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    else:  # (image_features, text_features, logit_scale.exp())
+        img_f, txt_f, scale = out[:3]
+    loss = loss_fn(img_f, txt_f, scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return float(loss.item())
+
+
 def train_filter(
     trusted: str | list[str],
     out_dir: str,
@@ -88,76 +148,33 @@ def train_filter(
     import open_clip
     import torch
 
-    from scorers.clip import register_configs, save_open_clip_dir
+    from scorers.clip import save_open_clip_dir
 
     cfg = config or FilterTrainConfig()
     shards = list_shards(trusted)
     if not shards:
         raise ValueError(f"no trusted shards found in {trusted}")
-    register_configs()
-    model_cfg = open_clip.get_model_config(cfg.model)
-    if model_cfg is None:
-        raise ValueError(f"unknown open_clip model config {cfg.model!r}")
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
-    model, preprocess_train, _ = open_clip.create_model_and_transforms(cfg.model, pretrained=None)
-    tokenizer = open_clip.get_tokenizer(cfg.model)
-    loss_fn = open_clip.ClipLoss()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, t)))
-
+    model, preprocess_train, tokenizer, model_cfg = _new_model(cfg)
+    opt, loss_fn = _optimizer(model, cfg), open_clip.ClipLoss()
     counter = {"skipped": 0}
     stream = _stream_pairs(shards, cfg.seed, cfg.shuffle_buffer, counter)
     model.train()
     losses: list[float] = []
     t0 = time.time()
-    step = 0
     for step in range(cfg.steps):
         if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
             break
         batch = [next(stream) for _ in range(cfg.batch_size)]
         images = torch.stack([preprocess_train(im) for im, _ in batch])
-        texts = tokenizer([c for _, c in batch])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        out = model(images, texts)
-        if isinstance(out, dict):  # models created with output_dict=True
-            img_f, txt_f, scale = out["image_features"], out["text_features"], out["logit_scale"]
-        else:  # (image_features, text_features, logit_scale.exp())
-            img_f, txt_f, scale = out[:3]
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
+        losses.append(_step(model, opt, loss_fn, images, tokenizer([c for _, c in batch]), _lr_at(cfg, step)))
         if progress:
-            progress(step + 1, float(loss))
-    else:
-        step = cfg.steps
+            progress(step + 1, losses[-1])
     model.eval()
-    pp = {"size": model_cfg["vision_cfg"]["image_size"]}
-    save_open_clip_dir(model, model_cfg, out_dir, pp)
+    save_open_clip_dir(model, model_cfg, out_dir, {"size": model_cfg["vision_cfg"]["image_size"]})
     report = FilterTrainReport(
-        out_dir=out_dir,
-        steps=len(losses),
-        seconds=round(time.time() - t0, 1),
-        samples_seen=len(losses) * cfg.batch_size,
-        final_loss=float(np.mean(losses[-10:])) if losses else float("nan"),
-        losses=[round(x, 4) for x in losses],
-        skipped_samples=counter["skipped"],
-        config=asdict(cfg),
+        out_dir=out_dir, steps=len(losses), seconds=round(time.time() - t0, 1), samples_seen=len(losses) * cfg.batch_size,
+        final_loss=float(np.mean(losses[-10:])) if losses else float("nan"), losses=[round(x, 4) for x in losses],
+        skipped_samples=counter["skipped"], config=asdict(cfg),
     )
     with open(os.path.join(out_dir, "train_report.json"), "w") as f:
         json.dump(report.to_dict(), f, indent=2)
