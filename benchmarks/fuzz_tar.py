@@ -25,6 +25,68 @@ from collections import Counter
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
+class Tally:
+    """What the cases did: how they ended, failures by kind, time per case."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter = Counter()
+        self.failures: dict[str, list[str]] = {"hang": [], "unexpected exception": [], "broken promise": []}
+        self.times: list[float] = []
+        self.slowest = (0.0, "")
+
+    def run_case(self, case, time_limit_s: float) -> None:
+        from tarfuzz import CaseTimeout, check, time_limit
+
+        good, data, how = case
+        t0 = time.perf_counter()
+        try:
+            with time_limit(time_limit_s):
+                self.outcomes[check(good, data, how)] += 1
+        except CaseTimeout:
+            self.failures["hang"].append(f"{good.label}: {how}")
+        except AssertionError as e:
+            self.failures["broken promise"].append(f"{good.label}: {how}: {e}"[:500])
+        except Exception as e:  # noqa: BLE001 - counting them is the point
+            self.failures["unexpected exception"].append(f"{good.label}: {how}: {type(e).__name__}: {e}"[:500])
+        self.times.append(time.perf_counter() - t0)
+        if self.times[-1] > self.slowest[0]:
+            self.slowest = (self.times[-1], f"{good.label}: {how}"[:300])
+
+    def result(self, seconds: float) -> dict:
+        times = sorted(self.times)
+        return {
+            "cases": len(times),
+            "hangs": len(self.failures["hang"]),
+            "unexpected_exceptions": len(self.failures["unexpected exception"]),
+            "broken_promises": len(self.failures["broken promise"]),
+            "outcomes": dict(self.outcomes),
+            "seconds": round(seconds, 1),
+            "case_ms": {"median": round(1000 * times[len(times) // 2], 2),
+                        "p99": round(1000 * times[int(len(times) * 0.99)], 2), "max": round(1000 * times[-1], 2)},
+            "over_1s": sum(t > 1.0 for t in times),
+            "slowest_case": self.slowest[1],
+        }
+
+
+def fuzz(cases: int, seed_: int, time_limit_s: float) -> Tally:
+    from hypothesis import HealthCheck, Phase, given, seed, settings
+    from hypothesis import strategies as st
+
+    from tarfuzz import damaged_gzips, damaged_tars
+
+    tally = Tally()
+
+    @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @seed(seed_)
+    @given(st.one_of(damaged_tars(), damaged_tars(), damaged_tars(), damaged_gzips()))
+    def run(case):
+        tally.run_case(case, time_limit_s)
+
+    run()
+    return tally
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=20000)
@@ -32,59 +94,15 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=5.0, help="seconds after which a case counts as a hang")
     ap.add_argument("--json")
     args = ap.parse_args()
-
-    from hypothesis import HealthCheck, Phase, given, seed, settings
-    from hypothesis import strategies as st
-
-    from tarfuzz import CaseTimeout, check, damaged_gzips, damaged_tars, time_limit
-
     logging.getLogger("curation.data.records").setLevel(logging.ERROR)  # damaged names repeat keys: one warning each
 
-    outcomes: Counter = Counter()
-    failures: dict[str, list[str]] = {"hang": [], "unexpected exception": [], "broken promise": []}
-    times: list[float] = []
-    slowest: list = [0.0, ""]
-
-    @settings(max_examples=args.cases, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @seed(args.seed)
-    @given(st.one_of(damaged_tars(), damaged_tars(), damaged_tars(), damaged_gzips()))
-    def run(case):
-        good, data, how = case
-        t0 = time.perf_counter()
-        try:
-            with time_limit(args.time_limit):
-                outcomes[check(good, data, how)] += 1
-        except CaseTimeout:
-            failures["hang"].append(f"{good.label}: {how}")
-        except AssertionError as e:
-            failures["broken promise"].append(f"{good.label}: {how}: {e}"[:500])
-        except Exception as e:  # noqa: BLE001 - counting them is the point
-            failures["unexpected exception"].append(f"{good.label}: {how}: {type(e).__name__}: {e}"[:500])
-        times.append(time.perf_counter() - t0)
-        if times[-1] > slowest[0]:
-            slowest[:] = [times[-1], f"{good.label}: {how}"[:300]]
-
     t0 = time.perf_counter()
-    run()
-    total = time.perf_counter() - t0
-    times.sort()
-    result = {
-        "cases": len(times),
-        "hangs": len(failures["hang"]),
-        "unexpected_exceptions": len(failures["unexpected exception"]),
-        "broken_promises": len(failures["broken promise"]),
-        "outcomes": dict(outcomes),
-        "seconds": round(total, 1),
-        "case_ms": {"median": round(1000 * times[len(times) // 2], 2), "p99": round(1000 * times[int(len(times) * 0.99)], 2),
-                    "max": round(1000 * times[-1], 2)},
-        "over_1s": sum(t > 1.0 for t in times),
-        "slowest_case": slowest[1],
-    }
-    _print(result, failures)
+    tally = fuzz(args.cases, args.seed, args.time_limit)
+    result = tally.result(time.perf_counter() - t0)
+    _print(result, tally.failures)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**result, "failures": {k: v[:50] for k, v in failures.items()}}, f, indent=2)
+            json.dump({**result, "failures": {k: v[:50] for k, v in tally.failures.items()}}, f, indent=2)
     if result["hangs"] or result["unexpected_exceptions"] or result["broken_promises"]:
         sys.exit(1)
 

@@ -34,6 +34,64 @@ def test_every_noise_type_is_injected(noisy_corpus):
         assert set(NOISE_TYPES[kind]) | {"clean"} == noises, (ds, noises)
 
 
+def _check_pair(s, r, noise, detail, samples):
+    """A readable pair agrees with its ground truth: the caption, the image and the metadata."""
+    cap = s.caption
+    if noise == "empty_caption":
+        assert cap == ""
+    elif noise == "mismatched_caption":
+        assert detail["shape"] not in cap and detail["color"] not in cap.split()[:6]
+        assert detail["caption_describes"]["shape"] in cap
+    elif noise == "gibberish_caption":
+        assert not any(w in cap for w in ("circle", "square", "triangle", "background"))
+    else:
+        assert detail["shape"] in cap and detail["color"] in cap
+    if noise == "tiny_image":
+        assert max(s.width, s.height) < 16
+    elif noise == "extreme_aspect":
+        assert max(s.width, s.height) / min(s.width, s.height) > 10
+    elif noise == "blank_image":
+        arr = np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"), dtype=np.float32)
+        assert arr.std(axis=(0, 1)).max() < 3
+    elif noise == "noise_image":
+        arr = np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"), dtype=np.float32)
+        assert arr.std() > 50
+    elif noise == "exact_duplicate":
+        src = samples[(r["dataset"], r["source_key"])]
+        assert s.image == src.image and s.caption == src.caption
+    elif noise == "near_duplicate":
+        src = samples[(r["dataset"], r["source_key"])]
+        assert s.image != src.image and s.caption == src.caption
+        assert abs(s.width / src.width - 1) < 0.2 and abs(s.height / src.height - 1) < 0.2
+    # img2dataset metadata agrees with the member
+    if noise not in UNREADABLE_NOISE:
+        assert s.meta["sha256"] == hashlib.sha256(s.image).hexdigest()
+
+
+def _check_document(s, noise, detail):
+    """A readable MMC4 document: its distractors, its similarity matrix, where images sit."""
+    names = [e["image_name"] for e in s.image_info]
+    assert sorted(detail.get("distractors", [])) == sorted(n for n in names if n in detail.get("distractors", []))
+    if noise == "distractor_images":
+        assert detail["distractors"]
+    sim = np.array(s.similarity_matrix)
+    assert sim.shape == (len(s.image_info), len(s.text_list))
+    if noise == "clean":
+        # each image sits next to the sentence that describes it
+        for e in s.image_info:
+            assert "Here we drew" in s.text_list[e["matched_text_index"]]
+
+
+def _check_video(s, noise, detail):
+    if noise == "empty_caption":
+        assert s.caption == ""
+    elif noise == "mismatched_caption":
+        assert detail["direction"] not in s.caption
+    elif noise not in ("exact_duplicate",):
+        assert detail["direction"] in s.caption
+    assert s.num_frames == 6
+
+
 def test_ground_truth_matches_what_the_reader_sees(noisy_corpus):
     out, _ = noisy_corpus
     gt = load_ground_truth(out)
@@ -48,55 +106,12 @@ def test_ground_truth_matches_what_the_reader_sees(noisy_corpus):
         unreadable = noise in UNREADABLE_NOISE or (r["kind"] == "interleaved" and noise == "corrupt_image")
         assert (s.error is not None) == unreadable, (r, s.error)
         if isinstance(s, PairSample) and s.ok:
-            cap = s.caption
-            if noise == "empty_caption":
-                assert cap == ""
-            elif noise == "mismatched_caption":
-                assert detail["shape"] not in cap and detail["color"] not in cap.split()[:6]
-                assert detail["caption_describes"]["shape"] in cap
-            elif noise == "gibberish_caption":
-                assert not any(w in cap for w in ("circle", "square", "triangle", "background"))
-            else:
-                assert detail["shape"] in cap and detail["color"] in cap
-            if noise == "tiny_image":
-                assert max(s.width, s.height) < 16
-            elif noise == "extreme_aspect":
-                assert max(s.width, s.height) / min(s.width, s.height) > 10
-            elif noise == "blank_image":
-                arr = np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"), dtype=np.float32)
-                assert arr.std(axis=(0, 1)).max() < 3
-            elif noise == "noise_image":
-                arr = np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"), dtype=np.float32)
-                assert arr.std() > 50
-            elif noise == "exact_duplicate":
-                src = samples[(r["dataset"], r["source_key"])]
-                assert s.image == src.image and s.caption == src.caption
-            elif noise == "near_duplicate":
-                src = samples[(r["dataset"], r["source_key"])]
-                assert s.image != src.image and s.caption == src.caption
-                assert abs(s.width / src.width - 1) < 0.2 and abs(s.height / src.height - 1) < 0.2
-            # img2dataset metadata agrees with the member
-            if noise not in UNREADABLE_NOISE:
-                assert s.meta["sha256"] == hashlib.sha256(s.image).hexdigest()
+            _check_pair(s, r, noise, detail, samples)
         if isinstance(s, InterleavedSample) and s.ok:
-            names = [e["image_name"] for e in s.image_info]
-            assert sorted(detail.get("distractors", [])) == sorted(n for n in names if n in detail.get("distractors", []))
-            if noise == "distractor_images":
-                assert detail["distractors"]
-            sim = np.array(s.similarity_matrix)
-            assert sim.shape == (len(s.image_info), len(s.text_list))
-            if noise == "clean":
-                # each image sits next to the sentence that describes it
-                for e in s.image_info:
-                    assert "Here we drew" in s.text_list[e["matched_text_index"]]
+            _check_document(s, noise, detail)
         if isinstance(s, VideoSample) and s.ok:
-            if noise == "empty_caption":
-                assert s.caption == ""
-            elif noise == "mismatched_caption":
-                assert detail["direction"] not in s.caption
-            elif noise not in ("exact_duplicate",):
-                assert detail["direction"] in s.caption
-            assert s.num_frames == 6
+            _check_video(s, noise, detail)
+
 
 
 def test_static_video_does_not_move(noisy_corpus):
