@@ -157,14 +157,21 @@ def _meta(raw: RawSample, errors: list[str]) -> dict[str, Any]:
     return meta
 
 
-def build_pair(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> PairSample:
+def _start(raw: RawSample, base: dict[str, Any], cls: type, exts: Iterable[str], what: str) -> tuple[Any, list[str], str | None]:
+    """A sample of ``cls`` with its metadata, the errors so far, and its media member's extension
+    (None, with the error recorded, when there is none)."""
     errors = list(raw.errors)
-    s = PairSample(**base)
+    s = cls(**base)
     s.meta = _meta(raw, errors)
-    img = _find(raw.members, IMAGE_EXTS)
-    if img is None:
-        errors.append(f"missing image member (one of .{', .'.join(IMAGE_EXTS)})")
-    else:
+    ext = _find(raw.members, exts)
+    if ext is None:
+        errors.append(f"missing {what} member (one of .{', .'.join(exts)})")
+    return s, errors, ext
+
+
+def build_pair(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> PairSample:
+    s, errors, img = _start(raw, base, PairSample, IMAGE_EXTS, "image")
+    if img is not None:
         s.image, s.image_ext = raw.members[img], img
         try:
             s.width, s.height = check_image(s.image, opts.max_pixels, decode=opts.verify)
@@ -229,13 +236,8 @@ def build_interleaved(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -
 
 
 def build_video(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> VideoSample:
-    errors = list(raw.errors)
-    s = VideoSample(**base)
-    s.meta = _meta(raw, errors)
-    vid = _find(raw.members, VIDEO_EXTS)
-    if vid is None:
-        errors.append(f"missing video member (one of .{', .'.join(VIDEO_EXTS)})")
-    else:
+    s, errors, vid = _start(raw, base, VideoSample, VIDEO_EXTS, "video")
+    if vid is not None:
         s.video, s.video_ext = raw.members[vid], vid
         if opts.verify:
             try:

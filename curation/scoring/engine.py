@@ -118,13 +118,23 @@ def plan_tasks(tasks: list[ShardTask], scorer: Scorer, work: str,
 ProgressFn = Callable[[ShardResult, int, int], None]  # (result, shards done, shards total)
 
 
-def _recorder(report: RunReport, total: int, progress: ProgressFn | None) -> Callable[[ShardResult], None]:
+def _start(tasks: list[ShardTask], spec: ScorerSpec, work: str, progress: ProgressFn | None
+           ) -> tuple[RunReport, Callable[[ShardResult], None], list[ShardTask], Scorer]:
+    """A run's report, the function that records each shard's result in it (and reports
+    progress), the shards still to score (the finished ones already recorded), and the scorer
+    (built for its identity; ``setup`` not called)."""
+    scorer = spec.build()
+    report = RunReport(spec.name, scorer.config_hash(), work)
+
     def record(result: ShardResult) -> None:
         report.shards.append(result)
         if progress:
-            progress(result, len(report.shards), total)
+            progress(result, len(report.shards), len(tasks))
 
-    return record
+    todo, done = plan_tasks(tasks, scorer, work)
+    for r in done:
+        record(r)
+    return report, record, todo, scorer
 
 
 def run_scoring(
@@ -141,12 +151,7 @@ def run_scoring(
     from curation.scoring.workers import WorkerPool
 
     t0 = time.time()
-    scorer = spec.build()  # identity only: the model loads in the workers
-    report = RunReport(spec.name, scorer.config_hash(), work)
-    record = _recorder(report, len(tasks), progress)
-    todo, done = plan_tasks(tasks, scorer, work)
-    for r in done:
-        record(r)
+    report, record, todo, _ = _start(tasks, spec, work, progress)  # the model loads in the workers
     if todo:
         ensure_ray(num_cpus, ray_address)
         pool = WorkerPool(spec, min(spec.workers, len(todo)))
@@ -161,12 +166,7 @@ def run_scoring(
 def score_local(tasks: list[ShardTask], spec: ScorerSpec, work: str, progress: ProgressFn | None = None) -> RunReport:
     """The same as :func:`run_scoring` in this process, without Ray (notebooks, debugging)."""
     t0 = time.time()
-    scorer = spec.build()
-    report = RunReport(spec.name, scorer.config_hash(), work)
-    record = _recorder(report, len(tasks), progress)
-    todo, done = plan_tasks(tasks, scorer, work)
-    for r in done:
-        record(r)
+    report, record, todo, scorer = _start(tasks, spec, work, progress)
     if todo:
         scorer.setup()
     for task in todo:
