@@ -81,11 +81,22 @@ def describe_plan(m: Manifest, stages: list[StagePlan], skipped: list[str], reci
              f"Ray Train {'on, ' + str(recipe.ray.num_workers) + ' worker(s)' if recipe.ray.enabled else 'off'}"]
     for st in stages:
         mix = ", ".join(f"{d} x{w:g}" for d, w in st.datasets.items())
-        steps = f"{st.steps} steps" if st.steps else f"{st.epochs} epochs"
+        steps = f"{st.steps} steps" if st.steps else f"{st.epochs:g} epochs = {stage_steps(m, st, recipe.ray)} steps"
         lines.append(f"  {st.name:<16} trains {'+'.join(st.train):<30} lr {st.lr:g} (vision {st.vision_lr():g}), "
                      f"{steps}, batch {st.batch_size}, max_length {st.max_length}; data: {mix}")
     lines.extend(f"  {s}" for s in skipped)
     return "\n".join(lines)
+
+
+def stage_steps(m: Manifest, st: StagePlan, ray: Any) -> int:
+    """The optimizer steps a stage will run: its ``steps``, or its epochs over the manifest's counts."""
+    from training_hooks.data import epoch_samples, stage_sources, steps_for_epochs
+
+    if st.steps:
+        return st.steps
+    world = ray.num_workers if ray.enabled else 1
+    sources = stage_sources(m, st.datasets, st.heldout_every, st.heldout_samples)
+    return steps_for_epochs(st.epochs or 1.0, epoch_samples(m, sources), st.batch_size, world)
 
 
 def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Callable[[str], None] = print) -> dict[str, Any]:
