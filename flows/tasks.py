@@ -119,6 +119,18 @@ def train_task(manifest: str, recipe: str | dict) -> dict[str, Any]:
     return train_from_manifest(manifest, recipe, info=log.info)
 
 
+@task(name="evaluate-checkpoint", retries=1)
+def evaluate_task(checkpoint: str, shards: str, out_dir: str, limit: int = 200) -> dict[str, Any]:
+    """``curate eval``: held-out loss, caption accuracy against the ground truth, and the gallery."""
+    from training_hooks.evaluate import evaluate_checkpoint, public
+
+    log = get_run_logger()
+    report = public(evaluate_checkpoint(_check_file(checkpoint, "checkpoint"), shards, out_dir=out_dir, limit=limit))
+    log.info("caption accuracy %s on %d held-out images (per attribute %s); held-out loss %s",
+             report["caption_accuracy"], report["images"], report["per_attribute"], report["heldout_loss"])
+    return report
+
+
 def run_score(recipe_path: str, scorer: str) -> dict[str, Any]:
     """``score_task``, forced to run (and re-cache) when any score file it writes is missing."""
     from curation.recipe import score_files_present

@@ -131,7 +131,8 @@ def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Cal
             cfg = {"plan": st.model_dump(), "stage_dir": stage_dir, "init_dir": prev, "manifest": os.path.abspath(manifest_path)
                    if not cio.is_remote(manifest_path) else manifest_path, "seed": recipe.seed, "precision": recipe.precision,
                    "fp8": recipe.fp8.model_dump(), "prompts": recipe.prompts,
-                   "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu}
+                   "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu,
+                   "threads": recipe.ray.cpus_per_worker if recipe.ray.enabled else None}
             info(f"stage {st.name}: training from {prev}")
             if recipe.ray.enabled:
                 res = run_stage_on_ray(cfg, recipe.ray.num_workers, recipe.ray.use_gpu, recipe.ray.address)

@@ -93,6 +93,7 @@ class RayTrainConfig(BaseModel):
     # DDP only: every rank holds the whole (small) model; rank 0 writes its checkpoints
     strategy: Literal["ddp"] = "ddp"
     address: Optional[str] = None
+    cpus_per_worker: int = Field(1, ge=1)  # Ray CPUs per worker, and its torch threads
 
 
 class TrainRecipe(BaseModel):

@@ -177,8 +177,7 @@ def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dic
     finally:
         stream.close()
     result: dict[str, Any] = {"stage": plan.name, "steps": total_steps, "epochs": plan.epochs if not plan.steps else None,
-                              "epoch_samples": epoch_samples(manifest, sources), "resumed_from": start_step,
-                              "world_size": world_size, "device": str(device),
+                              "resumed_from": start_step, "world_size": world_size, "device": str(device),
                               "trainable_params": trainable, "fp8": fp8_summary, "skipped_samples": dict(skipped),
                               "mixture_counts": dict(mixed_counts), "seconds": round(time.time() - t_stage, 2)}
     if rank == 0:
