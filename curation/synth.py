@@ -52,8 +52,6 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom right": (0.72, 0.72),
     "center": (0.5, 0.5),
 }
-# the shape's radius, as a fraction of the image's shorter side (drawn uniformly in this range)
-SHAPE_RADIUS = (0.16, 0.22)
 DIRECTIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "from left to right": ((0.2, 0.5), (0.8, 0.5)),
     "from right to left": ((0.8, 0.5), (0.2, 0.5)),
@@ -286,7 +284,7 @@ def render_scene(
     im = Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(im)
     fx, fy = POSITIONS[scene.pos]
-    r = min(width, height) * float(rng.uniform(*SHAPE_RADIUS))
+    r = min(width, height) * float(rng.uniform(0.16, 0.22))
     draw_shape(d, scene.shape, fx * width + jitter[0], fy * height + jitter[1], r, COLORS[scene.color])
     return im
 
