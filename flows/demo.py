@@ -25,23 +25,51 @@ from flows.tasks import (
     selection_table,
     synthesize_task,
     train_filter_task,
+    evaluate_task,
     train_proxies_task,
     training_report,
 )
 
+DEMO_TRAIN_RECIPE = os.path.join(os.path.dirname(__file__), "recipes", "demo_train.yaml")
+HELDOUT_IMAGES = 200  # fresh clean pairs the caption accuracy is measured on
+
+
+def _train_and_evaluate(out: str, manifest: Any, manifest_path: str, seed: int) -> tuple[dict, dict]:
+    """Train the demo's NVILA through its stages (flows/recipes/demo_train.yaml, budgets in epochs
+    over the curated mixture), then ``curate eval`` the image_sft checkpoint on fresh clean images
+    that no stage trained on (a seed of their own): caption accuracy and a gallery."""
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+    from training_hooks.bootstrap import init_tiny_model
+
+    init = os.path.join(out, "models", "nvila-demo")
+    if not os.path.isfile(os.path.join(init, "config.json")):
+        init_tiny_model(manifest, init, size="demo", seed=seed)
+    with open(DEMO_TRAIN_RECIPE) as f:
+        recipe = dict(yaml.safe_load(f), init=init, output="train", seed=seed)
+    train_path = os.path.join(out, "train.yaml")
+    with open(train_path, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    training = run_train(manifest_path, train_path)
+    training_report(training)
+    heldout = os.path.join(out, "heldout")
+    if not os.path.isfile(os.path.join(heldout, "ground_truth.parquet")):
+        synthesize(heldout, SynthConfig(seed=seed + 3000, datasets=[DatasetSpec("heldout_pairs", "pair", HELDOUT_IMAGES, {}, 200)]))
+    sft = next((s["final"] for s in training["stages"] if s["stage"] == "image_sft"), training["final_checkpoint"])
+    evaluation = evaluate_task(sft, os.path.join(heldout, "heldout_pairs"), os.path.join(out, "eval"), HELDOUT_IMAGES)
+    return training, {k: v for k, v in evaluation.items() if k != "captions"} | {"checkpoint_stage": "image_sft"}
+
 
 @flow(name="demo", log_prints=True)
 def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True) -> dict[str, Any]:
-    from flows import demo_parts as d
-    from curation.selection.manifest import load_manifest
     from curation.corpus.synth import DatasetSpec, SynthConfig
-    from training_hooks.bootstrap import init_tiny_model
+    from curation.selection.manifest import load_manifest
+    from flows import demo_parts as d
 
     log = get_run_logger()
     SynthConfig.preset(size)  # a bad size fails the run now, naming it
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
-    filter_steps, proxy_steps, train_steps = d.steps_for(size)
+    filter_steps, proxy_steps = d.steps_for(size)
     timings: dict[str, float] = {}
     t_all = time.time()
 
@@ -88,26 +116,21 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     timings["curate"] = round(time.time() - t0, 1)
     manifest = load_manifest(curated["manifest"])
 
-    training = None
+    training, evaluation = None, None
     if train:
         t0 = time.time()
-        init = os.path.join(out, "models", "nvila-tiny")
-        if not os.path.isfile(os.path.join(init, "config.json")):
-            init_tiny_model(manifest, init, seed=seed)
-        train_path = os.path.join(out, "train.yaml")
-        with open(train_path, "w") as f:
-            yaml.safe_dump(d.train_recipe(init, train_steps), f, sort_keys=False)
-        training = run_train(curated["manifest"], train_path)
-        training_report(training)
-        timings["train"] = round(time.time() - t0, 1)
+        training, evaluation = _train_and_evaluate(out, manifest, curated["manifest"], seed)
+        timings["train_and_eval"] = round(time.time() - t0, 1)
 
     analysis = d.analyze(work, os.path.join(out, "corpus"), curated["decisions"])
     timings["total"] = round(time.time() - t_all, 1)
     report = {"out": out, "size": size, "seed": seed, "corpus": corpus,
               "read_check": {**check, "disagreements": len(check["disagreements"])},
               "scoring": scores, "manifest": {"id": curated["id"], "path": curated["manifest"]},
-              "training": training, "timings_s": timings, **analysis}
+              "training": training, "caption_eval": evaluation, "timings_s": timings, **analysis}
     plots = d.make_plots(out, analysis, manifest, training)
+    if evaluation:
+        plots["caption_gallery"] = evaluation["gallery"]["png"]
     md, html = d.write_report(out, report, plots)
     report["report"] = {"markdown": md, "html": html}
     d.save_json(os.path.join(out, "demo_report.json"), report)

@@ -73,11 +73,12 @@ def calibrated_policy(out: str, seed: int, filter_dir: str, datasets: dict[str, 
     return calibrate_policy(DEFAULT_POLICY, trusted, DEFAULT_QUANTILE if quantile is None else quantile)
 
 
-# per corpus size: DFN steps, proxy steps per stage, NVILA steps per stage
-SIZES = {"tiny": (60, 4, 4), "small": (150, 10, 12), "medium": (400, 30, 40), "large": (1000, 60, 100)}
+# per corpus size: DFN steps, proxy steps per stage (the demo's NVILA trains for epochs over the
+# curated data: flows/recipes/demo_train.yaml)
+SIZES = {"tiny": (60, 4), "small": (150, 10), "medium": (400, 30), "large": (1000, 60)}
 
 
-def steps_for(size: str) -> tuple[int, int, int]:
+def steps_for(size: str) -> tuple[int, int]:
     return SIZES.get(size, SIZES["medium"])
 
 
@@ -93,12 +94,6 @@ def score_recipe(cfg_datasets: list[Any], filter_dir: str, proxies: dict[str, st
              "batch_size": 16, "workers": 1},
         ],
     }
-
-
-def train_recipe(init: str, steps: int) -> dict[str, Any]:
-    return {"init": init, "output": "train", "ray": {"enabled": True, "num_workers": 1},
-            "defaults": {"batch_size": 8, "max_length": 512, "save_every": max(5, steps // 2), "warmup_steps": 2},
-            "stages": {s: {"steps": steps} for s in DEFAULT_POLICY["stages"]}}
 
 
 def check_against_ground_truth(corpus: str, shard_urls: list[str]) -> dict[str, Any]:
@@ -253,10 +248,17 @@ def write_report(out: str, report: dict[str, Any], plots: dict[str, str]) -> tup
     for r in report["noise_caught"]:
         lines.append(f"| {r['dataset']} | {r['noise']} | {r['samples']} | {r['kept']} | {r['main_reason'] or '-'} |")
     if report.get("training"):
-        lines += ["", "## Training (NVILA, stage by stage)", "", "| stage | steps | first loss | last loss | held-out |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Training (NVILA, stage by stage)", "", "| stage | epochs | steps | first loss | last loss | held-out |",
+                  "|---|---|---|---|---|---|"]
         for s in report["training"]["stages"]:
-            lines.append(f"| {s['stage']} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['heldout_loss']} |")
+            lines.append(f"| {s['stage']} | {s.get('epochs') or '-'} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['heldout_loss']} |")
+    ev = report.get("caption_eval")
+    if ev:
+        lines += ["", "## Caption accuracy (curate eval)", "",
+                  f"- the {ev['checkpoint_stage']} checkpoint on {ev['images']} fresh clean images no stage trained on: "
+                  f"caption accuracy **{ev['caption_accuracy']:.1%}** (greedy captions; attributes right / judged)",
+                  f"- per attribute: {ev['per_attribute']}; position stated in {ev['position_stated']:.0%} of captions; "
+                  f"held-out loss {ev['heldout_loss']}"]
     for name, path in plots.items():
         lines += ["", f"## {name.replace('_', ' ')}", "", f"![{name}]({os.path.relpath(path, out)})"]
     md = "\n".join(lines) + "\n"

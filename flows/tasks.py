@@ -113,6 +113,18 @@ def train_task(manifest: str, recipe: str | dict) -> dict[str, Any]:
     return train_from_manifest(manifest, recipe, info=log.info)
 
 
+@task(name="evaluate-checkpoint", retries=1)
+def evaluate_task(checkpoint: str, shards: str, out_dir: str, limit: int = 200) -> dict[str, Any]:
+    """``curate eval``: held-out loss, caption accuracy against the ground truth, and the gallery."""
+    from training_hooks.evaluate import evaluate_checkpoint, public
+
+    log = get_run_logger()
+    report = public(evaluate_checkpoint(_check_file(checkpoint, "checkpoint"), shards, out_dir=out_dir, limit=limit))
+    log.info("caption accuracy %s on %d held-out images (per attribute %s); held-out loss %s",
+             report["caption_accuracy"], report["images"], report["per_attribute"], report["heldout_loss"])
+    return report
+
+
 def scoring_plan(recipe_path: str) -> ScoringPlan:
     """The recipe resolved once for a whole flow run; a bad recipe fails the run here, before any work."""
     return ScoringPlan.resolve(_check_file(recipe_path, "scoring recipe"))

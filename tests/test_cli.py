@@ -41,8 +41,14 @@ def test_demo_end_to_end_tiny(tmp_path):
     # the tiny NVILA trained through the five stages from that manifest
     assert [s["stage"] for s in report["training"]["stages"]] == ["align", "vision_pretrain", "pretrain", "image_sft", "video_sft"]
     assert report["training"]["manifest_id"] == m.id
+    assert all(s["epochs"] and s["steps"] >= 1 for s in report["training"]["stages"])  # budgets in epochs
+    # curate eval of the image_sft checkpoint on fresh clean images: accuracy and a gallery
+    ev = report["caption_eval"]
+    assert ev["checkpoint_stage"] == "image_sft" and ev["images"] == 200 and 0 <= ev["caption_accuracy"] <= 1
     html = (tmp_path / "demo" / "demo_report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4  # score distributions, kept/dropped, noise caught, loss curves
+    assert "Caption accuracy" in html and os.path.isfile(ev["gallery"]["png"])
+    # score distributions, kept/dropped, noise caught, loss curves, caption gallery
+    assert html.count("data:image/png;base64,") >= 5
 
 
 def test_inspect_counts_and_errors(noisy_corpus):

@@ -234,6 +234,40 @@ def test_mixing_weights_hold_over_a_long_stream(setup):
     assert abs(counts["coyo_synth"] / 1500 - 0.75) < 0.03, counts
 
 
+def _training_samples(m, plan):
+    """Samples of each dataset a stage really trains on per pass, counted by reading the shards."""
+    return {s.name: sum(1 for _ in stream_samples(s, 0, DataSplit(), heldout=False, loop=False))
+            for s in stage_sources(m, {ds: 1.0 for ds in plan.datasets}, plan.heldout_every, plan.heldout_samples)}
+
+
+def test_epochs_become_steps_from_the_manifest_counts(setup, tmp_path):
+    """A budget in epochs is a number of passes over the stage's curated mixture as the manifest
+    counts it (weights included, held-out slice excluded); ``steps`` overrides it."""
+    from training_hooks.kickoff import stage_steps
+    from training_hooks.recipe import load_train_recipe, plan_stages
+
+    m = setup["manifest"]
+    recipe = load_train_recipe(_recipe(setup, tmp_path / "o", defaults={"batch_size": 4, "epochs": 3, "heldout_samples": 8},
+                                       stages={"align": {}, "pretrain": {"epochs": 2}, "image_sft": {"steps": 7}}))
+    plans = {p.name: p for p in plan_stages(recipe, m)[0]}
+    steps = {n: stage_steps(m, p, recipe.ray) for n, p in plans.items()}
+    read = _training_samples(m, plans["pretrain"])
+    align_samples = 3 * read["coyo_synth"]  # defaults: 3 epochs of coyo (weight 1)
+    pretrain_samples = 2 * (read["mmc4_synth"] + 3 * read["coyo_synth"])  # mmc4 x1 + coyo x3, twice
+    assert abs(steps["align"] * 4 - align_samples) <= 0.1 * align_samples + 4, (steps, read)
+    assert abs(steps["pretrain"] * 4 - pretrain_samples) <= 0.1 * pretrain_samples + 4, (steps, read)
+    assert steps["image_sft"] == 7  # steps: an override
+    # the trainer runs what the plan says and reads that many samples
+    rep = train_from_manifest(setup["manifest_url"], _recipe(setup, tmp_path / "run", defaults={
+        "batch_size": 16, "max_length": 256, "heldout_samples": 8}, stages={"align": {"epochs": 1}}), info=lambda _: None)
+    align = rep["stages"][0]
+    assert align["epochs"] == 1 and abs(align["steps"] * 16 - read["coyo_synth"]) < 16, (align["steps"], read)
+    from training_hooks.checkpoint import latest_checkpoint
+
+    state = json.loads(open(os.path.join(latest_checkpoint(str(tmp_path / "run" / "align")), "state.json")).read())
+    assert state["step"] == align["steps"] and state["positions"] == [align["steps"] * 16]  # samples drawn
+
+
 def test_ranks_and_workers_split_the_data(setup):
     m = setup["manifest"]
     src = stage_sources(m, {"coyo_synth": 1.0})[0]

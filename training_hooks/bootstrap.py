@@ -16,6 +16,14 @@ TINY = {
     "llm": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
 }
+# The demo's NVILA: at the 32-pixel tile a synthetic shape is 10-17 pixels across, one or two
+# 8-pixel patches (TINY) but three or four 4-pixel patches here, and the feature layer (-2) sits
+# after two transformer layers instead of one; the LLM is TINY's.
+DEMO = {
+    "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                   image_size=32, patch_size=4),
+    "llm": TINY["llm"],
+}
 SMALL = {
     "vision": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    image_size=48, patch_size=8),
@@ -53,7 +61,7 @@ def init_tiny_model(manifest: Any, out_dir: str, size: str = "tiny", seed: int =
     from model import NVILAConfig, NVILAForCausalLM
     from model.tokenizer import train_bpe_tokenizer
 
-    spec = {"tiny": TINY, "small": SMALL}[size]
+    spec = {"tiny": TINY, "demo": DEMO, "small": SMALL}[size]
     texts = corpus_texts(manifest) + ["Describe the image.", "What is in this picture?", "Write a short caption.",
                                       "Describe the video.", "What happens in this clip?"]
     tok = train_bpe_tokenizer(texts, vocab_size=vocab_size)

@@ -17,6 +17,7 @@ and counted; a held-out slice (every n-th key by hash) is kept out of training f
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections import Counter
@@ -138,6 +139,24 @@ def stage_sources(manifest: Any, datasets: dict[str, float], heldout_every: int 
         every = max(2, min(heldout_every, o.samples // max(1, heldout_samples)))
         out.append(SourceDataset(ds, o.kind, [s.url for s in o.shards], w, every))
     return out
+
+
+def epoch_samples(manifest: Any, sources: list[SourceDataset]) -> int:
+    """Training samples in one epoch over the stage's mixture: each dataset's curated samples
+    (the manifest's count, less its held-out slice) times its mixture weight, summed. A weight
+    of 0.5 reads half of that dataset per epoch, 2.0 reads it twice."""
+    total = 0.0
+    for src in sources:
+        n = manifest.outputs[src.name].samples
+        held = n / src.heldout_every if src.heldout_every else 0.0
+        total += src.weight * (n - held)
+    return max(1, round(total))
+
+
+def steps_for_epochs(epochs: float, samples_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps that read ``epochs`` epochs of ``samples_per_epoch`` samples, each step
+    taking ``batch_size`` samples on each of ``world_size`` ranks (at least one step)."""
+    return max(1, math.ceil(epochs * samples_per_epoch / (batch_size * world_size)))
 
 
 def example_stream(sources: list[SourceDataset], build: Callable[[Any], Any], seed: int, rank: int = 0,

@@ -81,11 +81,22 @@ def describe_plan(m: Manifest, stages: list[StagePlan], skipped: list[str], reci
              f"Ray Train {'on, ' + str(recipe.ray.num_workers) + ' worker(s)' if recipe.ray.enabled else 'off'}"]
     for st in stages:
         mix = ", ".join(f"{d} x{w:g}" for d, w in st.datasets.items())
-        steps = f"{st.steps} steps" if st.steps else f"{st.epochs} epochs"
+        steps = f"{st.steps} steps" if st.steps else f"{st.epochs:g} epochs = {stage_steps(m, st, recipe.ray)} steps"
         lines.append(f"  {st.name:<16} trains {'+'.join(st.train):<30} lr {st.lr:g} (vision {st.vision_lr():g}), "
                      f"{steps}, batch {st.batch_size}, max_length {st.max_length}; data: {mix}")
     lines.extend(f"  {s}" for s in skipped)
     return "\n".join(lines)
+
+
+def stage_steps(m: Manifest, st: StagePlan, ray: Any) -> int:
+    """The optimizer steps a stage will run: its ``steps``, or its epochs over the manifest's counts."""
+    from training_hooks.data import epoch_samples, stage_sources, steps_for_epochs
+
+    if st.steps:
+        return st.steps
+    world = ray.num_workers if ray.enabled else 1
+    sources = stage_sources(m, st.datasets, st.heldout_every, st.heldout_samples)
+    return steps_for_epochs(st.epochs or 1.0, epoch_samples(m, sources), st.batch_size, world)
 
 
 def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Callable[[str], None] = print) -> dict[str, Any]:
@@ -120,7 +131,8 @@ def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Cal
             cfg = {"plan": st.model_dump(), "stage_dir": stage_dir, "init_dir": prev, "manifest": os.path.abspath(manifest_path)
                    if not storage.is_remote(manifest_path) else manifest_path, "seed": recipe.seed, "precision": recipe.precision,
                    "fp8": recipe.fp8.model_dump(), "prompts": recipe.prompts,
-                   "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu}
+                   "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu,
+                   "threads": recipe.ray.cpus_per_worker if recipe.ray.enabled else None}
             info(f"stage {st.name}: training from {prev}")
             if recipe.ray.enabled:
                 res = run_stage_on_ray(cfg, recipe.ray.num_workers, recipe.ray.use_gpu, recipe.ray.address)

@@ -9,10 +9,15 @@ fp8: {enabled: false, recipe: tensorwise, emulate: null}
 ray: {enabled: true, num_workers: 1, use_gpu: false, strategy: ddp}
 defaults: {batch_size: 8, max_length: 512, warmup_steps: 5}
 stages:                            # run in NVILA's order; omitted stages are not run
-  align: {steps: 40}
-  pretrain: {steps: 40, lr: 5.0e-5}
-  image_sft: {steps: 40, train: [projector, llm]}
+  align: {epochs: 1}
+  pretrain: {epochs: 2, lr: 5.0e-5}
+  image_sft: {epochs: 3, train: [projector, llm]}
+  video_sft: {steps: 40}           # a fixed number of steps instead
 ```
+
+A stage's budget is ``epochs`` over its curated mixture (the trainer turns it into steps from
+the manifest's sample counts: ``data.epoch_samples``) or, as an override, ``steps``; with both,
+``steps`` wins. A budget set on a stage replaces the one in ``defaults``.
 
 Defaults per stage follow NVILA's scripts: what each stage trains and its learning rate. Where
 the vision tower trains together with the LLM its LR is ``vision_lr_ratio`` (default 1/10,
@@ -87,6 +92,7 @@ class RayTrainConfig(BaseModel):
     # DDP only: every rank holds the whole (small) model; rank 0 writes its checkpoints
     strategy: Literal["ddp"] = "ddp"
     address: Optional[str] = None
+    cpus_per_worker: int = Field(1, ge=1)  # Ray CPUs per worker, and its torch threads
 
 
 class TrainRecipe(BaseModel):
@@ -162,13 +168,17 @@ def plan_stages(recipe: TrainRecipe, manifest: Any) -> tuple[list[StagePlan], li
         if name not in recipe.stages:
             continue
         values: dict[str, Any] = dict(STAGE_DEFAULTS[name])
-        values.update({k: v for k, v in recipe.defaults.model_dump().items() if v is not None and k not in ("train", "lr")})
-        values.update({k: v for k, v in recipe.stages[name].model_dump().items() if v is not None})
+        stage = {k: v for k, v in recipe.stages[name].model_dump().items() if v is not None}
+        defaults = {k: v for k, v in recipe.defaults.model_dump().items() if v is not None and k not in ("train", "lr")}
+        if "steps" in stage or "epochs" in stage:  # a stage's own budget replaces the defaults' budget
+            defaults = {k: v for k, v in defaults.items() if k not in ("steps", "epochs")}
+        values.update(defaults)
+        values.update(stage)
         mix = {ds: w for ds, w in manifest.stage_datasets(name).items() if manifest.outputs[ds].samples > 0}
         if not mix:
             skipped.append(f"stage {name}: the manifest has no curated data for it; skipped")
             continue
         if values.get("steps") is None and values.get("epochs") is None:
-            values["steps"] = 50
+            values["epochs"] = 1.0  # no budget given: one pass over the stage's curated mixture
         plans.append(StagePlan(name=name, datasets=mix, **values))
     return plans, skipped

@@ -31,7 +31,8 @@ from curation.common.prefetch import prefetch
 from model.examples import ExampleBuilder
 from training_hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from training_hooks.device import all_positions, all_sum, stage_device, to_device
-from training_hooks.data import DataSplit, batches, example_stream, stage_sources, stream_samples
+from training_hooks.data import (DataSplit, batches, epoch_samples, example_stream, stage_sources, steps_for_epochs,
+                                 stream_samples)
 from training_hooks.recipe import StagePlan
 
 IGNORE_INDEX = -100
@@ -95,10 +96,11 @@ def _build(config: dict[str, Any], plan: StagePlan, device: torch.device) -> tup
 
 
 def _total_steps(plan: StagePlan, manifest: Any, sources: list, world_size: int) -> int:
+    """``steps`` when the recipe fixes them; otherwise ``epochs`` over the stage's mixture as the
+    manifest counts it (``data.epoch_samples``), in steps of the global batch."""
     if plan.steps:
         return plan.steps
-    samples = sum(manifest.outputs[s.name].samples for s in sources)
-    return max(1, math.ceil(plan.epochs * samples / (plan.batch_size * world_size)))
+    return steps_for_epochs(plan.epochs or 1.0, epoch_samples(manifest, sources), plan.batch_size, world_size)
 
 
 def _train_step(model: Any, opt: Any, sched: Any, batch: dict, plan: StagePlan, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +176,8 @@ def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dic
                     save_checkpoint(stage_dir, step + 1, core, opt, sched, {"positions": positions, "metrics": metrics})
     finally:
         stream.close()
-    result: dict[str, Any] = {"stage": plan.name, "steps": total_steps, "resumed_from": start_step,
-                              "world_size": world_size, "device": str(device),
+    result: dict[str, Any] = {"stage": plan.name, "steps": total_steps, "epochs": plan.epochs if not plan.steps else None,
+                              "resumed_from": start_step, "world_size": world_size, "device": str(device),
                               "trainable_params": trainable, "fp8": fp8_summary, "skipped_samples": dict(skipped),
                               "mixture_counts": dict(mixed_counts), "seconds": round(time.time() - t_stage, 2)}
     if rank == 0:
