@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import yaml
 from prefect import flow, get_run_logger
@@ -19,13 +20,13 @@ from prefect import flow, get_run_logger
 from flows.tasks import (
     curation_report,
     run_curate,
+    evaluate_task,
     run_score,
-    scoring_plan,
     run_train,
+    scoring_plan,
     selection_table,
     synthesize_task,
     train_filter_task,
-    evaluate_task,
     train_proxies_task,
     training_report,
 )
@@ -59,9 +60,80 @@ def _train_and_evaluate(out: str, manifest: Any, manifest_path: str, seed: int) 
     return training, {k: v for k, v in evaluation.items() if k != "captions"} | {"checkpoint_stage": "image_sft"}
 
 
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.time()
+    yield
+    timings[name] = round(time.time() - t0, 1)
+
+
+def _synthesize(out: str, size: str, seed: int, log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The noisy corpus and the trusted clean set; the readers checked against the ground truth."""
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+    from flows import demo_parts as d
+
+    corpus = synthesize_task(os.path.join(out, "corpus"), size, seed)
+    n_trusted = max(400, corpus["datasets"]["coyo_synth"]["samples"])
+    synthesize(os.path.join(out, "trusted"),
+               SynthConfig(seed=seed + 1000, datasets=[DatasetSpec("trusted_pairs", "pair", n_trusted, {}, 200)]))
+    check = d.check_against_ground_truth(os.path.join(out, "corpus"),
+                                         [os.path.join(out, "corpus", ds) for ds in corpus["datasets"]])
+    log.info("readers vs ground truth: %d samples, %d unreadable, %d disagreements", check["samples"],
+             check["unreadable"], len(check["disagreements"]))
+    if check["disagreements"]:
+        raise RuntimeError(f"reader and ground truth disagree: {check['disagreements'][:5]}")
+    return corpus, check
+
+
+def _score(out: str, size: str, seed: int, filter_dir: str, proxies: dict[str, str]) -> list[dict[str, Any]]:
+    """Every sample scored by basic, CLIP (the trained filter) and DeltaLoss (the proxies)."""
+    from curation.corpus.synth import SynthConfig
+    from flows import demo_parts as d
+
+    recipe_path = os.path.join(out, "score.yaml")
+    with open(recipe_path, "w") as f:
+        yaml.safe_dump(d.score_recipe(SynthConfig.preset(size, seed=seed).datasets, filter_dir, proxies), f, sort_keys=False)
+    plan = scoring_plan(recipe_path)
+    return [run_score(plan, name) for name in plan.scorer_names]
+
+
+def _curate(out: str, size: str, seed: int, filter_dir: str, scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """The embedded policy, thresholds calibrated on trusted data; select, reshard, manifest."""
+    from curation.corpus.synth import SynthConfig
+    from flows import demo_parts as d
+
+    policy_path = os.path.join(out, "policy.yaml")
+    datasets = {spec.name: spec.kind for spec in SynthConfig.preset(size, seed=seed).datasets}
+    with open(policy_path, "w") as f:
+        yaml.safe_dump(d.calibrated_policy(out, seed, filter_dir, datasets), f, sort_keys=False)
+    work = os.path.join(out, "work")
+    curated = run_curate(work, policy_path, os.path.join(out, "curated"), 256, seed,
+                         _scores=[s["config_hash"] for s in scores])
+    selection_table(curated)
+    curation_report(work, curated)
+    return curated
+
+
+def _report(out: str, report: dict[str, Any], manifest: Any, curated: dict[str, Any], log: Any) -> dict[str, Any]:
+    """Ground-truth analysis, plots, ``demo_report.{md,html,json}``."""
+    from flows import demo_parts as d
+
+    analysis = d.analyze(os.path.join(out, "work"), os.path.join(out, "corpus"), curated["decisions"])
+    report.update(analysis)
+    plots = d.make_plots(out, analysis, manifest, report["training"])
+    if report["caption_eval"]:
+        plots["caption_gallery"] = report["caption_eval"]["gallery"]["png"]
+    md, html = d.write_report(out, report, plots)
+    report["report"] = {"markdown": md, "html": html}
+    d.save_json(os.path.join(out, "demo_report.json"), report)
+    log.info("injected noise dropped %.1f%%, clean kept %.1f%%; manifest %s; report %s",
+             100 * report["noise_dropped_fraction"], 100 * report["clean_kept_fraction"], curated["id"], html)
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
 @flow(name="demo", log_prints=True)
 def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True) -> dict[str, Any]:
-    from curation.corpus.synth import DatasetSpec, SynthConfig
+    from curation.corpus.synth import SynthConfig
     from curation.selection.manifest import load_manifest
     from flows import demo_parts as d
 
@@ -72,68 +144,24 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     filter_steps, proxy_steps = d.steps_for(size)
     timings: dict[str, float] = {}
     t_all = time.time()
-
-    t0 = time.time()
-    corpus = synthesize_task(os.path.join(out, "corpus"), size, seed)
-    n_trusted = max(400, corpus["datasets"]["coyo_synth"]["samples"])
-    trusted_cfg = SynthConfig(seed=seed + 1000, datasets=[DatasetSpec("trusted_pairs", "pair", n_trusted, {}, 200)])
-    from curation.corpus.synth import synthesize
-
-    synthesize(os.path.join(out, "trusted"), trusted_cfg)
-    timings["synthesize"] = round(time.time() - t0, 1)
-    check = d.check_against_ground_truth(os.path.join(out, "corpus"),
-                                         [os.path.join(out, "corpus", ds) for ds in corpus["datasets"]])
-    log.info("readers vs ground truth: %d samples, %d unreadable, %d disagreements", check["samples"],
-             check["unreadable"], len(check["disagreements"]))
-    if check["disagreements"]:
-        raise RuntimeError(f"reader and ground truth disagree: {check['disagreements'][:5]}")
-
-    t0 = time.time()
-    trusted = os.path.join(out, "trusted", "trusted_pairs")
-    filt = train_filter_task(trusted, os.path.join(out, "models", "dfn-filter"), filter_steps, seed)
-    proxies = train_proxies_task(trusted, os.path.join(out, "models", "proxies"), proxy_steps, seed)
-    timings["train_filter_and_proxies"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    cfg = SynthConfig.preset(size, seed=seed)
-    recipe_path = os.path.join(out, "score.yaml")
-    with open(recipe_path, "w") as f:
-        yaml.safe_dump(d.score_recipe(cfg.datasets, filt["dir"], proxies), f, sort_keys=False)
-    plan = scoring_plan(recipe_path)
-    scores = [run_score(plan, name) for name in plan.scorer_names]
-    timings["score"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    policy_path = os.path.join(out, "policy.yaml")
-    policy = d.calibrated_policy(out, seed, filt["dir"], {spec.name: spec.kind for spec in cfg.datasets})
-    with open(policy_path, "w") as f:
-        yaml.safe_dump(policy, f, sort_keys=False)
-    work = os.path.join(out, "work")
-    curated = run_curate(work, policy_path, os.path.join(out, "curated"), 256, seed,
-                          _scores=[s["config_hash"] for s in scores])
-    selection_table(curated)
-    curation_report(work, curated)
-    timings["curate"] = round(time.time() - t0, 1)
+    with _timed(timings, "synthesize"):
+        corpus, check = _synthesize(out, size, seed, log)
+    with _timed(timings, "train_filter_and_proxies"):
+        trusted = os.path.join(out, "trusted", "trusted_pairs")
+        filt = train_filter_task(trusted, os.path.join(out, "models", "dfn-filter"), filter_steps, seed)
+        proxies = train_proxies_task(trusted, os.path.join(out, "models", "proxies"), proxy_steps, seed)
+    with _timed(timings, "score"):
+        scores = _score(out, size, seed, filt["dir"], proxies)
+    with _timed(timings, "curate"):
+        curated = _curate(out, size, seed, filt["dir"], scores)
     manifest = load_manifest(curated["manifest"])
-
     training, evaluation = None, None
     if train:
-        t0 = time.time()
-        training, evaluation = _train_and_evaluate(out, manifest, curated["manifest"], seed)
-        timings["train_and_eval"] = round(time.time() - t0, 1)
-
-    analysis = d.analyze(work, os.path.join(out, "corpus"), curated["decisions"])
+        with _timed(timings, "train_and_eval"):
+            training, evaluation = _train_and_evaluate(out, manifest, curated["manifest"], seed)
     timings["total"] = round(time.time() - t_all, 1)
     report = {"out": out, "size": size, "seed": seed, "corpus": corpus,
               "read_check": {**check, "disagreements": len(check["disagreements"])},
               "scoring": scores, "manifest": {"id": curated["id"], "path": curated["manifest"]},
-              "training": training, "caption_eval": evaluation, "timings_s": timings, **analysis}
-    plots = d.make_plots(out, analysis, manifest, training)
-    if evaluation:
-        plots["caption_gallery"] = evaluation["gallery"]["png"]
-    md, html = d.write_report(out, report, plots)
-    report["report"] = {"markdown": md, "html": html}
-    d.save_json(os.path.join(out, "demo_report.json"), report)
-    log.info("injected noise dropped %.1f%%, clean kept %.1f%%; manifest %s; report %s",
-             100 * report["noise_dropped_fraction"], 100 * report["clean_kept_fraction"], curated["id"], html)
-    return {k: v for k, v in report.items() if not k.startswith("_")}
+              "training": training, "caption_eval": evaluation, "timings_s": timings}
+    return _report(out, report, manifest, curated, log)

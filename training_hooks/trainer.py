@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,15 +123,30 @@ def _train_step(model: Any, opt: Any, sched: Any, batch: dict, plan: StagePlan, 
     return {"loss": float(step_loss), "grad_norm": float(grad_norm)}
 
 
-def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """The training loop of one stage (what every Ray Train worker runs)."""
+@dataclass
+class _Stage:
+    """Everything one stage's loop needs, built once per worker."""
+
+    plan: StagePlan
+    manifest: Any
+    core: Any  # the model (unwrapped; DDP wraps it for the loop)
+    tok: Any
+    opt: Any
+    sched: Any
+    sources: list
+    total_steps: int
+    device: Any
+    trainable: int
+    fp8_summary: Any
+
+
+def _setup(config: dict[str, Any], world_size: int) -> _Stage:
+    """Seed, threads, device; the model, optimizer, schedule and data sources of the stage."""
     from curation.selection.manifest import load_manifest
 
     plan = StagePlan(**config["plan"])
-    stage_dir = config["stage_dir"]
-    os.makedirs(stage_dir, exist_ok=True)
-    seed = int(config.get("seed", 0))
-    torch.manual_seed(seed)
+    os.makedirs(config["stage_dir"], exist_ok=True)
+    torch.manual_seed(int(config.get("seed", 0)))
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     device = stage_device(bool(config.get("use_gpu")), bool(config.get("on_ray")))
@@ -140,48 +156,71 @@ def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dic
     sources = stage_sources(manifest, plan.datasets, plan.heldout_every, plan.heldout_samples)
     total_steps = _total_steps(plan, manifest, sources, world_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(plan.warmup_steps, total_steps - 1), total_steps))
-    start_step, position, metrics = 0, 0, []
-    ckpt = latest_checkpoint(stage_dir)
-    if ckpt:
-        info = load_checkpoint(ckpt, core, opt, sched, world_size)
-        start_step, position, metrics = info["step"], info["positions"][rank], info["metrics"]
-    model = core
-    if world_size > 1:
-        import ray.train.torch
+    return _Stage(plan, manifest, core, tok, opt, sched, sources, total_steps, device, trainable, fp8_summary)
 
-        # SigLIP's last layer and head never reach the loss (features come from layer -2)
-        model = ray.train.torch.prepare_model(core, move_to_device=False, parallel_strategy="ddp",
-                                              parallel_strategy_kwargs={"find_unused_parameters": True})
+
+def _resume(st: _Stage, stage_dir: str, rank: int, world_size: int) -> tuple[int, int, list]:
+    """(first step, this rank's data position, metrics so far): from the latest checkpoint, if any."""
+    ckpt = latest_checkpoint(stage_dir)
+    if not ckpt:
+        return 0, 0, []
+    info = load_checkpoint(ckpt, st.core, st.opt, st.sched, world_size)
+    return info["step"], info["positions"][rank], info["metrics"]
+
+
+def _loop(st: _Stage, model: Any, stream: Any, start_step: int, metrics: list, stage_dir: str,
+          ctx: dict[str, Any]) -> None:
+    """Steps ``start_step`` to the end; rank 0 checkpoints every ``save_every`` steps and at the end."""
+    plan, world_size, device = st.plan, ctx["world_size"], st.device
+    for step in range(start_step, st.total_steps):
+        t0 = time.time()
+        batch = next(stream)
+        out = _train_step(model, st.opt, st.sched, batch, plan, ctx)
+        dt = time.time() - t0
+        tokens = float(all_sum(torch.tensor(float(batch["llm_tokens"]), device=device), world_size))
+        metrics.append({"step": step + 1, "loss": round(out["loss"], 5), "lr": st.opt.param_groups[0]["lr"],
+                        "grad_norm": round(out["grad_norm"], 4), "tokens_per_s": round(tokens / dt, 1),
+                        "samples_per_s": round(plan.batch_size * world_size / dt, 2)})
+        if (step + 1) % plan.save_every == 0 or step + 1 == st.total_steps:
+            positions = all_positions(batch["position"], world_size, device)  # every rank takes part
+            if ctx["rank"] == 0:
+                save_checkpoint(stage_dir, step + 1, st.core, st.opt, st.sched, {"positions": positions, "metrics": metrics})
+
+
+def _wrap(core: Any, world_size: int) -> Any:
+    if world_size == 1:
+        return core
+    import ray.train.torch
+
+    # SigLIP's last layer and head never reach the loss (features come from layer -2)
+    return ray.train.torch.prepare_model(core, move_to_device=False, parallel_strategy="ddp",
+                                         parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """The training loop of one stage (what every Ray Train worker runs): set up, resume, loop, finish."""
+    st = _setup(config, world_size)
+    plan, stage_dir, seed = st.plan, config["stage_dir"], int(config.get("seed", 0))
+    start_step, position, metrics = _resume(st, stage_dir, rank, world_size)
+    model = _wrap(st.core, world_size)
     skipped, mixed_counts = Counter(), Counter()
-    builder = ExampleBuilder(core, tok, plan.max_length, config.get("prompts") or ("Describe the image.",),
+    builder = ExampleBuilder(st.core, st.tok, plan.max_length, config.get("prompts") or ("Describe the image.",),
                              config.get("video_prompts") or ("Describe the video.",), skipped)
-    examples = example_stream(sources, builder, seed, rank, world_size, position, mixed_counts)
-    stream = prefetch(batches(examples, plan.batch_size, tok.pad_token_id, plan.max_length))
-    ctx = {"device": device, "world_size": world_size, "rank": rank, "bf16": config.get("precision") == "bf16"}
+    examples = example_stream(st.sources, builder, seed, rank, world_size, position, mixed_counts)
+    stream = prefetch(batches(examples, plan.batch_size, st.tok.pad_token_id, plan.max_length))
+    ctx = {"device": st.device, "world_size": world_size, "rank": rank, "bf16": config.get("precision") == "bf16"}
     model.train()
     t_stage = time.time()
     try:
-        for step in range(start_step, total_steps):
-            t0 = time.time()
-            batch = next(stream)
-            out = _train_step(model, opt, sched, batch, plan, ctx)
-            dt = time.time() - t0
-            tokens = float(all_sum(torch.tensor(float(batch["llm_tokens"]), device=device), world_size))
-            metrics.append({"step": step + 1, "loss": round(out["loss"], 5), "lr": opt.param_groups[0]["lr"],
-                            "grad_norm": round(out["grad_norm"], 4), "tokens_per_s": round(tokens / dt, 1),
-                            "samples_per_s": round(plan.batch_size * world_size / dt, 2)})
-            if (step + 1) % plan.save_every == 0 or step + 1 == total_steps:
-                positions = all_positions(batch["position"], world_size, device)  # every rank takes part
-                if rank == 0:
-                    save_checkpoint(stage_dir, step + 1, core, opt, sched, {"positions": positions, "metrics": metrics})
+        _loop(st, model, stream, start_step, metrics, stage_dir, ctx)
     finally:
         stream.close()
-    result: dict[str, Any] = {"stage": plan.name, "steps": total_steps, "epochs": plan.epochs if not plan.steps else None,
-                              "resumed_from": start_step, "world_size": world_size, "device": str(device),
-                              "trainable_params": trainable, "fp8": fp8_summary, "skipped_samples": dict(skipped),
+    result: dict[str, Any] = {"stage": plan.name, "steps": st.total_steps, "epochs": plan.epochs if not plan.steps else None,
+                              "resumed_from": start_step, "world_size": world_size, "device": str(st.device),
+                              "trainable_params": st.trainable, "fp8": st.fp8_summary, "skipped_samples": dict(skipped),
                               "mixture_counts": dict(mixed_counts), "seconds": round(time.time() - t_stage, 2)}
     if rank == 0:
-        _finish(core, tok, manifest, plan, seed, stage_dir, metrics, result, ctx)
+        _finish(st.core, st.tok, st.manifest, plan, seed, stage_dir, metrics, result, ctx)
     return result
 
 
