@@ -19,7 +19,7 @@ std over ``--seeds`` (the pool and scores are built once; a seed sets the initia
 data order and the random arm's half). ``--compare-modes`` adds the other DeltaLoss mode's
 arms (``deltaloss_<mode>_50``, ``clip_then_deltaloss_<mode>_50``).
 
-    python benchmarks/pruning_quality.py [--seeds 0 1 2] [--pool 2400] [--noise-rate 0.25]
+    python benchmarks/pruning_quality.py [--seeds 0 1 2] [--pool 1200] [--noise-rate 0.25]
                                          [--json out.json] [--compare-modes]
 """
 
@@ -40,18 +40,19 @@ def parse_args() -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--pool", type=int, default=2400, help="pairs in the pool (60 %% sft_a, 40 %% sft_b)")
+    ap.add_argument("--pool", type=int, default=1200, help="pairs in the pool (60 %% sft_a, 40 %% sft_b)")
     ap.add_argument("--noise-rate", type=float, default=0.25, help="share of injected noise in the pool")
     ap.add_argument("--steps", type=int, default=STEPS, help="training steps per arm (the same for all)")
     ap.add_argument("--trusted", type=int, default=400, help="trusted clean pairs (filter, DeltaLoss models)")
     ap.add_argument("--heldout", type=int, default=150, help="held-out long-tail pairs")
     ap.add_argument("--pool-seed", type=int, default=0)
     ap.add_argument("--proxy-steps", type=int, default=40, help="the small proxy's steps; rounds of the others")
-    ap.add_argument("--proxy-rounds", type=int, default=6, help="most early-stopping rounds per proxy")
+    ap.add_argument("--proxy-rounds", type=int, default=3, help="most early-stopping rounds per proxy")
     ap.add_argument("--deltaloss-mode", choices=["capability", "reference"], default=DEFAULT_MODE)
     ap.add_argument("--compare-modes", action="store_true", help="also run the other DeltaLoss mode's arms")
     ap.add_argument("--json", help="write the results here (and the bar chart beside it, .png)")
     ap.add_argument("--chart", help="bar chart path (default: beside --json, or ./pruning_quality.png)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--keep", help="keep everything under this folder instead of a temporary one")
     args = ap.parse_args()
     if not 0 <= args.noise_rate <= 0.9:
@@ -64,6 +65,10 @@ def main() -> None:
     from benchmarks.pruning import run as R
 
     args = parse_args()
+    import torch
+
+    # one intra-op thread: on a small shared machine more threads thrash instead of helping
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     modes = ["capability", "reference"] if args.compare_modes else [args.deltaloss_mode]
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,6 @@ from typing import Any
 from curation.data.shards import dataset_of, list_shards
 
 ARMS = ("full", "random_50", "clip_50", "deltaloss_50", "clip_then_deltaloss_50")
-CLIP_QUANTILE = 0.05  # the CLIP threshold before DeltaLoss: the trusted set's 5th percentile
 
 
 def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list[str],
@@ -68,11 +67,11 @@ def _check(report: Any) -> None:
 
 def clip_threshold(trusted: str, dfn: str) -> float:
     """The CLIP threshold, calibrated on the trusted set's scores (``curation.selection.calibrate``)."""
-    from curation.selection.calibrate import quantile_threshold, score_trusted
+    from curation.selection.calibrate import DEFAULT_QUANTILE, quantile_threshold, score_trusted
     from scorers import build_scorer
 
     scores = score_trusted([trusted], [build_scorer("clip", model=dfn)])
-    return quantile_threshold(scores["clip_score"], CLIP_QUANTILE)[0]
+    return quantile_threshold(scores["clip_score"], DEFAULT_QUANTILE)[0]
 
 
 def arm_policy(arm: str, sizes: dict[str, int], seed: int, clip_min: float) -> dict[str, Any]:

@@ -21,7 +21,7 @@ LLM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_atte
            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 IMAGE_MODE = "resize"
 
-STEPS = 500
+STEPS = 300
 BATCH = 16
 LR = 2e-3
 VISION_LR_RATIO = 1.0  # the vision tower starts from random weights: it trains at the full LR
