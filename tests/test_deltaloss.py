@@ -225,8 +225,10 @@ def test_train_proxies_reference_mode(tmp_path):
                                                                                                  "corrupt_image": 0.1}, 12)]))
     with pytest.raises(ValueError, match="needs the pool"):
         train_proxies(str(tmp_path / "t" / "trusted"), str(tmp_path / "x"), mode="reference")
+    with pytest.raises(ValueError, match="only used by the reference-model mode"):
+        train_proxies(str(tmp_path / "t" / "trusted"), str(tmp_path / "x"), pool=str(tmp_path / "p" / "pool"))
     res = train_proxies(str(tmp_path / "t" / "trusted"), str(tmp_path / "proxies"), steps=3, batch_size=4,
-                        max_rounds=1, pool=str(tmp_path / "p" / "pool"), info=lambda t: None)
+                        max_rounds=1, mode="reference", pool=str(tmp_path / "p" / "pool"), info=lambda t: None)
     record = json.loads((tmp_path / "proxies" / "proxies.json").read_text())
     assert record["mode"] == "reference" and set(res) == {"pool", "reference"}
     # one architecture and one tokenizer: the two differ only in the data they trained on

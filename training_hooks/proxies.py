@@ -57,25 +57,24 @@ def seed_manifest(trusted: list[str], work: str, out: str, kinds: dict[str, str]
 
 
 MODES = ("capability", "reference")
-DEFAULT_MODE = "capability"  # of `curate train-proxies` (see the README: which mode ranks better)
+DEFAULT_MODE = "capability"  # ranked better in benchmarks/pruning_quality.py (README, DeltaLoss)
 
 
 def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_size: int = 8, max_length: int = 512,
                   seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
                   round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
-                  lr: float = 1e-3, mode: str = "auto", pool: str | list[str] | None = None) -> dict[str, Any]:
+                  lr: float = 1e-3, mode: str = DEFAULT_MODE, pool: str | list[str] | None = None) -> dict[str, Any]:
     """Train the DeltaLoss scorer's two models under ``out`` and record them in ``proxies.json``.
 
     ``mode="capability"``: ``small`` and ``large`` on the trusted data (NVILA's DeltaLoss).
     ``mode="reference"``: ``pool`` (a model trained on the ``pool`` shards being pruned) and
-    ``reference`` (the same architecture trained on the trusted data), both to convergence.
-    ``"auto"``: reference when ``pool`` is given, capability otherwise."""
-    if mode == "auto":
-        mode = "reference" if pool else "capability"
+    ``reference`` (the same architecture trained on the trusted data), both to convergence."""
     if mode not in MODES:
         raise ValueError(f"unknown proxy mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "reference" and not pool:
         raise ValueError("the reference-model mode needs the pool to be pruned (--pool SHARDS)")
+    if mode == "capability" and pool:
+        raise ValueError("--pool is only used by the reference-model mode (--mode reference)")
     trusted = [trusted] if isinstance(trusted, str) else list(trusted)
     os.makedirs(out, exist_ok=True)
     manifest_url = seed_manifest(trusted, os.path.join(out, "seed-work"), os.path.join(out, "seed-curated"))

@@ -94,7 +94,7 @@ def train_proxies_cmd(
     out: str = typer.Option(..., "--out", "-o", help="Folder for the models: <out>/small and <out>/large "
                             "(capability) or <out>/pool and <out>/reference (reference)"),
     pool: Optional[list[str]] = typer.Option(None, "--pool", help="The shards to be pruned (reference mode)"),
-    mode: str = typer.Option("auto", "--mode", help="reference: a model trained on --pool minus one trained "
+    mode: str = typer.Option("capability", "--mode", help="reference: a model trained on --pool minus one trained "
                              "on --trusted (RHO-LOSS); capability: a small and a large model on --trusted (NVILA)"),
     steps: int = typer.Option(60, help="Training steps per stage for the small proxy (and per round for the large)"),
     max_rounds: int = typer.Option(10, min=1, help="Most rounds the large proxy trains before early stopping"),
