@@ -1,136 +1,85 @@
-"""Pruning quality, like NVILA's Table 3, on a synthetic corpus with known noise.
+"""Pruning quality, measured the way NVILA's Table 3 is: held-out caption accuracy per selection.
 
-One noisy pool of image-text pairs; a trusted clean seed set (trains the DFN filter and the
-DeltaLoss proxies); a clean held-out set. Five selections of the pool, each curated into its
-own manifest, and the same tiny NVILA trained from the same initialization with the same
-step budget on each:
+An SFT-shaped pool (``benchmarks/pruning/pool.py``): two pair sub-datasets, mostly usable
+(injected noise ``--noise-rate``, 25 % by default: mismatched, wrong-colour and gibberish
+captions, noise and blank images), with heavy redundancy in a few frequent attribute
+combinations (near-identical easy samples). A trusted clean set trains the DFN filter and the
+DeltaLoss models; a clean held-out set of the long tail (no frequent combination) measures.
 
-  (a) all data            (b) random 50 %          (c) CLIP top 50 %
-  (d) DeltaLoss top 50 %  (e) CLIP filter (>= threshold), then DeltaLoss to 50 % of the pool
+Arms, each 50 % of every sub-dataset, curated through the real pipeline (scoring engine, policy
+compiled to SQL, byte-exact reshard, manifest) and trained from the same initialization with
+the same budget (``benchmarks/pruning/model.py``, the one place that sets model and budget):
 
-Reported per arm: samples kept, the share of injected noise that survived selection, and the
-loss on the clean held-out set after training (lower is better).
+  full | random_50 | clip_50 | deltaloss_50 | clip_then_deltaloss_50 (CLIP >= a threshold
+  calibrated on the trusted set, then DeltaLoss down to 50 %)
 
-    python benchmarks/pruning_quality.py [--pool 1200] [--steps 150] [--json out.json]
+Metric: caption accuracy on the held-out images (``training_hooks.evaluate``, the code behind
+``curate eval``: greedy captions, fraction of attributes right) and held-out loss, mean and
+std over ``--seeds`` (the pool and scores are built once; a seed sets the initialization, the
+data order and the random arm's half). ``--compare-modes`` adds the other DeltaLoss mode's
+arms (``deltaloss_<mode>_50``, ``clip_then_deltaloss_<mode>_50``).
+
+    python benchmarks/pruning_quality.py [--seeds 0 1 2] [--pool 1200] [--noise-rate 0.25]
+                                         [--json out.json] [--compare-modes]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import tempfile
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def heldout_loss(model_dir: str, shards: list[str], max_samples: int = 200) -> float:
-    from model import NVILAForCausalLM
-    from model.conversation import collate
-    from model.examples import ExampleBuilder
-    from model.nvila import load_tokenizer
-    from curation.data.shards import read_shard
+def parse_args() -> argparse.Namespace:
+    from benchmarks.pruning.model import STEPS
+    from training_hooks.proxies import DEFAULT_MODE
 
-    model = NVILAForCausalLM.from_pretrained(model_dir).eval()
-    tok = load_tokenizer(model_dir)
-    b = ExampleBuilder(model, tok, 512)
-    exs = [e for u in shards for e in map(b, read_shard(u, kind="pair")) if e is not None][:max_samples]
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(exs), 16):
-            chunk = exs[i: i + 16]
-            out = model(**collate(chunk, tok.pad_token_id))
-            total += out.loss.item() * len(chunk)
-            n += len(chunk)
-    return total / n
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--pool", type=int, default=1200, help="pairs in the pool (60 %% sft_a, 40 %% sft_b)")
+    ap.add_argument("--noise-rate", type=float, default=0.25, help="share of injected noise in the pool")
+    ap.add_argument("--steps", type=int, default=STEPS, help="training steps per arm (the same for all)")
+    ap.add_argument("--trusted", type=int, default=400, help="trusted clean pairs (filter, DeltaLoss models)")
+    ap.add_argument("--heldout", type=int, default=150, help="held-out long-tail pairs")
+    ap.add_argument("--pool-seed", type=int, default=0)
+    ap.add_argument("--proxy-steps", type=int, default=40, help="the small proxy's steps; rounds of the others")
+    ap.add_argument("--proxy-rounds", type=int, default=3, help="most early-stopping rounds per proxy")
+    ap.add_argument("--deltaloss-mode", choices=["capability", "reference"], default=DEFAULT_MODE)
+    ap.add_argument("--compare-modes", action="store_true", help="also run the other DeltaLoss mode's arms")
+    ap.add_argument("--json", help="write the results here (and the bar chart beside it, .png)")
+    ap.add_argument("--chart", help="bar chart path (default: beside --json, or ./pruning_quality.png)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--keep", help="keep everything under this folder instead of a temporary one")
+    args = ap.parse_args()
+    if not 0 <= args.noise_rate <= 0.9:
+        ap.error("--noise-rate must be in [0, 0.9]")
+    return args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pool", type=int, default=1200, help="pairs in the noisy pool")
-    ap.add_argument("--noise-scale", type=float, default=1.5, help="x the default pair noise rates (1.5: about 58 %% noise)")
-    ap.add_argument("--steps", type=int, default=150, help="training steps per arm (same budget for all)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--clip-threshold", type=float, default=0.3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
-    args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from benchmarks.pruning import run as R
 
-    from curation.selection.curate import curate
-    from curation.scoring.dfn import FilterTrainConfig, train_filter
-    from curation.scoring.engine import ScorerSpec, ShardTask, score_local
-    from curation.data.shards import dataset_of, list_shards
-    from curation.corpus.synth import DEFAULT_PAIR_RATES, DatasetSpec, SynthConfig, load_ground_truth, synthesize
-    from training_hooks.bootstrap import init_tiny_model
-    from training_hooks.kickoff import train_from_manifest
-    from training_hooks.proxies import train_proxies
+    args = parse_args()
+    import torch
 
-    t_all = time.time()
-    rates = {k: min(1.0, v * args.noise_scale) for k, v in DEFAULT_PAIR_RATES.items()}
-    total = sum(rates.values())
-    if total > 0.95:
-        rates = {k: v * 0.95 / total for k, v in rates.items()}
-    with tempfile.TemporaryDirectory() as d:
-        synthesize(f"{d}/pool", SynthConfig(seed=args.seed, datasets=[DatasetSpec("pool", "pair", args.pool, rates, 200)]))
-        synthesize(f"{d}/trusted", SynthConfig(seed=args.seed + 1, datasets=[DatasetSpec("trusted", "pair", 600, {}, 200)]))
-        synthesize(f"{d}/heldout", SynthConfig(seed=args.seed + 2, datasets=[DatasetSpec("heldout", "pair", 200, {}, 200)]))
-        print(f"pool: {args.pool} pairs, injected noise rates {', '.join(f'{k}={v:.2f}' for k, v in rates.items())}")
-        train_filter(f"{d}/trusted/trusted", f"{d}/dfn", FilterTrainConfig(steps=100, batch_size=64, warmup=10,
-                                                                           shuffle_buffer=512, seed=args.seed))
-        proxies = train_proxies(f"{d}/trusted/trusted", f"{d}/proxies", steps=40, batch_size=8, seed=args.seed,
-                                info=lambda t: None)
-        tasks = [ShardTask(u, dataset_of(u), "pair") for u in list_shards(f"{d}/pool/pool")]
-        for spec in (ScorerSpec("basic"), ScorerSpec("clip", {"model": f"{d}/dfn"}, batch_size=64),
-                     ScorerSpec("deltaloss", {"small": proxies["small"]["dir"], "large": proxies["large"]["dir"]}, batch_size=16)):
-            r = score_local(tasks, spec, f"{d}/work")
-            assert not r.failed, r.failed
-        half = args.pool // 2
-        arms = {
-            "a_all": [],
-            "b_random_50": [{"rule": "sql", "keep_where": "hash(key) % 2 = 0", "name": "random_half"}],
-            "c_clip_top_50": [{"rule": "top_k", "column": "clip_score", "k": half}],
-            "d_deltaloss_top_50": [{"rule": "top_k", "column": "delta_loss", "k": half}],
-            "e_clip_then_deltaloss": [{"rule": "threshold", "column": "clip_score", "min": args.clip_threshold},
-                                      {"rule": "top_k", "column": "delta_loss", "k": half}],
-        }
-        gt = load_ground_truth(f"{d}/pool")
-        noise = {r["key"] for r in gt.iter_rows(named=True) if r["noise"] != "clean"}
-        init = None
-        results = {}
-        for arm, rules in arms.items():
-            policy = {"datasets": {"pool": rules}, "stages": {"image_sft": {"pool": 1.0}}}
-            manifest, url = curate(f"{d}/work", policy, f"{d}/curated-{arm}", use_ray=False)
-            if init is None:
-                init = init_tiny_model(manifest, f"{d}/init", seed=args.seed)
-            import duckdb
-
-            kept = {k for (k,) in duckdb.sql(f"SELECT key FROM read_parquet('{manifest.decisions}') "
-                                             f"WHERE dropped_by IS NULL").fetchall()}
-            t0 = time.time()
-            rep = train_from_manifest(url, {"init": init, "output": f"{d}/train-{arm}", "seed": args.seed,
-                                            "ray": {"enabled": False},
-                                            "defaults": {"batch_size": args.batch, "max_length": 512,
-                                                         "save_every": args.steps, "warmup_steps": 10},
-                                            "stages": {"image_sft": {"steps": args.steps, "lr": 1e-3}}}, info=lambda t: None)
-            loss = heldout_loss(rep["final_checkpoint"], list_shards(f"{d}/heldout/heldout"))
-            results[arm] = {"kept": len(kept), "noise_survived": round(len(kept & noise) / max(1, len(noise)), 3),
-                            "noise_share_of_kept": round(len(kept & noise) / max(1, len(kept)), 3),
-                            "heldout_clean_loss": round(loss, 4), "train_seconds": round(time.time() - t0, 1)}
-            print(f"  {arm:<24} kept {len(kept):5d}  noise survived {results[arm]['noise_survived']:.1%}  "
-                  f"held-out clean loss {loss:.4f}")
-    out = {"pool": args.pool, "noise_rates": rates, "steps": args.steps, "batch": args.batch, "arms": results,
-           "seconds": round(time.time() - t_all, 1)}
+    # one intra-op thread: on a small shared machine more threads thrash instead of helping
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    modes = ["capability", "reference"] if args.compare_modes else [args.deltaloss_mode]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or tmp
+        prep = R.prepare(root, args, modes, print)
+        runs = R.run_seeds(root, prep, R.arm_list(args.deltaloss_mode, modes), args.seeds, args.steps, print)
+    summary = R.aggregate(runs)
     print()
-    print("| arm | kept | injected noise surviving | noise share of kept | held-out clean loss |")
-    print("|---|---|---|---|---|")
-    for arm, r in results.items():
-        print(f"| {arm} | {r['kept']} | {r['noise_survived']:.1%} | {r['noise_share_of_kept']:.1%} | {r['heldout_clean_loss']:.4f} |")
-    print(f"\ntotal {out['seconds']} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    print(R.table(summary))
+    print(f"\ntotal {time.time() - t0:.0f} s")
+    R.write_outputs(args, summary, prep, time.time() - t0)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ For each sample x, over its answer (caption) tokens::
 Near 0: both models agree (too easy, or hopeless). Negative: the small model fits it and the
 large does not (distracting). Positive: helpful. Keep the top K within each sub-dataset.
 
+Reference-model mode (``pool=`` and ``reference=`` instead of ``small=`` and ``large=``; RHO-LOSS,
+CoLoR-Filter): the same columns with the pool model (trained on the pool being pruned) on the
+``small`` side and the reference model (trained on trusted data) on the ``large`` side, so
+``delta_loss = loss_pool - loss_reference``: high where trusted data taught the reference
+something the pool did not teach the pool model (the long tail); low for what the pool repeats
+(its model already fits it) and for noise (the reference model finds it unlikely).
+
 Models: any NVILA directory (``NVILAForCausalLM.save_pretrained``; samples become the same
 conversations the trainer builds), or, for text-only scoring, any ``transformers`` causal LM
 directory (the caption / document text is scored on its own). Both models are loaded on the
@@ -73,14 +80,30 @@ def sample_text(sample: Any) -> str | None:
     return sample.caption
 
 
+def _mode(small: str | None, large: str | None, pool: str | None, reference: str | None) -> str:
+    """``capability`` (small and large) or ``reference`` (pool and reference); anything else is refused."""
+    if small is not None and large is not None and pool is None and reference is None:
+        return "capability"
+    if pool is not None and reference is not None and small is None and large is None:
+        return "reference"
+    raise ValueError("DeltaLoss needs either small and large models (capability gap, NVILA) or pool and "
+                     "reference models (reference-model mode), not a mix")
+
+
 class DeltaLossScorer(Scorer):
     name = "deltaloss"
     version = "1"
 
-    def __init__(self, small: str, large: str, *, device: str = "cpu", batch_size: int = 16, max_length: int = 1024,
+    def __init__(self, small: str | None = None, large: str | None = None, *, pool: str | None = None,
+                 reference: str | None = None, device: str = "cpu", batch_size: int = 16, max_length: int = 1024,
                  separate_tokenization: bool = False, prompts: Sequence[str] = ("Describe the image.",),
                  video_prompts: Sequence[str] = ("Describe the video.",)) -> None:
-        for what, p in (("small", small), ("large", large)):
+        self.mode = _mode(small, large, pool, reference)
+        if self.mode == "reference":
+            small, large = pool, reference
+        assert small is not None and large is not None  # _mode checked
+        for what, p in ((("small", small), ("large", large)) if self.mode == "capability"
+                        else (("pool", small), ("reference", large))):
             if not os.path.isfile(os.path.join(p, "config.json")):
                 raise FileNotFoundError(f"DeltaLoss {what} model directory {p} has no config.json")
         if batch_size < 1:
@@ -97,10 +120,15 @@ class DeltaLossScorer(Scorer):
 
     # ---- identity
     def config(self) -> dict[str, Any]:
-        return {"max_length": self.max_length, "separate_tokenization": self.separate_tokenization,
-                "prompts": self.prompts, "video_prompts": self.video_prompts}
+        cfg = {"max_length": self.max_length, "separate_tokenization": self.separate_tokenization,
+               "prompts": self.prompts, "video_prompts": self.video_prompts}
+        if self.mode == "reference":  # only then, so capability-mode score files keep their hash
+            cfg["mode"] = "reference"
+        return cfg
 
     def model_id(self) -> str:
+        if self.mode == "reference":
+            return f"pool={self.small_path};reference={self.large_path}"
         return f"small={self.small_path};large={self.large_path}"
 
     def weights_checksum(self) -> str:
@@ -124,7 +152,7 @@ class DeltaLossScorer(Scorer):
         self.small.load()
         self.large.load()
         ns, nl = self.small.num_params(), self.large.num_params()
-        if ns > nl:
+        if ns > nl and self.mode == "capability":
             log.warning("DeltaLoss: the 'small' model (%d parameters) is larger than the 'large' one (%d)", ns, nl)
         if not self.separate_tokenization and self.small.tokenizer.get_vocab() != self.large.tokenizer.get_vocab():
             raise ValueError("the small and large models use different tokenizers; set separate_tokenization: true "

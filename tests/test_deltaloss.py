@@ -195,3 +195,45 @@ def test_scoring_leaves_global_torch_state_alone(models):
     """A scorer used in a notebook or a trainer's process must not switch autograd off globally."""
     DeltaLossScorer(models["small"], models["large"]).score([_pair("a", A)])
     assert torch.is_grad_enabled()
+
+
+def test_reference_mode_ranks_what_the_pool_lacks_above_what_it_repeats(models):
+    """Reference-model mode (RHO-LOSS): delta = loss under the pool's model - loss under the
+    trusted reference. Here the pool's model saw only B (the pool repeats it) and the reference
+    saw A and B: A, which the pool lacks, must rank above B."""
+    sc = DeltaLossScorer(pool=models["small"], reference=models["large"])
+    cols = sc.score([_pair("a", A), _pair("b", B)])
+    assert cols["error"] == [None, None]
+    assert cols["delta_loss"][0] > cols["delta_loss"][1]
+    assert cols["delta_loss"][0] == pytest.approx(cols["loss_small"][0] - cols["loss_large"][0])
+    # the mode is part of the scorer's identity: a store never mixes the two modes' scores
+    assert sc.config_hash() != DeltaLossScorer(models["small"], models["large"]).config_hash()
+
+
+def test_deltaloss_refuses_a_mix_of_modes(models):
+    with pytest.raises(ValueError, match="either small and large .* or pool and reference"):
+        DeltaLossScorer(models["small"], reference=models["large"])
+    with pytest.raises(ValueError, match="either small and large"):
+        DeltaLossScorer(pool=models["small"])
+
+
+def test_train_proxies_reference_mode(tmp_path):
+    from training_hooks.proxies import train_proxies
+
+    synthesize(str(tmp_path / "t"), SynthConfig(seed=4, datasets=[DatasetSpec("trusted", "pair", 24, {}, 12)]))
+    synthesize(str(tmp_path / "p"), SynthConfig(seed=5, datasets=[DatasetSpec("pool", "pair", 24, {"gibberish_caption": 0.25,
+                                                                                                 "corrupt_image": 0.1}, 12)]))
+    with pytest.raises(ValueError, match="needs the pool"):
+        train_proxies(str(tmp_path / "t" / "trusted"), str(tmp_path / "x"), mode="reference")
+    with pytest.raises(ValueError, match="only used by the reference-model mode"):
+        train_proxies(str(tmp_path / "t" / "trusted"), str(tmp_path / "x"), pool=str(tmp_path / "p" / "pool"))
+    res = train_proxies(str(tmp_path / "t" / "trusted"), str(tmp_path / "proxies"), steps=3, batch_size=4,
+                        max_rounds=1, mode="reference", pool=str(tmp_path / "p" / "pool"), info=lambda t: None)
+    record = json.loads((tmp_path / "proxies" / "proxies.json").read_text())
+    assert record["mode"] == "reference" and set(res) == {"pool", "reference"}
+    # one architecture and one tokenizer: the two differ only in the data they trained on
+    assert record["pool"]["parameters"] == record["reference"]["parameters"]
+    assert all(record[m]["seconds"] > 0 and record[m]["steps"] >= 3 for m in ("pool", "reference"))
+    sc = DeltaLossScorer(pool=res["pool"]["dir"], reference=res["reference"]["dir"])
+    cols = sc.score([s for s in read_shard(list_shards(str(tmp_path / "p" / "pool"))[0]) if s.error is None][:4])
+    assert all(d is not None for d in cols["delta_loss"])

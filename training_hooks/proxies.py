@@ -1,18 +1,24 @@
-"""DeltaLoss proxy models: a small and a large NVILA trained on a trusted seed set.
+"""DeltaLoss proxy models, in two modes.
 
 A user without reference models can still prune: ``curate train-proxies`` curates the trusted
-shards into a keep-everything manifest, builds a small and a large NVILA (``tiny`` and
-``small`` configs, one tokenizer for both so their losses are comparable), trains both with
-the stage trainer on the same data, and saves them where the DeltaLoss scorer loads them
-(``<out>/small``, ``<out>/large``).
+shards (and, in reference mode, the pool) into keep-everything manifests, builds NVILAs that
+share one tokenizer (so their losses are comparable), trains them with the stage trainer, and
+saves them where the DeltaLoss scorer loads them. The models start from random weights, so
+they train at ``lr`` (1e-3, not the 1.5e-5 that fine-tunes a pretrained NVILA).
 
-The proxies start from random weights, so they train at ``lr`` (1e-3, not the 1.5e-5 that
-fine-tunes a pretrained NVILA). DeltaLoss is only a signal when the large proxy is clearly stronger than the small one. So
-the small proxy gets ``steps`` per stage (a weak reference), while the large one (about 9x the
-parameters) trains in rounds of ``round_steps`` (default ``max(steps, 25)``) until its loss on the trainer's held-out slice of the
-trusted data (kept out of training) stops improving by ``min_delta`` for ``patience`` rounds,
-or ``max_rounds`` is reached; the best round's checkpoint is kept. ``proxies.json`` records
-each proxy's held-out loss, steps, parameters and seconds (the proxies' training cost).
+- ``capability`` (NVILA's DeltaLoss): ``<out>/small`` and ``<out>/large``, both on the trusted
+  data. DeltaLoss is only a signal when the large proxy is clearly stronger than the small one,
+  so the small proxy gets ``steps`` per stage (a weak reference), while the large one (``small``
+  config, about 9x the parameters) trains to convergence (below).
+- ``reference`` (RHO-LOSS / CoLoR-Filter): ``<out>/pool``, trained on the pool to be pruned,
+  and ``<out>/reference``, the same initialization trained on the trusted data, both to
+  convergence; the scorer's ``delta_loss`` is then ``loss_pool - loss_reference``.
+
+To convergence: rounds of ``round_steps`` (default ``max(steps, 25)``) until the loss on the
+trainer's held-out slice of the model's own training data (kept out of training) stops
+improving by ``min_delta`` for ``patience`` rounds, or ``max_rounds`` is reached; the best
+round's checkpoint is kept. ``proxies.json`` records the mode and each model's held-out loss,
+steps, parameters and seconds (the proxies' training cost).
 """
 
 from __future__ import annotations
@@ -50,47 +56,101 @@ def seed_manifest(trusted: list[str], work: str, out: str, kinds: dict[str, str]
     return url
 
 
+MODES = ("capability", "reference")
+DEFAULT_MODE = "capability"  # ranked better in benchmarks/pruning_quality.py (README, DeltaLoss)
+
+
 def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_size: int = 8, max_length: int = 512,
                   seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
                   round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
-                  lr: float = 1e-3) -> dict[str, Any]:
-    from curation.selection.manifest import load_manifest
-    from training_hooks.bootstrap import init_tiny_model
+                  lr: float = 1e-3, mode: str = DEFAULT_MODE, pool: str | list[str] | None = None) -> dict[str, Any]:
+    """Train the DeltaLoss scorer's two models under ``out`` and record them in ``proxies.json``.
 
+    ``mode="capability"``: ``small`` and ``large`` on the trusted data (NVILA's DeltaLoss).
+    ``mode="reference"``: ``pool`` (a model trained on the ``pool`` shards being pruned) and
+    ``reference`` (the same architecture trained on the trusted data), both to convergence."""
+    if mode not in MODES:
+        raise ValueError(f"unknown proxy mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "reference" and not pool:
+        raise ValueError("the reference-model mode needs the pool to be pruned (--pool SHARDS)")
+    if mode == "capability" and pool:
+        raise ValueError("--pool is only used by the reference-model mode (--mode reference)")
     trusted = [trusted] if isinstance(trusted, str) else list(trusted)
     os.makedirs(out, exist_ok=True)
     manifest_url = seed_manifest(trusted, os.path.join(out, "seed-work"), os.path.join(out, "seed-curated"))
-    m = load_manifest(manifest_url)
-    small_init = init_tiny_model(m, os.path.join(out, "init-small"), size="tiny", seed=seed)
-    # one tokenizer for both proxies: the large one is built with the small one's vocabulary
-    large_init = init_tiny_model(m, os.path.join(out, "init-large"), size="small", seed=seed)
-    from model.nvila import load_tokenizer
-
-    if load_tokenizer(small_init).get_vocab() != load_tokenizer(large_init).get_vocab():
-        for f in os.listdir(small_init):
-            if f.startswith(("tokenizer", "special_tokens")):
-                shutil.copy(os.path.join(small_init, f), os.path.join(large_init, f))
-        _rebuild_with_tokenizer(large_init)
-    def runner(n: int) -> Callable[[str, str], dict[str, Any]]:
-        def run(init: str, output: str) -> dict[str, Any]:
-            from training_hooks.kickoff import train_from_manifest
-
-            recipe = {"init": init, "output": output, "seed": seed, "ray": {"enabled": use_ray},
-                      "defaults": {"batch_size": batch_size, "max_length": max_length, "save_every": max(10, n)},
-                      "stages": {st.stage: {"steps": n, "lr": lr} for st in m.stages}}
-            return train_from_manifest(manifest_url, recipe, info=info)
-        return run
-
-    results = {"small": _train_small(runner(steps), small_init, out),
-               "large": _train_to_convergence(runner(round_steps or max(steps, 25)), large_init, out, max_rounds,
-                                              patience, min_delta, info)}
-    for name, init in (("small", small_init), ("large", large_init)):
-        results[name]["parameters"] = _parameters(init)
+    settings = dict(seed=seed, use_ray=use_ray, batch_size=batch_size, max_length=max_length, lr=lr, info=info)
+    stop = dict(max_rounds=max_rounds, patience=patience, min_delta=min_delta, info=info)
+    rounds = round_steps or max(steps, 25)
+    if mode == "capability":
+        results = _capability(manifest_url, out, steps, rounds, settings, stop)
+    else:
+        pool = [pool] if isinstance(pool, str) else list(pool or [])
+        pool_url = seed_manifest(pool, os.path.join(out, "pool-work"), os.path.join(out, "pool-curated"))
+        results = _reference(manifest_url, pool_url, out, rounds, settings, stop)
     info("proxies: " + "; ".join(f"{n}: held-out loss {r['heldout_loss']:.3f} after {r['steps']} steps, "
                                  f"{r['parameters']} parameters, {r['seconds']:.0f} s" for n, r in results.items()))
     with open(os.path.join(out, "proxies.json"), "w") as f:
-        json.dump({"manifest": manifest_url, **results}, f, indent=2)
+        json.dump({"mode": mode, "manifest": manifest_url, **results}, f, indent=2)
     return results
+
+
+def _runner(manifest_url: str, n: int, s: dict[str, Any]) -> Callable[[str, str], dict[str, Any]]:
+    """Train ``n`` steps per stage of ``manifest_url`` from ``init`` into ``output``."""
+    from curation.selection.manifest import load_manifest
+
+    stages = [st.stage for st in load_manifest(manifest_url).stages]
+
+    def run(init: str, output: str) -> dict[str, Any]:
+        from training_hooks.kickoff import train_from_manifest
+
+        recipe = {"init": init, "output": output, "seed": s["seed"], "ray": {"enabled": s["use_ray"]},
+                  "defaults": {"batch_size": s["batch_size"], "max_length": s["max_length"], "save_every": max(10, n)},
+                  "stages": {st: {"steps": n, "lr": s["lr"]} for st in stages}}
+        return train_from_manifest(manifest_url, recipe, info=s["info"])
+    return run
+
+
+def _capability(manifest_url: str, out: str, steps: int, rounds: int, s: dict[str, Any],
+                stop: dict[str, Any]) -> dict[str, Any]:
+    """A weak small proxy (``steps`` per stage) and a ~9x larger one trained to convergence."""
+    from curation.selection.manifest import load_manifest
+    from training_hooks.bootstrap import init_tiny_model
+
+    m = load_manifest(manifest_url)
+    small_init = init_tiny_model(m, os.path.join(out, "init-small"), size="tiny", seed=s["seed"])
+    # one tokenizer for both proxies: the large one is built with the small one's vocabulary
+    large_init = init_tiny_model(m, os.path.join(out, "init-large"), size="small", seed=s["seed"])
+    _share_tokenizer(small_init, large_init)
+    results = {"small": _train_small(_runner(manifest_url, steps, s), small_init, out),
+               "large": _train_to_convergence(_runner(manifest_url, rounds, s), large_init, out, "large", **stop)}
+    for name, init in (("small", small_init), ("large", large_init)):
+        results[name]["parameters"] = _parameters(init)
+    return results
+
+
+def _reference(manifest_url: str, pool_url: str, out: str, rounds: int, s: dict[str, Any],
+               stop: dict[str, Any]) -> dict[str, Any]:
+    """One initialization (tiny config, the trusted data's tokenizer), trained to convergence
+    once on the pool and once on the trusted data: the two differ only in what they saw."""
+    from curation.selection.manifest import load_manifest
+    from training_hooks.bootstrap import init_tiny_model
+
+    init = init_tiny_model(load_manifest(manifest_url), os.path.join(out, "init-reference"), size="tiny", seed=s["seed"])
+    results = {"pool": _train_to_convergence(_runner(pool_url, rounds, s), init, out, "pool", **stop),
+               "reference": _train_to_convergence(_runner(manifest_url, rounds, s), init, out, "reference", **stop)}
+    for r in results.values():
+        r["parameters"] = _parameters(init)
+    return results
+
+
+def _share_tokenizer(src: str, dest: str) -> None:
+    from model.nvila import load_tokenizer
+
+    if load_tokenizer(src).get_vocab() != load_tokenizer(dest).get_vocab():
+        for f in os.listdir(src):
+            if f.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(os.path.join(src, f), os.path.join(dest, f))
+        _rebuild_with_tokenizer(dest)
 
 
 def _heldout(report: dict[str, Any]) -> float:
@@ -112,26 +172,26 @@ def _train_small(run: Callable[[str, str], dict[str, Any]], init: str, out: str)
     return _summary(report, os.path.join(out, "small"), time.time() - t0, sum(s["steps"] for s in report["stages"]))
 
 
-def _train_to_convergence(run: Callable[[str, str], dict[str, Any]], init: str, out: str, max_rounds: int,
-                          patience: int, min_delta: float, info: Callable[[str], None]) -> dict[str, Any]:
+def _train_to_convergence(run: Callable[[str, str], dict[str, Any]], init: str, out: str, name: str, *,
+                          max_rounds: int, patience: int, min_delta: float, info: Callable[[str], None]) -> dict[str, Any]:
     """Rounds of training from the previous round's checkpoint; early stopping on held-out loss."""
     t0 = time.time()
     best, best_loss, best_steps, since_best, steps, rounds = None, float("inf"), 0, 0, 0, []
     prev = init
     for r in range(max(1, max_rounds)):
-        report = run(prev, os.path.join(out, "train-large", f"round-{r}"))
+        report = run(prev, os.path.join(out, f"train-{name}", f"round-{r}"))
         prev = report["final_checkpoint"]
         steps += sum(s["steps"] for s in report["stages"])
         loss = _heldout(report)
         rounds.append(round(loss, 4))
-        info(f"large proxy round {r}: held-out loss {loss:.4f} (best {best_loss:.4f})")
+        info(f"{name} proxy round {r}: held-out loss {loss:.4f} (best {best_loss:.4f})")
         if best is None or loss < best_loss - min_delta:  # a NaN loss (no held-out slice) keeps round 0
             best, best_loss, best_steps, since_best = report, loss, steps, 0
         else:
             since_best += 1
             if since_best > patience:
                 break
-    res = _summary(best, os.path.join(out, "large"), time.time() - t0, steps)
+    res = _summary(best, os.path.join(out, name), time.time() - t0, steps)
     res.update(heldout_by_round=rounds, steps_of_best=best_steps)
     return res
 

@@ -91,18 +91,24 @@ def init_model(
 @app.command("train-proxies")
 def train_proxies_cmd(
     trusted: list[str] = typer.Option(..., "--trusted", help="Trusted seed shards (folders, patterns, URLs)"),
-    out: str = typer.Option(..., "--out", "-o", help="Folder for the proxies: <out>/small and <out>/large"),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the models: <out>/small and <out>/large "
+                            "(capability) or <out>/pool and <out>/reference (reference)"),
+    pool: Optional[list[str]] = typer.Option(None, "--pool", help="The shards to be pruned (reference mode)"),
+    mode: str = typer.Option("capability", "--mode", help="reference: a model trained on --pool minus one trained "
+                             "on --trusted (RHO-LOSS); capability: a small and a large model on --trusted (NVILA)"),
     steps: int = typer.Option(60, help="Training steps per stage for the small proxy (and per round for the large)"),
     max_rounds: int = typer.Option(10, min=1, help="Most rounds the large proxy trains before early stopping"),
     batch_size: int = typer.Option(8),
     seed: int = typer.Option(0),
 ) -> None:
-    """Train a small and a large NVILA proxy on trusted data, for the DeltaLoss scorer (the large
-    one to convergence: early stopping on the trusted data's held-out slice)."""
+    """Train the DeltaLoss scorer's models: a pool and a reference model (reference mode), or a
+    small and a large proxy on trusted data (capability mode); to convergence, with early
+    stopping on a held-out slice."""
     from training_hooks.proxies import train_proxies
 
     try:
         res = train_proxies(trusted, out, steps=steps, batch_size=batch_size, seed=seed, max_rounds=max_rounds,
+                            mode=mode, pool=pool,
                             info=lambda t: out_console.print(t, markup=False, highlight=False))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail(str(e))
