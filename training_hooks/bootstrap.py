@@ -54,16 +54,21 @@ def corpus_texts(manifest: Any, limit: int = 2000) -> list[str]:
     return texts
 
 
-def init_tiny_model(manifest: Any, out_dir: str, size: str = "tiny", seed: int = 0, vocab_size: int = 600,
-                    image_mode: str = "dynamic_s2") -> str:
+PROMPTS = ("Describe the image.", "What is in this picture?", "Write a short caption.",
+           "Describe the video.", "What happens in this clip?")
+
+
+def init_tiny_model(manifest: Any, out_dir: str, size: str | dict[str, Any] = "tiny", seed: int = 0,
+                    vocab_size: int = 600, image_mode: str = "dynamic_s2", prompts: tuple[str, ...] = PROMPTS) -> str:
+    """Build a small NVILA (``size``: a name above or a ``{"vision": ..., "llm": ...}`` spec) and a BPE
+    tokenizer trained on the manifest's captions plus ``prompts``; save both to ``out_dir``."""
     import torch
 
     from model import NVILAConfig, NVILAForCausalLM
     from model.tokenizer import train_bpe_tokenizer
 
-    spec = {"tiny": TINY, "demo": DEMO, "small": SMALL}[size]
-    texts = corpus_texts(manifest) + ["Describe the image.", "What is in this picture?", "Write a short caption.",
-                                      "Describe the video.", "What happens in this clip?"]
+    spec = size if isinstance(size, dict) else {"tiny": TINY, "demo": DEMO, "small": SMALL}[size]
+    texts = corpus_texts(manifest) + list(prompts)
     tok = train_bpe_tokenizer(texts, vocab_size=vocab_size)
     tile = spec["vision"]["image_size"]
     cfg = NVILAConfig(vision_config=dict(spec["vision"]), llm_config=dict(spec["llm"], vocab_size=len(tok)),

@@ -31,22 +31,10 @@ def benchmark_model(manifest: Any, out_dir: str, seed: int) -> str:
     """Build, save and return the directory of the NVILA all arms of ``seed`` start from.
     The tokenizer is trained on ``manifest``'s captions (pass the same manifest for every seed's
     arms: the full pool's, so no arm's vocabulary depends on its selection)."""
-    import torch
+    from training_hooks.bootstrap import init_tiny_model
 
-    from model import NVILAConfig, NVILAForCausalLM
-    from model.tokenizer import train_bpe_tokenizer
-    from training_hooks.bootstrap import corpus_texts
-
-    texts = corpus_texts(manifest) + ["Describe the image.", "What is in this picture?", "Write a short caption."]
-    tok = train_bpe_tokenizer(texts, vocab_size=600)
-    cfg = NVILAConfig(vision_config=dict(VISION), llm_config=dict(LLM, vocab_size=len(tok)), image_mode=IMAGE_MODE,
-                      s2_scales=[VISION["image_size"], 2 * VISION["image_size"]], max_tiles=4,
-                      video_num_frames=4, video_pool_size=2)
-    torch.manual_seed(seed)
-    model = NVILAForCausalLM(cfg)
-    model.attach_tokenizer(tok)
-    model.save_pretrained(out_dir, tok)
-    return out_dir
+    return init_tiny_model(manifest, out_dir, size={"vision": VISION, "llm": LLM}, seed=seed, image_mode=IMAGE_MODE,
+                           prompts=("Describe the image.", "What is in this picture?", "Write a short caption."))
 
 
 def training_recipe(init: str, output: str, seed: int, steps: int = STEPS) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from curation.corpus.noise import assign_noise, corrupt_bytes, gibberish
 from curation.corpus.scenes import FILLER_SENTENCES, encode_image, random_scene, render_scene
 from curation.corpus.spec import DatasetSpec, SynthConfig
 from curation.corpus.scenes import Scene
+from curation.corpus.noise import copy_of_recent
 
 
 def _sentences(rng: np.random.Generator, scenes: list[Scene], noise: str) -> tuple[list[str], list[int]]:
@@ -110,9 +111,7 @@ def gen_interleaved_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, s
         if noise == "exact_duplicate" and not recent:
             noise = "clean"
         if noise == "exact_duplicate":
-            src_key, src = recent[int(rng.integers(len(recent)))]
-            sample = {"__key__": key, **{k: v for k, v in src.items() if k != "__key__"}}
-            yield sample, {"key": key, "noise": noise, "source_key": src_key, "detail": "{}"}
+            yield copy_of_recent(rng, recent, key)
             continue
         sample, detail = _document(rng, spec, cfg, key, noise)
         if noise == "clean":

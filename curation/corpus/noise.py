@@ -104,3 +104,10 @@ def assign_noise(rng: np.random.Generator, rates: dict[str, float], count: int) 
         j = labels.index("clean")
         labels[0], labels[j] = labels[j], labels[0]
     return labels
+
+
+def copy_of_recent(rng: np.random.Generator, recent: list[tuple[str, dict]], key: str) -> tuple[dict, dict]:
+    """An exact duplicate: one of the ``recent`` clean samples again under ``key``; (sample, ground-truth row)."""
+    src_key, src = recent[int(rng.integers(len(recent)))]
+    sample = {"__key__": key, **{k: v for k, v in src.items() if k != "__key__"}}
+    return sample, {"key": key, "noise": "exact_duplicate", "source_key": src_key, "detail": "{}"}

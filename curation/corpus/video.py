@@ -11,6 +11,7 @@ import numpy as np
 from curation.corpus.noise import assign_noise, corrupt_bytes, truncate_bytes
 from curation.corpus.scenes import DIRECTIONS, encode_mp4, random_scene, render_clip, video_caption
 from curation.corpus.spec import DatasetSpec, SynthConfig
+from curation.corpus.noise import copy_of_recent
 
 
 def gen_video_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: int, count: int) -> Iterator[tuple[dict, dict]]:
@@ -24,9 +25,7 @@ def gen_video_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: 
         if noise == "exact_duplicate" and not recent:
             noise = "clean"
         if noise == "exact_duplicate":
-            src_key, src = recent[int(rng.integers(len(recent)))]
-            yield {"__key__": key, **{k: v for k, v in src.items() if k != "__key__"}}, {
-                "key": key, "noise": noise, "source_key": src_key, "detail": "{}"}
+            yield copy_of_recent(rng, recent, key)
             continue
         scene = random_scene(rng)
         direction = dirs[int(rng.integers(len(dirs)))]

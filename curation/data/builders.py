@@ -169,14 +169,8 @@ def _start(raw: RawSample, base: dict[str, Any], cls: type, exts: Iterable[str],
     return s, errors, ext
 
 
-def build_pair(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> PairSample:
-    s, errors, img = _start(raw, base, PairSample, IMAGE_EXTS, "image")
-    if img is not None:
-        s.image, s.image_ext = raw.members[img], img
-        try:
-            s.width, s.height = check_image(s.image, opts.max_pixels, decode=opts.verify)
-        except ValueError as e:
-            errors.append(str(e))
+def _caption(raw: RawSample, s: Any, errors: list[str]) -> None:
+    """Set ``s.caption`` from the ``.txt`` member, or record why there is none."""
     txt = _find(raw.members, ("txt",))
     if txt is None:
         errors.append("missing caption member (.txt)")
@@ -185,6 +179,17 @@ def build_pair(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> PairS
             s.caption = decode_text(raw.members[txt], "caption (.txt)")
         except ValueError as e:
             errors.append(str(e))
+
+
+def build_pair(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> PairSample:
+    s, errors, img = _start(raw, base, PairSample, IMAGE_EXTS, "image")
+    if img is not None:
+        s.image, s.image_ext = raw.members[img], img
+        try:
+            s.width, s.height = check_image(s.image, opts.max_pixels, decode=opts.verify)
+        except ValueError as e:
+            errors.append(str(e))
+    _caption(raw, s, errors)
     s.error = "; ".join(errors) or None
     return s
 
@@ -246,14 +251,7 @@ def build_video(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> Vide
                 s.num_frames, s.duration = info["num_frames"], info["duration"]
             except ValueError as e:
                 errors.append(str(e))
-    txt = _find(raw.members, ("txt",))
-    if txt is None:
-        errors.append("missing caption member (.txt)")
-    else:
-        try:
-            s.caption = decode_text(raw.members[txt], "caption (.txt)")
-        except ValueError as e:
-            errors.append(str(e))
+    _caption(raw, s, errors)
     s.error = "; ".join(errors) or None
     return s
 
