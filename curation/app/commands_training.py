@@ -70,7 +70,7 @@ def eval_cmd(
 def init_model(
     manifest: str = typer.Option(..., "--manifest", "-m", help="Manifest whose curated text trains the tokenizer"),
     out: str = typer.Option(..., "--out", "-o", help="Where to save the NVILA directory"),
-    size: str = typer.Option("tiny", help="tiny | small"),
+    size: str = typer.Option("tiny", help="tiny | demo (4-pixel patches: the demo's) | small"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build a small NVILA (and a BPE tokenizer from the curated captions) to train from when
@@ -78,8 +78,8 @@ def init_model(
     from curation.selection.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
-    if size not in ("tiny", "small"):
-        fail(f"unknown size {size!r}: use tiny or small")
+    if size not in ("tiny", "demo", "small"):
+        fail(f"unknown size {size!r}: use tiny, demo or small")
     try:
         m = load_manifest(manifest)
     except (FileNotFoundError, ValueError) as e:
