@@ -9,11 +9,9 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from curation.corpus.noise import assign_noise, corrupt_bytes, gibberish
-from curation.corpus.scenes import FILLER_SENTENCES, encode_image, random_scene, render_scene
+from curation.corpus.noise import assign_noise, corrupt_bytes, gibberish, with_exact_duplicates
+from curation.corpus.scenes import FILLER_SENTENCES, Scene, encode_image, random_scene, render_scene
 from curation.corpus.spec import DatasetSpec, SynthConfig
-from curation.corpus.scenes import Scene
-from curation.corpus.noise import copy_of_recent
 
 
 def _sentences(rng: np.random.Generator, scenes: list[Scene], noise: str) -> tuple[list[str], list[int]]:
@@ -103,18 +101,5 @@ def _document(rng: np.random.Generator, spec: DatasetSpec, cfg: SynthConfig, key
 def gen_interleaved_shard(spec: DatasetSpec, cfg: SynthConfig, shard_idx: int, start: int, count: int) -> Iterator[tuple[dict, dict]]:
     """Yield (webdataset sample, ground-truth row) for one document shard."""
     rng = np.random.default_rng([cfg.seed, zlib.crc32(spec.name.encode()), shard_idx])
-    recent: list[tuple[str, dict]] = []
     labels = assign_noise(rng, spec.noise, count)
-    for i in range(count):
-        key = f"{shard_idx:05d}{i:04d}"
-        noise = labels[i]
-        if noise == "exact_duplicate" and not recent:
-            noise = "clean"
-        if noise == "exact_duplicate":
-            yield copy_of_recent(rng, recent, key)
-            continue
-        sample, detail = _document(rng, spec, cfg, key, noise)
-        if noise == "clean":
-            recent.append((key, sample))
-            recent = recent[-16:]
-        yield sample, {"key": key, "noise": noise, "source_key": None, "detail": json.dumps(detail)}
+    yield from with_exact_duplicates(rng, labels, shard_idx, lambda key, noise: _document(rng, spec, cfg, key, noise))

@@ -1,11 +1,13 @@
 """The noise injected into the synthetic corpus: its names per kind, default rates, and the
-byte-level damage (corrupt, truncated, gibberish) it is made of."""
+byte-level damage (corrupt, truncated, gibberish) it is made of, and exact duplicates of earlier
+clean samples (:func:`with_exact_duplicates`)."""
 
 from __future__ import annotations
 
+import json
+from typing import Callable, Iterator
 
 import numpy as np
-
 
 PAIR_NOISE = (
     "mismatched_caption",
@@ -106,8 +108,23 @@ def assign_noise(rng: np.random.Generator, rates: dict[str, float], count: int) 
     return labels
 
 
-def copy_of_recent(rng: np.random.Generator, recent: list[tuple[str, dict]], key: str) -> tuple[dict, dict]:
-    """An exact duplicate: one of the ``recent`` clean samples again under ``key``; (sample, ground-truth row)."""
-    src_key, src = recent[int(rng.integers(len(recent)))]
-    sample = {"__key__": key, **{k: v for k, v in src.items() if k != "__key__"}}
-    return sample, {"key": key, "noise": "exact_duplicate", "source_key": src_key, "detail": "{}"}
+def with_exact_duplicates(rng: np.random.Generator, labels: list[str], shard_idx: int,
+                          make: Callable[[str, str], tuple[dict, dict]], keep: int = 16) -> Iterator[tuple[dict, dict]]:
+    """(webdataset sample, ground-truth row) for each noise label of a shard: an ``exact_duplicate`` is
+    one of the last ``keep`` clean samples again under a new key (a clean sample is made while there
+    is none yet); every other sample is ``make(key, noise)`` -> (sample, ground-truth detail)."""
+    recent: list[tuple[str, dict]] = []
+    for i, noise in enumerate(labels):
+        key = f"{shard_idx:05d}{i:04d}"
+        if noise == "exact_duplicate" and not recent:
+            noise = "clean"
+        if noise == "exact_duplicate":
+            src_key, src = recent[int(rng.integers(len(recent)))]
+            sample = {"__key__": key, **{k: v for k, v in src.items() if k != "__key__"}}
+            yield sample, {"key": key, "noise": noise, "source_key": src_key, "detail": "{}"}
+            continue
+        sample, detail = make(key, noise)
+        if noise == "clean":
+            recent.append((key, sample))
+            recent = recent[-keep:]
+        yield sample, {"key": key, "noise": noise, "source_key": None, "detail": json.dumps(detail)}
