@@ -159,6 +159,14 @@ def steps_for_epochs(epochs: float, samples_per_epoch: int, batch_size: int, wor
     return max(1, math.ceil(epochs * samples_per_epoch / (batch_size * world_size)))
 
 
+def stage_total_steps(plan: Any, manifest: Any, sources: list[SourceDataset], world_size: int = 1) -> int:
+    """A stage's optimizer steps: its ``steps`` when the recipe fixes them; otherwise its ``epochs``
+    (default 1) over the stage's mixture as the manifest counts it, in steps of the global batch."""
+    if plan.steps:
+        return plan.steps
+    return steps_for_epochs(plan.epochs or 1.0, epoch_samples(manifest, sources), plan.batch_size, world_size)
+
+
 def example_stream(sources: list[SourceDataset], build: Callable[[Any], Any], seed: int, rank: int = 0,
                    world_size: int = 1, start: int = 0, counts: Counter | None = None) -> Iterator[tuple[int, Any]]:
     """This rank's training examples, as ``(position after it, example)``.

@@ -90,13 +90,10 @@ def describe_plan(m: Manifest, stages: list[StagePlan], skipped: list[str], reci
 
 def stage_steps(m: Manifest, st: StagePlan, ray: Any) -> int:
     """The optimizer steps a stage will run: its ``steps``, or its epochs over the manifest's counts."""
-    from training_hooks.data import epoch_samples, stage_sources, steps_for_epochs
+    from training_hooks.data import stage_sources, stage_total_steps
 
-    if st.steps:
-        return st.steps
-    world = ray.num_workers if ray.enabled else 1
     sources = stage_sources(m, st.datasets, st.heldout_every, st.heldout_samples)
-    return steps_for_epochs(st.epochs or 1.0, epoch_samples(m, sources), st.batch_size, world)
+    return stage_total_steps(st, m, sources, ray.num_workers if ray.enabled else 1)
 
 
 def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Callable[[str], None] = print) -> dict[str, Any]:

@@ -32,8 +32,7 @@ from curation.common.prefetch import prefetch
 from model.examples import ExampleBuilder
 from training_hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from training_hooks.device import all_positions, all_sum, stage_device, to_device
-from training_hooks.data import (DataSplit, batches, epoch_samples, example_stream, stage_sources, steps_for_epochs,
-                                 stream_samples)
+from training_hooks.data import DataSplit, batches, example_stream, stage_sources, stage_total_steps, stream_samples
 from training_hooks.recipe import StagePlan
 
 IGNORE_INDEX = -100
@@ -96,14 +95,6 @@ def _build(config: dict[str, Any], plan: StagePlan, device: torch.device) -> tup
     return model.to(device), tok, trainable, fp8_summary
 
 
-def _total_steps(plan: StagePlan, manifest: Any, sources: list, world_size: int) -> int:
-    """``steps`` when the recipe fixes them; otherwise ``epochs`` over the stage's mixture as the
-    manifest counts it (``data.epoch_samples``), in steps of the global batch."""
-    if plan.steps:
-        return plan.steps
-    return steps_for_epochs(plan.epochs or 1.0, epoch_samples(manifest, sources), plan.batch_size, world_size)
-
-
 def _train_step(model: Any, opt: Any, sched: Any, batch: dict, plan: StagePlan, ctx: dict[str, Any]) -> dict[str, Any]:
     """One optimizer step; the loss is the mean over the label tokens of all ranks' batches."""
     world, device = ctx["world_size"], ctx["device"]
@@ -154,7 +145,7 @@ def _setup(config: dict[str, Any], world_size: int) -> _Stage:
     core, tok, trainable, fp8_summary = _build(config, plan, device)
     opt = _optimizer(core, plan, config.get("fp8") or {})
     sources = stage_sources(manifest, plan.datasets, plan.heldout_every, plan.heldout_samples)
-    total_steps = _total_steps(plan, manifest, sources, world_size)
+    total_steps = stage_total_steps(plan, manifest, sources, world_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(plan.warmup_steps, total_steps - 1), total_steps))
     return _Stage(plan, manifest, core, tok, opt, sched, sources, total_steps, device, trainable, fp8_summary)
 
