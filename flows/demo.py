@@ -9,6 +9,7 @@ byte and write the manifest; train a tiny NVILA through its five stages from tha
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -35,16 +36,27 @@ DEMO_TRAIN_RECIPE = os.path.join(os.path.dirname(__file__), "recipes", "demo_tra
 HELDOUT_IMAGES = 200  # fresh clean pairs the caption accuracy is measured on
 
 
-def _train_and_evaluate(out: str, manifest: Any, manifest_path: str, seed: int) -> tuple[dict, dict]:
+def _train_and_evaluate(out: str, manifest: Any, manifest_path: str, seed: int, size: str) -> tuple[dict, dict]:
     """Train the demo's NVILA through its stages (flows/recipes/demo_train.yaml, budgets in epochs
     over the curated mixture), then ``curate eval`` the image_sft checkpoint on fresh clean images
     that no stage trained on (a seed of their own): caption accuracy and a gallery."""
     from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
     from training_hooks.bootstrap import init_tiny_model
 
+    from flows import demo_parts as d
+    from training_hooks.vision_pretrain import REPORT, pretrain_vision
+
     init = os.path.join(out, "models", "nvila-demo")
-    if not os.path.isfile(os.path.join(init, "config.json")):
+    if not os.path.isfile(os.path.join(init, REPORT)):
+        # NVILA starts from a pretrained SigLIP; this one is pretrained here, on clean pairs of its own
         init_tiny_model(manifest, init, size="demo", seed=seed)
+        n_pairs, steps = d.vision_pretrain_for(size)
+        pairs = os.path.join(out, "pretrain-pairs")
+        synthesize(pairs, SynthConfig(seed=seed + 4000, datasets=[DatasetSpec("pretrain_pairs", "pair", n_pairs, {}, 1000)]))
+        pretrain_vision(init, os.path.join(pairs, "pretrain_pairs"), steps=steps, batch_size=min(128, n_pairs // 4),
+                        seed=seed, info=print)
+    with open(os.path.join(init, REPORT)) as f:
+        vision = json.load(f)
     with open(DEMO_TRAIN_RECIPE) as f:
         recipe = dict(yaml.safe_load(f), init=init, output="train", seed=seed)
     train_path = os.path.join(out, "train.yaml")
@@ -57,6 +69,7 @@ def _train_and_evaluate(out: str, manifest: Any, manifest_path: str, seed: int) 
         synthesize(heldout, SynthConfig(seed=seed + 3000, datasets=[DatasetSpec("heldout_pairs", "pair", HELDOUT_IMAGES, {}, 200)]))
     sft = next((s["final"] for s in training["stages"] if s["stage"] == "image_sft"), training["final_checkpoint"])
     evaluation = evaluate_task(sft, os.path.join(heldout, "heldout_pairs"), os.path.join(out, "eval"), HELDOUT_IMAGES)
+    training["vision_pretrain"] = {k: v for k, v in vision.items() if k != "curve"}
     return training, {k: v for k, v in evaluation.items() if k != "captions"} | {"checkpoint_stage": "image_sft"}
 
 
@@ -158,7 +171,7 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     training, evaluation = None, None
     if train:
         with _timed(timings, "train_and_eval"):
-            training, evaluation = _train_and_evaluate(out, manifest, curated["manifest"], seed)
+            training, evaluation = _train_and_evaluate(out, manifest, curated["manifest"], seed, size)
     timings["total"] = round(time.time() - t_all, 1)
     report = {"out": out, "size": size, "seed": seed, "corpus": corpus,
               "read_check": {**check, "disagreements": len(check["disagreements"])},

@@ -82,6 +82,16 @@ def steps_for(size: str) -> tuple[int, int]:
     return SIZES.get(size, SIZES["medium"])
 
 
+# per corpus size: clean pairs synthesized for the vision tower's contrastive pretraining, and its
+# steps (batch 128; the stand-in for SigLIP's pretraining is not the curated corpus, so it does
+# not grow with it past ``small``)
+VISION_PRETRAIN = {"tiny": (400, 30), "small": (3000, 600)}
+
+
+def vision_pretrain_for(size: str) -> tuple[int, int]:
+    return VISION_PRETRAIN.get(size, VISION_PRETRAIN["small"])
+
+
 def score_recipe(cfg_datasets: list[Any], filter_dir: str, proxies: dict[str, str]) -> dict[str, Any]:
     return {
         "work": "work",
@@ -252,6 +262,13 @@ def write_report(out: str, report: dict[str, Any], plots: dict[str, str]) -> tup
                   "|---|---|---|---|---|---|"]
         for s in report["training"]["stages"]:
             lines.append(f"| {s['stage']} | {s.get('epochs') or '-'} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['heldout_loss']} |")
+        vp = report["training"].get("vision_pretrain")
+        if vp:
+            r = vp["heldout_retrieval_top1"]
+            lines += ["", f"Before the stages, the vision tower was pretrained contrastively (SigLIP's sigmoid loss) on "
+                      f"{vp['train_pairs']} clean pairs, {vp['steps']} steps of {vp['batch_size']} in {vp['seconds']} s: "
+                      f"held-out image-to-text top-1 among {vp['heldout_pairs']} pairs {r['before']:.1%} -> **{r['after']:.1%}** "
+                      f"(chance {r['chance']:.1%})."]
     ev = report.get("caption_eval")
     if ev:
         lines += ["", "## Caption accuracy (curate eval)", "",
