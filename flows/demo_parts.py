@@ -320,12 +320,21 @@ def _md_to_html(md: str) -> str:
         elif line.startswith("# "):
             out.append(f"<h1>{h.escape(line[2:])}</h1>")
         elif line.startswith("- "):
-            out.append(f"<li>{h.escape(line[2:]).replace('**', '')}</li>")
+            out.append(f"<li>{_inline(line[2:])}</li>")
         elif line.strip():
-            out.append(f"<p>{h.escape(line).replace('`', '')}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     if in_table:
         out.append("</table>")
     return "<!doctype html><html><head><meta charset='utf-8'><title>Curation demo</title></head><body>" + "\n".join(out) + "</body></html>"
+
+
+def _inline(text: str) -> str:
+    """Escaped text with markdown's **bold** and `code`."""
+    import html as h
+    import re
+
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", h.escape(text))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
 def save_json(path: str, data: Any) -> None:

@@ -11,7 +11,7 @@ from curation.app.cli import app
 from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 from model import NVILAConfig, NVILAForCausalLM
 from model.tokenizer import train_bpe_tokenizer
-from training_hooks.vision_pretrain import REPORT, pretrain_vision, sigmoid_loss
+from training_hooks.vision_pretrain import REPORT, caption_neighbours, neighbourhood_batch, pretrain_vision, sigmoid_loss
 
 
 def _model(path, texts):
@@ -41,6 +41,23 @@ def pairs(tmp_path_factory):
 def test_sigmoid_loss_prefers_matching_pairs():
     good = torch.eye(4) * 20 - 10
     assert sigmoid_loss(good) < sigmoid_loss(-good)
+
+
+def test_batches_are_caption_neighbourhoods():
+    import random
+
+    # captions 0-9 share tokens {1, 2, 3} plus one of their own; 10-19 share {7, 8, 9}
+    ids = [[1, 2, 3, 20 + i] for i in range(10)] + [[7, 8, 9, 40 + i] for i in range(10)]
+    near = caption_neighbours(ids, 64, k=5)
+    assert all(set(near[i]) <= set(range(10)) - {i} for i in range(10))
+    assert all(set(near[i]) <= set(range(10, 20)) - {i} for i in range(10, 20))
+    train = list(range(20))
+    rng = random.Random(0)
+    for _ in range(20):  # one anchor and three of its neighbours: all from one neighbourhood
+        batch = neighbourhood_batch(rng, train, dict(enumerate(near)), 4, group=4)
+        assert len(set(batch)) == 4 and len({j // 10 for j in batch}) == 1
+    batch = neighbourhood_batch(rng, train, dict(enumerate(near)), 16, group=4)
+    assert len(set(batch)) == 16
 
 
 def test_pretraining_learns_to_match_images_and_captions(pairs, tmp_path):

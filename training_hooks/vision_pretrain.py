@@ -13,8 +13,11 @@ step stands in for SigLIP's pretraining, on clean pairs (the demo synthesizes it
 - loss: SigLIP's pairwise sigmoid loss over the batch, ``-log sigmoid(z_ij * (t * x_i.y_j + b))``
   with ``z_ij`` = 1 on the diagonal and -1 elsewhere, ``t`` and ``b`` learned (from 10 and -10).
 
-In a batch much larger than the number of colour/background combinations, only the shape (and
-position) tells a caption from its neighbours, so the tower must learn to see shapes.
+Batches are built of caption neighbourhoods (hard negatives): each anchor pair comes with
+``group - 1`` pairs drawn from the 64 whose captions share most of its tokens (Jaccard over token
+sets). Their captions differ in a word or two, often the shape or the position, so the loss can
+only be lowered by seeing those; in random batches colour, background and position already tell
+almost every caption apart, and the tower learns shapes much more slowly.
 
 The heads are thrown away; the vision tower and projector are saved back into the NVILA
 directory, with ``vision_pretrain.json`` (the loss curve and held-out image-to-text retrieval
@@ -69,6 +72,36 @@ def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(z * logits).sum() / len(logits)
 
 
+def caption_neighbours(ids: Sequence[list[int]], vocab: int, k: int = 64) -> list[list[int]]:
+    """For each caption, the ``k`` others with the most similar token sets (Jaccard)."""
+    hot = torch.zeros(len(ids), vocab)
+    for row, seq in enumerate(ids):
+        hot[row, seq] = 1.0
+    out = []
+    for start in range(0, len(ids), 1024):  # in blocks: memory grows with the rows, not their square
+        inter = hot[start: start + 1024] @ hot.T
+        union = hot[start: start + 1024].sum(1, keepdim=True) + hot.sum(1)[None] - inter
+        sim = inter / union.clamp(min=1)
+        sim[torch.arange(len(sim)), torch.arange(start, start + len(sim))] = -1.0  # not itself
+        out.extend(sim.topk(min(k, len(ids) - 1), dim=1).indices.tolist())
+    return out
+
+
+def neighbourhood_batch(rng: random.Random, train: Sequence[int], neighbours: dict[int, list[int]], size: int,
+                        group: int) -> list[int]:
+    """``size`` distinct pairs: anchors drawn at random, each with ``group - 1`` of its neighbours."""
+    batch: list[int] = []
+    seen: set[int] = set()
+    while len(batch) < size:
+        anchor = rng.choice(train)
+        near = neighbours[anchor]
+        for j in [anchor, *rng.sample(near, min(group - 1, len(near)))]:
+            if j not in seen and len(batch) < size:
+                seen.add(j)
+                batch.append(j)
+    return batch
+
+
 def load_pairs(shards: Sequence[str] | str, model: Any, tok: Any) -> tuple[list[Any], list[list[int]], Counter]:
     """Every usable pair of the shards as (media, caption token ids); what was skipped, by reason."""
     from curation.data.shards import list_shards, read_shard
@@ -107,8 +140,34 @@ def retrieval_accuracy(model: Any, heads: ContrastiveHeads, media: Sequence[Any]
     return float((heads.logits(zi, zt).argmax(1) == torch.arange(len(media), device=device)).float().mean())
 
 
+def _train(model: Any, heads: ContrastiveHeads, media: Sequence[Any], ids: Sequence[list[int]], batches: Any,
+           steps: int, lr: float, info: Callable[[str], None]) -> list[dict[str, Any]]:
+    """AdamW with warmup and cosine decay over the tower, projector and heads; the loss curve."""
+    device = heads.b.device
+    params = [*model.vision_tower.parameters(), *model.projector.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    curve = []
+    model.train()
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        zi = heads.embed_images(model.encode_media([media[i].to(device) for i in batch]))
+        loss = sigmoid_loss(heads.logits(zi, heads.embed_texts([ids[i] for i in batch])))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % max(1, steps // 20) == 0 or step == steps:
+            value = loss.item()
+            curve.append({"step": step, "loss": round(value, 4)})
+            info(f"vision pretraining: step {step}/{steps} loss {value:.3f}")
+    return curve
+
+
 def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, steps: int = 600, batch_size: int = 128,
-                    lr: float = 2e-3, heldout: int = 128, seed: int = 0,
+                    lr: float = 2e-3, heldout: int = 128, group: int = 16, seed: int = 0,
                     info: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Pretrain ``model_dir``'s vision tower and projector on the pairs in ``shards``; save them
     back into ``model_dir`` and return (and write) the report."""
@@ -133,32 +192,22 @@ def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, steps: int =
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     heads = ContrastiveHeads(model.llm.config.hidden_size, len(tok)).to(device)
-    params = [*model.vision_tower.parameters(), *model.projector.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
     held_media, held_ids = [media[i] for i in held], [ids[i] for i in held]
     before = retrieval_accuracy(model, heads, held_media, held_ids)
-    curve = []
-    model.train()
-    for step in range(1, steps + 1):
-        batch = rng.sample(train, batch_size)
-        zi = heads.embed_images(model.encode_media([media[i].to(device) for i in batch]))
-        loss = sigmoid_loss(heads.logits(zi, heads.embed_texts([ids[i] for i in batch])))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % max(1, steps // 20) == 0 or step == steps:
-            value = loss.item()
-            curve.append({"step": step, "loss": round(value, 4)})
-            info(f"vision pretraining: step {step}/{steps} loss {value:.3f}")
+    train_set = set(train)
+    neighbours = {i: [j for j in near if j in train_set]  # held-out pairs never enter a batch
+                  for i, near in zip(range(len(ids)), caption_neighbours(ids, len(tok))) if i in train_set}
+
+    def batches() -> Any:
+        while True:
+            yield neighbourhood_batch(rng, train, neighbours, batch_size, group) if group > 1 else rng.sample(train, batch_size)
+
+    curve = _train(model, heads, media, ids, batches(), steps, lr, info)
     model.eval()
     after = retrieval_accuracy(model, heads, held_media, held_ids)
     model.to("cpu").save_pretrained(model_dir, tok)
     report = {"model": model_dir, "pairs": len(media), "train_pairs": len(train), "heldout_pairs": len(held),
-              "skipped": dict(skipped), "steps": steps, "batch_size": batch_size, "lr": lr,
+              "skipped": dict(skipped), "steps": steps, "batch_size": batch_size, "group": group, "lr": lr,
               "heldout_retrieval_top1": {"before": round(before, 4), "after": round(after, 4),
                                          "chance": round(1 / max(1, len(held)), 4)},
               "curve": curve, "seconds": round(time.time() - t0, 1)}

@@ -95,6 +95,7 @@ def pretrain_vision_cmd(
     steps: int = typer.Option(600, min=1),
     batch_size: int = typer.Option(128, min=2, help="Large batches make the loss tell captions apart by more than colour"),
     lr: float = typer.Option(2e-3),
+    group: int = typer.Option(16, min=1, help="Pairs per caption neighbourhood in a batch (hard negatives; 1: random batches)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Pretrain the vision tower and projector of an NVILA built from configs contrastively
@@ -103,7 +104,7 @@ def pretrain_vision_cmd(
     from training_hooks.vision_pretrain import pretrain_vision
 
     try:
-        report = pretrain_vision(model, pairs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        report = pretrain_vision(model, pairs, steps=steps, batch_size=batch_size, lr=lr, group=group, seed=seed,
                                  info=lambda t: console.print(t, markup=False, highlight=False))
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
