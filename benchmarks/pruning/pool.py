@@ -28,7 +28,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from curation.corpus.synth import COLORS, Scene, encode_image, gibberish, random_scene, render_scene
+from curation.corpus.noise import gibberish
+from curation.corpus.scenes import COLORS, Scene, encode_image, random_scene, render_scene
 from curation.data import storage
 from curation.data.writer import ShardWriter
 
