@@ -32,7 +32,8 @@ def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list
     out: dict[str, Any] = {"dfn": f"{root}/dfn", "dfn_seconds": round(time.time() - t0, 1), "proxies": {}}
     for mode in modes:
         res = train_proxies(sets["trusted"], f"{root}/proxies-{mode}", steps=proxy_steps, batch_size=8, seed=seed,
-                            mode=mode, pool=list(sets["pool"].values()), max_rounds=max_rounds, info=lambda t: None)
+                            mode=mode, pool=list(sets["pool"].values()) if mode == "reference" else None,
+                            max_rounds=max_rounds, info=lambda t: None)
         out["proxies"][mode] = res
     return out
 
