@@ -41,20 +41,16 @@ def _train_and_evaluate(out: str, manifest: Any, manifest_path: str, seed: int, 
     over the curated mixture), then ``curate eval`` the image_sft checkpoint on fresh clean images
     that no stage trained on (a seed of their own): caption accuracy and a gallery."""
     from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
-    from training_hooks.bootstrap import init_tiny_model
-
     from flows import demo_parts as d
-    from training_hooks.vision_pretrain import REPORT, pretrain_vision
+    from training_hooks.bootstrap import init_pretrained_model
+    from training_hooks.vision_pretrain import REPORT
 
     init = os.path.join(out, "models", "nvila-demo")
     if not os.path.isfile(os.path.join(init, REPORT)):
         # NVILA starts from a pretrained SigLIP; this one is pretrained here, on clean pairs of its own
-        init_tiny_model(manifest, init, size="demo", seed=seed)
         n_pairs, steps = d.vision_pretrain_for(size)
-        pairs = os.path.join(out, "pretrain-pairs")
-        synthesize(pairs, SynthConfig(seed=seed + 4000, datasets=[DatasetSpec("pretrain_pairs", "pair", n_pairs, {}, 1000)]))
-        pretrain_vision(init, os.path.join(pairs, "pretrain_pairs"), steps=steps, batch_size=min(128, n_pairs // 4),
-                        seed=seed, info=print)
+        init_pretrained_model(manifest, init, os.path.join(out, "pretrain-pairs"), pairs=n_pairs, steps=steps, seed=seed,
+                              pairs_seed=seed + 4000, info=print)
     with open(os.path.join(init, REPORT)) as f:
         vision = json.load(f)
     with open(DEMO_TRAIN_RECIPE) as f:

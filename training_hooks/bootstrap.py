@@ -8,7 +8,7 @@ user checkpoint.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 TINY = {
     "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -81,3 +81,21 @@ def init_tiny_model(manifest: Any, out_dir: str, size: str | dict[str, Any] = "t
     model.attach_tokenizer(tok)
     model.save_pretrained(out_dir, tok)
     return out_dir
+
+
+def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs: int, steps: int, seed: int = 0,
+                          pairs_seed: int = 0, size: str | dict[str, Any] = "demo", image_mode: str = "dynamic_s2",
+                          prompts: tuple[str, ...] = PROMPTS, info: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """``init_tiny_model``, then its vision tower pretrained contrastively (``vision_pretrain``) on
+    ``pairs`` clean synthetic pairs, written to ``pairs_dir`` (seed ``pairs_seed``) unless already
+    there: the stand-in for the pretrained SigLIP NVILA starts from. Returns the pretraining report."""
+    import os
+
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+    from training_hooks.vision_pretrain import pretrain_vision
+
+    init_tiny_model(manifest, out_dir, size=size, seed=seed, image_mode=image_mode, prompts=prompts)
+    if not os.path.isfile(os.path.join(pairs_dir, "ground_truth.parquet")):
+        synthesize(pairs_dir, SynthConfig(seed=pairs_seed, datasets=[DatasetSpec("pretrain_pairs", "pair", pairs, {}, 1000)]))
+    return pretrain_vision(out_dir, os.path.join(pairs_dir, "pretrain_pairs"), steps=steps,
+                           batch_size=min(128, pairs // 4), seed=seed, info=info)

@@ -103,7 +103,8 @@ def neighbourhood_batch(rng: random.Random, train: Sequence[int], neighbours: di
 
 
 def load_pairs(shards: Sequence[str] | str, model: Any, tok: Any) -> tuple[list[Any], list[list[int]], Counter]:
-    """Every usable pair of the shards as (media, caption token ids); what was skipped, by reason."""
+    """Every usable pair of the shards as (media, caption token ids); what was skipped, by reason
+    (``unreadable``, ``no_caption``, ``bad_media: <why>``)."""
     from curation.data.shards import list_shards, read_shard
 
     urls = list_shards(shards)
@@ -122,8 +123,8 @@ def load_pairs(shards: Sequence[str] | str, model: Any, tok: Any) -> tuple[list[
                 continue
             try:
                 media.append(model.preprocess_image(s.image))
-            except ValueError:
-                skipped["bad_image"] += 1
+            except ValueError as e:  # labelled as the trainer's ExampleBuilder labels it
+                skipped[f"bad_media: {str(e)[:60]}"] += 1
                 continue
             ids.append(tokens)
     return media, ids, skipped

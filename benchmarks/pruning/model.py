@@ -30,16 +30,13 @@ def benchmark_model(manifest: Any, out_dir: str, seed: int) -> str:
     arms: the full pool's, so no arm's vocabulary depends on its selection)."""
     import os
 
-    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
-    from training_hooks.bootstrap import DEMO, init_tiny_model
-    from training_hooks.vision_pretrain import pretrain_vision
+    from training_hooks.bootstrap import init_pretrained_model
 
-    init_tiny_model(manifest, out_dir, size=DEMO, seed=seed, image_mode=IMAGE_MODE,
-                    prompts=("Describe the image.", "What is in this picture?", "Write a short caption."))
+    # one clean set of uniformly random scenes for every seed; like SigLIP's data it may show the
+    # held-out set's combinations, and every arm of a seed starts from the same pretrained tower
     pairs = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "pretrain-pairs")
-    if not os.path.isfile(os.path.join(pairs, "ground_truth.parquet")):  # one clean set, apart from pool and held-out
-        synthesize(pairs, SynthConfig(seed=9000, datasets=[DatasetSpec("pretrain_pairs", "pair", PRETRAIN_PAIRS, {}, 1000)]))
-    pretrain_vision(out_dir, os.path.join(pairs, "pretrain_pairs"), steps=PRETRAIN_STEPS, seed=seed)
+    init_pretrained_model(manifest, out_dir, pairs, pairs=PRETRAIN_PAIRS, steps=PRETRAIN_STEPS, seed=seed, pairs_seed=9000,
+                          image_mode=IMAGE_MODE, prompts=("Describe the image.", "What is in this picture?", "Write a short caption."))
     return out_dir
 
 
