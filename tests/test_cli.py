@@ -113,3 +113,11 @@ def test_score_summary_keeps_bracketed_hash(capsys):
               "rows": 30, "sample_errors": 2, "seconds": 1.5}
     out_console.print(score_summary_line(report), markup=False, highlight=False)
     assert "clip [abcdef0123456789]: 3 scored, 1 already done" in capsys.readouterr().out
+
+
+def test_demo_report_renders_bold_and_code_escaped():
+    from flows.demo_parts import _md_to_html
+
+    html = _md_to_html("- kept **97.0%** of `x`\ntop-1 0.0% -> **78.1%** <b>raw</b>")
+    assert "<li>kept <b>97.0%</b> of <code>x</code></li>" in html
+    assert "<p>top-1 0.0% -&gt; <b>78.1%</b> &lt;b&gt;raw&lt;/b&gt;</p>" in html and "**" not in html

@@ -97,3 +97,4 @@ def test_cli_names_what_is_missing(pairs, tmp_path):
                                  "--batch-size", "1000", "--steps", "1"])
     assert r.exit_code != 0 and "at least 1000 usable training pairs" in r.output
     assert not os.path.exists(tmp_path / "m" / REPORT)
+
