@@ -19,9 +19,9 @@ one process and Ray) >= 0.9 x the least verified copy and >= 0.5 x the plain cop
 record, the `curate reshard` command is also run once as a subprocess (Python start-up and
 Ray start included); that time is printed but not in the ratios.
 
-What bounds the ratios: resharding hashes every byte twice (the input against the checksum it
-was scored with, the output for its md5), the least verified copy once; the two hashes run on
-separate threads, so ours matches the verified copy only where a second core is free. CPU
+What bounds the ratios: resharding hashes every byte twice (the input against the sha256 it
+was scored with, the output for its md5), the least verified copy once (md5); the two hashes run
+on separate threads, and sha256 (with SHA extensions) costs well under half of an md5. CPU
 seconds per GB (printed) show the work itself, whatever the load. A plain copy from the page
 cache runs at memory speed; 0.5 of it needs more md5 throughput than a core or two give.
 

@@ -18,6 +18,9 @@ import tarfile
 import numpy as np
 import pytest
 
+import scorers
+from scorers.basic import BasicScorer
+
 from curation.data import storage
 from curation.selection.curate import curate
 from curation.scoring.engine import ScorerSpec, ShardTask, score_local
@@ -174,3 +177,50 @@ def test_one_pass_scan_gives_each_member_its_raw_blocks_and_the_file_md5(tmp_pat
         src.close()
     assert got == want and len(got) == 4
     assert (size, md5) == (os.path.getsize(path), hashlib.md5(open(path, "rb").read()).hexdigest())
+
+
+def _record_md5_as_earlier_versions_did(work: str, corpus: str) -> None:
+    """Rewrite the ``basic`` score files' shard checksums to the bare md5 that versions before
+    sha256 recorded (the file contents stay: only the footer metadata changes)."""
+    import pyarrow.parquet as pq
+
+    from curation.scoring.scorefile import META_PREFIX, score_file_url
+
+    for u in list_shards(f"{corpus}/pairs"):
+        path = score_file_url(work, "basic", "pairs", os.path.basename(u)[: -len(".tar")])
+        table = pq.read_table(path)
+        meta = dict(table.schema.metadata)
+        assert meta[META_PREFIX + b"shard_checksum"].startswith(b"sha256:")
+        meta[META_PREFIX + b"shard_checksum"] = hashlib.md5(open(u, "rb").read()).hexdigest().encode()
+        pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+class BasicAgain(BasicScorer):
+    """A second scorer for the same shards (the basic one under another name)."""
+
+    name = "basic_again"
+
+
+def test_scores_recorded_with_md5_by_an_earlier_version_still_count(scored_pairs, tmp_path, monkeypatch):
+    """Inputs are checksummed with sha256 now; a store an earlier version wrote (md5) is neither
+    rescored nor refused, a second scorer scoring today (sha256) does not conflict with it, and a
+    changed input is still caught against the md5."""
+    corpus, work = scored_pairs
+    _record_md5_as_earlier_versions_did(work, corpus)
+    tasks = [ShardTask(u, "pairs") for u in list_shards(f"{corpus}/pairs")]
+    report = score_local(tasks, ScorerSpec("basic"), work)
+    assert len(report.skipped) == 4 and not report.scored  # the md5 on record matches: nothing rescored
+    victim = list_shards(f"{corpus}/pairs")[1]
+    original = open(victim, "rb").read()
+    data = bytearray(original)
+    data[512 + 100] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    with pytest.raises(ReshardError, match=re.escape(victim) + r" \(pairs/00001\) changed since it was scored"):
+        curate(work, KEEP_ALL, str(tmp_path / "refused"), ReshardConfig(max_samples=5), use_ray=False)
+    open(victim, "wb").write(original)
+    monkeypatch.setitem(scorers._REGISTRY, "basic_again", f"{__name__}:BasicAgain")
+    assert not score_local(tasks, ScorerSpec("basic_again"), work).failed  # records sha256
+    keep_all = {"defaults": [{"rule": "dedup", "column": "basic_sha256"}]}  # two scorers: name the column
+    manifest, _ = curate(work, keep_all, str(tmp_path / "out"), ReshardConfig(max_samples=5), use_ray=False)
+    assert manifest.outputs["pairs"].samples == 32
+    assert all(i.checksum.startswith("sha256:") for i in manifest.inputs["pairs"])

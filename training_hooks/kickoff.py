@@ -31,7 +31,7 @@ def verify_manifest_shards(m: Manifest, stages: list[StagePlan]) -> None:
         for s in m.outputs[ds].shards:
             if not storage.exists(s.url):
                 raise TrainingInputError(f"manifest {m.id}: shard {s.url} of {ds} is missing")
-            size, checksum = file_checksum(s.url)  # md5 of a local file; the ETag on an object store
+            size, checksum = file_checksum(s.url, algo="md5")  # md5 of a local file; the ETag on an object store
             if size != s.filesize:
                 raise TrainingInputError(f"manifest {m.id}: shard {s.url} is {size} bytes, the manifest says {s.filesize}")
             if not storage.is_remote(s.url) and checksum != s.md5sum:

@@ -213,22 +213,38 @@ class ShardInfo:
     dataset: str
     name: str
     size: int
-    checksum: str  # md5 of the bytes locally; the ETag on S3
+    checksum: str  # "sha256:<hex>" of the bytes locally; the ETag on S3
     stats: dict[str, Any] | None = None  # img2dataset's <shard>_stats.json when present
     parquet: str | None = None  # img2dataset's per-shard <shard>.parquet when present
 
 
-def file_checksum(url: str, storage_options: dict[str, Any] | None = None) -> tuple[int, str]:
-    """(size, checksum): md5 of local files, the ETag of objects in a store."""
+def checksum_algo(checksum: str) -> str:
+    """The hash a recorded checksum was made with: ``sha256`` for ``sha256:<hex>`` (what local
+    shards get), ``md5`` for a bare hex digest (local shards scored by earlier versions; S3 ETags)."""
+    return "sha256" if checksum.startswith("sha256:") else "md5"
+
+
+def format_checksum(algo: str, hexdigest: str) -> str:
+    return f"sha256:{hexdigest}" if algo == "sha256" else hexdigest
+
+
+def file_checksum(url: str, storage_options: dict[str, Any] | None = None, algo: str = "sha256") -> tuple[int, str]:
+    """(size, checksum): the ETag of an object in a store, else a hash of the bytes.
+
+    Local shards get ``sha256:<hex>``: with the CPU's SHA extensions it runs at about 2.4x the
+    speed of md5 here, and resharding hashes every input it copies. ``algo="md5"`` gives the
+    bare md5 hex digest (what shard indexes and manifests record for output shards, and what
+    earlier versions recorded for inputs).
+    """
     fs, path = storage.get_fs(url, storage_options)
     info = fs.info(path)
     if storage.is_remote(url) and info.get("ETag"):
         return int(info["size"]), str(info["ETag"]).strip('"')
-    h = hashlib.md5()
+    h = hashlib.new(algo)
     with fs.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return int(info["size"]), h.hexdigest()
+    return int(info["size"]), format_checksum(algo, h.hexdigest())
 
 
 def shard_info(url: str, dataset: str | None = None, storage_options: dict[str, Any] | None = None) -> ShardInfo:

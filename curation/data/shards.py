@@ -14,6 +14,7 @@ from curation.data.builders import DEFAULT_MAX_PIXELS, MediaError, ReadOptions, 
 from curation.data.records import (
     ShardError,
     ShardInfo,
+    checksum_algo,
     count_samples,
     dataset_of,
     file_checksum,
@@ -27,7 +28,7 @@ from curation.data.records import (
 )
 from curation.data.samples import Sample
 
-__all__ = ["read_shard", "ReadOptions", "MediaError", "DEFAULT_MAX_PIXELS", "ShardError", "ShardInfo", "count_samples",
+__all__ = ["read_shard", "ReadOptions", "MediaError", "DEFAULT_MAX_PIXELS", "ShardError", "ShardInfo", "checksum_algo", "count_samples",
            "dataset_of", "file_checksum", "iter_raw_samples", "list_shards", "open_shard", "shard_info", "shard_name",
            "split_key", "unsafe_name"]
 

@@ -20,7 +20,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from curation.data.shards import file_checksum, shard_name
+from curation.data import storage
+from curation.data.shards import checksum_algo, file_checksum, shard_name
 from curation.scoring.scorefile import ShardResult, ShardTask, is_done, read_score_metadata, score_file_url, score_shard
 from scorers import build_scorer
 from scorers.base import Scorer
@@ -103,11 +104,16 @@ def plan_tasks(tasks: list[ShardTask], scorer: Scorer, work: str,
         if other != t.url:
             conflicts.append(f"{t.dataset}/{shard_name(t.url)} is both {other} and {t.url}")
             continue
+        algo = "sha256"
         if t.checksum is None:
-            t = ShardTask(t.url, t.dataset, t.kind, file_checksum(t.url, storage_options)[1])
+            # a shard an earlier version scored has an md5 on record: compare like with like
+            algo = checksum_algo(md["shard_checksum"]) if md and md.get("shard_checksum") else "sha256"
+            t = ShardTask(t.url, t.dataset, t.kind, file_checksum(t.url, storage_options, algo)[1])
         if is_done(md, h, t.checksum):
             done.append(ShardResult(t.url, t.dataset, out, rows=int(md.get("rows", 0)), skipped=True))
         else:
+            if algo != "sha256" and not storage.is_remote(t.url):
+                t = ShardTask(t.url, t.dataset, t.kind, file_checksum(t.url, storage_options)[1])  # rescored: sha256
             todo.append(t)
     if conflicts:
         raise SourceConflictError(f"{scorer.name}: two sources share a dataset and shard name: {'; '.join(conflicts[:5])}"

@@ -124,6 +124,22 @@ class ScoreStore:
                         out.append({**md, "file": f})
         return out
 
+    def _same_bytes(self, prev: dict[str, Any], md: dict[str, str]) -> bool:
+        """Two checksums of one local shard made with different hashes (an md5 from an earlier
+        version, a sha256 now): true when the file today matches both. ``prev`` keeps the sha256."""
+        from curation.data.shards import checksum_algo, file_checksum
+
+        a, b = prev["checksum"], md["shard_checksum"]
+        if checksum_algo(a) == checksum_algo(b) or storage.is_remote(prev["url"]):
+            return False
+        try:
+            ok = all(file_checksum(prev["url"], self.storage_options, checksum_algo(c))[1] == c for c in (a, b))
+        except FileNotFoundError:
+            return False
+        if ok and checksum_algo(b) == "sha256":
+            prev["checksum"] = b
+        return ok
+
     def inputs(self) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, list[dict[str, Any]]]]:
         """Input shards as the score files recorded them, and each scorer's identities.
 
@@ -143,11 +159,12 @@ class ScoreStore:
             if prev is not None and prev["url"] != md["shard_url"]:
                 raise ValueError(f"score files of {key[0]}/{key[1]} come from two sources, {prev['url']} and "
                                  f"{md['shard_url']}; score them under different dataset names")
-            if prev is not None and prev["checksum"] != md["shard_checksum"]:
+            if prev is not None and prev["checksum"] != md["shard_checksum"] and not self._same_bytes(prev, md):
                 raise ValueError(
                     f"shard {md['shard_url']} was scored in two versions (checksums {prev['checksum']} and "
                     f"{md['shard_checksum']}); rescore it with every scorer")
-            shards[key] = {"url": md["shard_url"], "checksum": md["shard_checksum"], "rows": int(md["rows"])}
+            if prev is None:
+                shards[key] = {"url": md["shard_url"], "checksum": md["shard_checksum"], "rows": int(md["rows"])}
             scorers.setdefault(md["scorer"], {})[md["config_hash"]] = {
                 "config_hash": md["config_hash"], "identity": json.loads(md["identity"])}
         return shards, {k: list(v.values()) for k, v in scorers.items()}

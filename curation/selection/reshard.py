@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from curation.data import storage
-from curation.selection.reshard_inputs import ReshardError, open_input, stat_inputs, tar_samples, verify_input
+from curation.selection.reshard_inputs import (ReshardError, input_reader, open_input, stat_inputs, tar_samples,
+                                              verify_input)
 from curation.data.tarstream import TarFormatError
-from curation.selection.verified_copy import GroupWriter, Piece, VerifiedInput
+from curation.selection.verified_copy import GroupWriter, Piece
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ class ReshardConfig:
     max_bytes: int = 1 << 30
     shuffle_seed: int | None = None  # None keeps input order
     shuffle_buffer: int = 1000
-    group_samples: int | None = None  # kept samples per task (default 4 x max_samples)
+    # kept samples per task (default 2 x max_samples: groups of the same size, enough of them that
+    # two workers end together instead of one writing the last group alone)
+    group_samples: int | None = None
     workers: int = 2
 
     def __post_init__(self) -> None:
@@ -88,7 +91,7 @@ def _hash(obj: Any) -> str:
 
 def plan_groups(inputs: list[InputShard], cfg: ReshardConfig) -> list[Group]:
     """Split each dataset's inputs into consecutive groups of about ``group_samples`` kept samples."""
-    target = cfg.group_samples or 4 * cfg.max_samples
+    target = cfg.group_samples or 2 * cfg.max_samples
     by_ds: dict[str, list[InputShard]] = {}
     for inp in sorted(inputs, key=lambda i: (i.dataset, i.shard)):
         by_ds.setdefault(inp.dataset, []).append(inp)
@@ -151,7 +154,7 @@ def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
         keep = set(inp.kept)
         found = 0
         f = open_input(inp, storage_options)
-        src = VerifiedInput(f)
+        src = input_reader(inp, f)
         try:
             try:
                 for key, pieces, why in tar_samples(src):

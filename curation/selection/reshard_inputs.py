@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from curation.data import storage
 from curation.data.shards import split_key, unsafe_name
+from curation.data.records import checksum_algo, format_checksum
 from curation.data.tarstream import scan
 from curation.selection.verified_copy import Piece, VerifiedInput
 
@@ -45,11 +46,17 @@ def open_input(inp: Any, storage_options: dict | None) -> Any:
         raise _missing(inp) from None
 
 
+def input_reader(inp: Any, f: BinaryIO) -> VerifiedInput:
+    """The verified stream over an opened input, hashing with the hash its checksum was made with."""
+    return VerifiedInput(f, algo=checksum_algo(inp.checksum))
+
+
 def verify_input(inp: Any, src: VerifiedInput) -> int:
-    """Read and hash the rest of the input; refuse it if its md5 is not the one scored. Its size."""
-    size, md5 = src.finish()
-    if (_is_md5(inp.checksum) or not storage.is_remote(inp.url)) and md5 != inp.checksum:
-        raise _changed(inp, md5)  # on a store a multipart ETag is no md5: the ETag check at open covers it
+    """Read and hash the rest of the input; refuse it if its hash is not the one scored. Its size."""
+    size, digest = src.finish()
+    now = format_checksum(src.algo, digest)
+    if (_is_md5(inp.checksum) or not storage.is_remote(inp.url)) and now != inp.checksum:
+        raise _changed(inp, now)  # on a store a multipart ETag is no md5: the ETag check at open covers it
     return size
 
 

@@ -5,9 +5,11 @@ every output shard its md5. Both are hashes of streams that differ (the whole in
 output shard), so every byte is hashed twice. This module does both while the bytes move once:
 
 - :class:`VerifiedInput` reads an input shard in large chunks and is the file object the tar
-  scanner reads from. Every chunk goes to an md5 on a helper thread as it arrives (``hashlib``
-  releases the GIL on buffers of 2047 bytes or more), and chunks are kept until the members in
-  them have been copied, so a member is copied from the very buffer that was hashed.
+  scanner reads from. Every chunk goes to the input's hash (sha256 for local shards, which
+  the CPU's SHA extensions run at 2.4x md5's speed here; md5 for S3 ETags and checksums of
+  earlier versions) on a helper thread as it arrives (``hashlib`` releases the GIL on buffers
+  of 2047 bytes or more), and chunks are kept until the members in them have been copied, so
+  a member is copied from the very buffer that was hashed.
 - :class:`GroupWriter` writes output shards from those buffers (adjacent members coalesce
   into one ``write`` and one md5 update on a second helper thread), fsyncs each finished shard
   on a background thread while the next one is written, and makes nothing visible until the
@@ -42,14 +44,14 @@ Piece = tuple[Any, int, int]  # (buffer, start, end): bytes of an output member,
 
 
 class HashFeed:
-    """md5 of a stream of buffers, computed on a helper thread.
+    """A hash (md5 unless told) of a stream of buffers, computed on a helper thread.
 
     Buffers handed to :meth:`update` must not change afterwards (``bytes`` or views of them).
     The queue is bounded, so a slow hash holds the producer back instead of memory growing.
     """
 
-    def __init__(self, name: str, depth: int = 8) -> None:
-        self.md5 = hashlib.md5()
+    def __init__(self, name: str, depth: int = 8, algo: str = "md5") -> None:
+        self.digest = hashlib.new(algo)
         self.size = 0
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._t = threading.Thread(target=self._run, name=name, daemon=True)
@@ -60,7 +62,7 @@ class HashFeed:
             b = self._q.get()
             if b is None:
                 return
-            self.md5.update(b)
+            self.digest.update(b)
 
     def update(self, buf: Any) -> None:
         self.size += len(buf)
@@ -68,7 +70,7 @@ class HashFeed:
 
     def hexdigest(self) -> str:
         self.close()
-        return self.md5.hexdigest()
+        return self.digest.hexdigest()
 
     def close(self) -> None:
         if self._t.is_alive():
@@ -81,16 +83,17 @@ class VerifiedInput:
 
     ``read``/``tell`` serve the tar scanner; :meth:`pieces` gives the already-read bytes of
     a range without copying them; :meth:`release` lets go of chunks wholly behind the
-    current position; :meth:`finish` reads to the end of the file and returns (size, md5).
+    current position; :meth:`finish` reads to the end of the file and returns (size, hex digest).
     """
 
-    def __init__(self, f: BinaryIO, chunk: int = CHUNK) -> None:
+    def __init__(self, f: BinaryIO, chunk: int = CHUNK, algo: str = "md5") -> None:
         self._f = f
         self._chunk = chunk
         self._chunks: deque[tuple[int, bytes]] = deque()  # (offset, data), contiguous
         self._end = 0  # offset just past the last chunk fetched
         self._pos = 0
-        self.hash = HashFeed("reshard-md5-in")
+        self.algo = algo
+        self.hash = HashFeed("reshard-hash-in", algo=algo)
 
     def _fetch(self) -> bytes:
         data = self._f.read(self._chunk)
@@ -150,7 +153,7 @@ class VerifiedInput:
             self._chunks.popleft()
 
     def finish(self) -> tuple[int, str]:
-        """Hash the rest of the file (end blocks, padding, anything after); (size, md5 hex)."""
+        """Hash the rest of the file (end blocks, padding, anything after); (size, hex digest)."""
         self._chunks.clear()
         while self._fetch():
             pass
