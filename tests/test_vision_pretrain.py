@@ -1,4 +1,5 @@
-"""Contrastive pretraining of the vision tower (training_hooks/vision_pretrain.py) on real shards."""
+"""Pretraining of the vision tower (training_hooks/vision_pretrain.py) on real shards: caption-word
+classification (the default) and SigLIP's sigmoid loss."""
 
 import json
 import os
@@ -11,7 +12,8 @@ from curation.app.cli import app
 from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 from model import NVILAConfig, NVILAForCausalLM
 from model.tokenizer import train_bpe_tokenizer
-from training_hooks.vision_pretrain import REPORT, caption_neighbours, neighbourhood_batch, pretrain_vision, sigmoid_loss
+from training_hooks.vision_pretrain import REPORT, caption_neighbours, describe, neighbourhood_batch, pretrain_vision, sigmoid_loss
+from training_hooks.vision_words import frequency_precision, word_precision
 
 
 def _model(path, texts):
@@ -60,30 +62,68 @@ def test_batches_are_caption_neighbourhoods():
     assert len(set(batch)) == 16
 
 
-def test_pretraining_learns_to_match_images_and_captions(pairs, tmp_path):
+def test_word_precision_counts_the_captions_tokens_ranked_first():
+    ids = [[3, 5], [1, 2, 4]]
+    perfect = torch.zeros(2, 8)
+    perfect[0, [3, 5]] = 1.0
+    perfect[1, [1, 2, 4]] = 1.0
+    assert word_precision(perfect, ids) == 1.0
+    assert word_precision(-perfect, ids) == 0.0
+    half = torch.zeros(2, 8)
+    half[0, [3, 6]] = 1.0  # one of two right
+    half[1, [1, 6, 7]] = 1.0  # one of three right
+    assert abs(word_precision(half, ids) - (0.5 + 1 / 3) / 2) < 1e-9
+    # the words-alone guess ranks tokens by how many training captions hold them
+    assert frequency_precision([[1, 2], [1, 3], [1, 2]], [[1, 2]], 8) == 1.0
+
+
+def _changed(a, b):
+    return any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_word_pretraining_makes_the_image_tell_the_words(pairs, tmp_path):
     from curation.data.shards import read_shard
 
     texts = [s.caption for s in read_shard(str(pairs / "clean" / "p" / "00000.tar"))]
     before = _model(tmp_path / "m", texts)
-    report = pretrain_vision(str(tmp_path / "m"), str(pairs / "clean" / "p"), steps=120, batch_size=64, heldout=64)
-    r = report["heldout_retrieval_top1"]
+    report = pretrain_vision(str(tmp_path / "m"), str(pairs / "clean" / "p"), steps=150, batch_size=64, heldout=64)
+    b, a = report["heldout"]["before"], report["heldout"]["after"]
+    # held-out pairs it never trained on: the image tells words the word frequencies alone do not
+    assert a["heldout_word_precision"] >= a["words_alone"] + 0.05 and a["heldout_word_precision"] > b["heldout_word_precision"]
+    assert report["objective"] == "words" and report["pairs"] == 320 and report["train_pairs"] == 256
+    assert report["skipped"] == {} and json.loads((tmp_path / "m" / REPORT).read_text())["steps"] == 150
+    assert "held-out caption's tokens" in describe(report)
+    after = NVILAForCausalLM.from_pretrained(str(tmp_path / "m"))
+    # only the tower trains (the first stage trains the projector, as in NVILA)
+    assert _changed(before.vision_tower, after.vision_tower)
+    assert not _changed(before.projector, after.projector) and not _changed(before.llm, after.llm)
+
+
+def test_sigmoid_pretraining_learns_to_match_images_and_captions(pairs, tmp_path):
+    from curation.data.shards import read_shard
+
+    texts = [s.caption for s in read_shard(str(pairs / "clean" / "p" / "00000.tar"))]
+    before = _model(tmp_path / "m", texts)
+    report = pretrain_vision(str(tmp_path / "m"), str(pairs / "clean" / "p"), objective="sigmoid", steps=120,
+                             batch_size=64, heldout=64)
+    b, a = report["heldout"]["before"], report["heldout"]["after"]
     # held-out pairs it never trained on: well above chance, and above the untrained tower
-    assert r["after"] >= 4 * r["chance"] and r["after"] > r["before"]
+    assert a["heldout_retrieval_top1"] >= 4 * a["chance"] and a["heldout_retrieval_top1"] > b["heldout_retrieval_top1"]
     assert report["pairs"] == 320 and report["train_pairs"] == 256 and report["skipped"] == {}
-    assert json.loads((tmp_path / "m" / REPORT).read_text())["steps"] == 120
+    assert "top-1 among 64 pairs" in describe(report)
     after = NVILAForCausalLM.from_pretrained(str(tmp_path / "m"))
     # the vision tower and projector changed in the saved directory; the LLM did not
-    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
-    assert changed(before.vision_tower, after.vision_tower) and changed(before.projector, after.projector)
-    assert not changed(before.llm, after.llm)
+    assert _changed(before.vision_tower, after.vision_tower) and _changed(before.projector, after.projector)
+    assert not _changed(before.llm, after.llm)
 
 
-def test_bad_samples_are_counted_and_skipped(pairs, tmp_path):
+@pytest.mark.parametrize("objective", ["words", "sigmoid"])
+def test_bad_samples_are_counted_and_skipped(pairs, tmp_path, objective):
     from curation.data.shards import read_shard
 
     texts = [s.caption or "" for s in read_shard(str(pairs / "noisy" / "p" / "00000.tar"))]
     _model(tmp_path / "m", texts)
-    report = pretrain_vision(str(tmp_path / "m"), str(pairs / "noisy" / "p"), steps=2, batch_size=16)
+    report = pretrain_vision(str(tmp_path / "m"), str(pairs / "noisy" / "p"), objective=objective, steps=2, batch_size=16)
     skipped = report["skipped"]
     assert skipped.get("unreadable", 0) >= 1 and skipped.get("no_caption", 0) >= 1
     assert report["pairs"] + sum(skipped.values()) == 200  # every sample accounted for
@@ -96,5 +136,8 @@ def test_cli_names_what_is_missing(pairs, tmp_path):
     r = CliRunner().invoke(app, ["pretrain-vision", "--model", str(tmp_path / "m"), "--pairs", str(pairs / "clean" / "p"),
                                  "--batch-size", "1000", "--steps", "1"])
     assert r.exit_code != 0 and "at least 1000 usable training pairs" in r.output
+    r = CliRunner().invoke(app, ["pretrain-vision", "--model", str(tmp_path / "m"), "--pairs", str(pairs / "clean" / "p"),
+                                 "--objective", "clip"])
+    assert r.exit_code != 0 and "unknown vision pretraining objective 'clip'; expected one of words, sigmoid" in r.output
     assert not os.path.exists(tmp_path / "m" / REPORT)
 

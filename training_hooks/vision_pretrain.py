@@ -1,10 +1,18 @@
-"""Contrastive pretraining of an NVILA's vision tower on image-text pairs (SigLIP's sigmoid loss).
+"""Pretraining of an NVILA's vision tower on image-text pairs, before the training stages.
 
 NVILA starts from a pretrained SigLIP: its vision tower already tells shapes apart before the
 first stage. A tower built from a config (``curate init-model``) has seen nothing, and the
 caption loss of the stages teaches it colours quickly but shapes hardly at all: the shape is
 one word of ten, and a from-scratch LLM reads the image tokens almost like their mean. This
-step stands in for SigLIP's pretraining, on clean pairs (the demo synthesizes its own):
+step stands in for SigLIP's pretraining, on clean pairs (the demo synthesizes its own). Two
+objectives:
+
+``words`` (default; ``training_hooks/vision_words.py``): the tower, on each image whole at its
+tile size, predicts which tokens its caption contains (caption-word classification). Cheap per
+step (one tile per image), so it sees many more pairs for the same time, and every attribute word
+is a target of its own.
+
+``sigmoid``: SigLIP's own loss.
 
 - image side: the image's projected tokens (exactly what the LLM will read), max over tokens,
   a linear head, L2-normalized;
@@ -19,9 +27,11 @@ sets). Their captions differ in a word or two, often the shape or the position, 
 only be lowered by seeing those; in random batches colour, background and position already tell
 almost every caption apart, and the tower learns shapes much more slowly.
 
-The heads are thrown away; the vision tower and projector are saved back into the NVILA
-directory, with ``vision_pretrain.json`` (the loss curve and held-out image-to-text retrieval
-accuracy before and after: top-1 among ``heldout`` pairs, chance is 1/heldout).
+The heads are thrown away; the trained parts (the tower; with ``sigmoid`` the projector too) are
+saved back into the NVILA directory, with ``vision_pretrain.json``: the loss curve and a held-out
+measure before and after (``words``: the share of each caption's tokens among the tokens ranked
+first for its image, beside what the word frequencies alone give; ``sigmoid``: image-to-text
+top-1 among ``heldout`` pairs, chance 1/heldout).
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training_hooks.vision_words import (WordHead, frequency_precision, heldout_precision, image_view, multi_hot,
+                                        word_loss)
 
 REPORT = "vision_pretrain.json"
 
@@ -102,14 +115,17 @@ def neighbourhood_batch(rng: random.Random, train: Sequence[int], neighbours: di
     return batch
 
 
-def load_pairs(shards: Sequence[str] | str, model: Any, tok: Any) -> tuple[list[Any], list[list[int]], Counter]:
+def load_pairs(shards: Sequence[str] | str, model: Any, tok: Any,
+               view: Callable[[Any, Any], Any] | None = None) -> tuple[list[Any], list[list[int]], Counter]:
     """Every usable pair of the shards as (media, caption token ids); what was skipped, by reason
-    (``unreadable``, ``no_caption``, ``bad_media: <why>``)."""
+    (``unreadable``, ``no_caption``, ``bad_media: <why>``). ``view(model, image)`` makes the media
+    (default: the model's own preprocessing, every tile)."""
     from curation.data.shards import list_shards, read_shard
 
     urls = list_shards(shards)
     if not urls:
         raise FileNotFoundError(f"no shards found in {shards}")
+    make = view or (lambda m, image: m.preprocess_image(image))
     media, ids, skipped = [], [], Counter()
     for url in urls:
         for s in read_shard(url, kind="pair"):
@@ -122,7 +138,7 @@ def load_pairs(shards: Sequence[str] | str, model: Any, tok: Any) -> tuple[list[
                 skipped["no_caption"] += 1
                 continue
             try:
-                media.append(model.preprocess_image(s.image))
+                media.append(make(model, s.image))
             except ValueError as e:  # labelled as the trainer's ExampleBuilder labels it
                 skipped[f"bad_media: {str(e)[:60]}"] += 1
                 continue
@@ -141,11 +157,9 @@ def retrieval_accuracy(model: Any, heads: ContrastiveHeads, media: Sequence[Any]
     return float((heads.logits(zi, zt).argmax(1) == torch.arange(len(media), device=device)).float().mean())
 
 
-def _train(model: Any, heads: ContrastiveHeads, media: Sequence[Any], ids: Sequence[list[int]], batches: Any,
-           steps: int, lr: float, info: Callable[[str], None]) -> list[dict[str, Any]]:
-    """AdamW with warmup and cosine decay over the tower, projector and heads; the loss curve."""
-    device = heads.b.device
-    params = [*model.vision_tower.parameters(), *model.projector.parameters(), *heads.parameters()]
+def _train(params: list[Any], loss_of: Callable[[list[int]], torch.Tensor], model: Any, batches: Any, steps: int,
+           lr: float, info: Callable[[str], None]) -> list[dict[str, Any]]:
+    """AdamW with warmup and cosine decay over ``params``; the loss curve."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -153,9 +167,7 @@ def _train(model: Any, heads: ContrastiveHeads, media: Sequence[Any], ids: Seque
     curve = []
     model.train()
     for step in range(1, steps + 1):
-        batch = next(batches)
-        zi = heads.embed_images(model.encode_media([media[i].to(device) for i in batch]))
-        loss = sigmoid_loss(heads.logits(zi, heads.embed_texts([ids[i] for i in batch])))
+        loss = loss_of(next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -167,14 +179,56 @@ def _train(model: Any, heads: ContrastiveHeads, media: Sequence[Any], ids: Seque
     return curve
 
 
-def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, steps: int = 600, batch_size: int = 128,
-                    lr: float = 2e-3, heldout: int = 128, group: int = 16, seed: int = 0,
+OBJECTIVES = ("words", "sigmoid")
+
+
+def _words(model: Any, media: list[Any], ids: list[list[int]], train: list[int], held: list[int], vocab: int,
+           device: Any) -> tuple[list[Any], Callable, Callable[[], dict[str, float]]]:
+    """(parameters, loss of a batch, held-out measure) of caption-word classification."""
+    head = WordHead(model.vision_tower.hidden_size, vocab).to(device)
+    head.start_at_frequencies([ids[i] for i in train])
+    held_views, held_ids = [media[i] for i in held], [ids[i] for i in held]
+    words_alone = frequency_precision([ids[i] for i in train], held_ids, vocab)
+
+    def loss_of(batch: list[int]) -> torch.Tensor:
+        views = torch.stack([media[i] for i in batch]).to(device)
+        return word_loss(head(model, views), multi_hot([ids[i] for i in batch], vocab, device))
+
+    def measure() -> dict[str, float]:
+        return {"heldout_word_precision": round(heldout_precision(model, head, held_views, held_ids), 4),
+                "words_alone": round(words_alone, 4)}
+
+    return [*model.vision_tower.parameters(), *head.parameters()], loss_of, measure
+
+
+def _sigmoid(model: Any, media: list[Any], ids: list[list[int]], train: list[int], held: list[int], vocab: int,
+             device: Any) -> tuple[list[Any], Callable, Callable[[], dict[str, float]]]:
+    """(parameters, loss of a batch, held-out measure) of SigLIP's sigmoid loss."""
+    heads = ContrastiveHeads(model.llm.config.hidden_size, vocab).to(device)
+    held_media, held_ids = [media[i] for i in held], [ids[i] for i in held]
+
+    def loss_of(batch: list[int]) -> torch.Tensor:
+        zi = heads.embed_images(model.encode_media([media[i].to(device) for i in batch]))
+        return sigmoid_loss(heads.logits(zi, heads.embed_texts([ids[i] for i in batch])))
+
+    def measure() -> dict[str, float]:
+        return {"heldout_retrieval_top1": round(retrieval_accuracy(model, heads, held_media, held_ids), 4),
+                "chance": round(1 / max(1, len(held)), 4)}
+
+    params = [*model.vision_tower.parameters(), *model.projector.parameters(), *heads.parameters()]
+    return params, loss_of, measure
+
+
+def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, objective: str = "words", steps: int = 3000,
+                    batch_size: int = 128, lr: float = 2e-3, heldout: int = 128, group: int = 16, seed: int = 0,
                     info: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Pretrain ``model_dir``'s vision tower and projector on the pairs in ``shards``; save them
-    back into ``model_dir`` and return (and write) the report."""
+    """Pretrain ``model_dir``'s vision tower (``sigmoid``: and projector) on the pairs in ``shards``
+    with ``objective``; save it back into ``model_dir`` and return (and write) the report."""
     from model import NVILAForCausalLM
     from model.nvila import load_tokenizer
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown vision pretraining objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if steps < 1 or batch_size < 2:
         raise ValueError("vision pretraining needs steps >= 1 and batch_size >= 2")
     t0 = time.time()
@@ -182,7 +236,7 @@ def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, steps: int =
     rng = random.Random(seed)
     model = NVILAForCausalLM.from_pretrained(model_dir)
     tok = load_tokenizer(model_dir)
-    media, ids, skipped = load_pairs(shards, model, tok)
+    media, ids, skipped = load_pairs(shards, model, tok, image_view if objective == "words" else None)
     order = list(range(len(media)))
     rng.shuffle(order)
     held = order[:min(heldout, len(order) // 5)]
@@ -192,26 +246,46 @@ def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, steps: int =
                          f"{len(train)} found in {shards} (skipped: {dict(skipped) or 'none'})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    heads = ContrastiveHeads(model.llm.config.hidden_size, len(tok)).to(device)
-    held_media, held_ids = [media[i] for i in held], [ids[i] for i in held]
-    before = retrieval_accuracy(model, heads, held_media, held_ids)
-    train_set = set(train)
-    neighbours = {i: [j for j in near if j in train_set]  # held-out pairs never enter a batch
-                  for i, near in zip(range(len(ids)), caption_neighbours(ids, len(tok))) if i in train_set}
-
-    def batches() -> Any:
-        while True:
-            yield neighbourhood_batch(rng, train, neighbours, batch_size, group) if group > 1 else rng.sample(train, batch_size)
-
-    curve = _train(model, heads, media, ids, batches(), steps, lr, info)
+    params, loss_of, measure = (_words if objective == "words" else _sigmoid)(model, media, ids, train, held, len(tok),
+                                                                             device)
+    before = measure()
+    curve = _train(params, loss_of, model, _batches(rng, objective, ids, train, len(tok), batch_size, group), steps,
+                   lr, info)
     model.eval()
-    after = retrieval_accuracy(model, heads, held_media, held_ids)
+    after = measure()
     model.to("cpu").save_pretrained(model_dir, tok)
-    report = {"model": model_dir, "pairs": len(media), "train_pairs": len(train), "heldout_pairs": len(held),
-              "skipped": dict(skipped), "steps": steps, "batch_size": batch_size, "group": group, "lr": lr,
-              "heldout_retrieval_top1": {"before": round(before, 4), "after": round(after, 4),
-                                         "chance": round(1 / max(1, len(held)), 4)},
+    report = {"model": model_dir, "objective": objective, "pairs": len(media), "train_pairs": len(train),
+              "heldout_pairs": len(held), "skipped": dict(skipped), "steps": steps, "batch_size": batch_size,
+              "group": group if objective == "sigmoid" else None, "lr": lr, "heldout": {"before": before, "after": after},
               "curve": curve, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(model_dir, REPORT), "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def describe(report: dict[str, Any]) -> str:
+    """One sentence on a pretraining report (the CLI and the demo report say it)."""
+    before, after = report["heldout"]["before"], report["heldout"]["after"]
+    how = (f"{report['steps']} steps of {report['batch_size']} on {report['train_pairs']} clean pairs in "
+           f"{report['seconds']} s")
+    if report.get("objective", "sigmoid") == "words":
+        return (f"the vision tower learned to tell which words a caption holds from the image alone ({how}): "
+                f"of each held-out caption's tokens, {before['heldout_word_precision']:.1%} -> "
+                f"**{after['heldout_word_precision']:.1%}** are among the tokens it ranks first "
+                f"(the word frequencies alone: {after['words_alone']:.1%}; {report['heldout_pairs']} held-out pairs)")
+    return (f"the vision tower was pretrained contrastively, SigLIP's sigmoid loss ({how}): held-out image-to-text "
+            f"top-1 among {report['heldout_pairs']} pairs {before['heldout_retrieval_top1']:.1%} -> "
+            f"**{after['heldout_retrieval_top1']:.1%}** (chance {after['chance']:.1%})")
+
+
+def _batches(rng: random.Random, objective: str, ids: list[list[int]], train: list[int], vocab: int, size: int,
+             group: int) -> Any:
+    """Random batches; for ``sigmoid`` with ``group`` > 1, caption neighbourhoods (held-out pairs never enter)."""
+    if objective == "words" or group <= 1:
+        while True:
+            yield rng.sample(train, size)
+    train_set = set(train)
+    neighbours = {i: [j for j in near if j in train_set]
+                  for i, near in zip(range(len(ids)), caption_neighbours(ids, vocab)) if i in train_set}
+    while True:
+        yield neighbourhood_batch(rng, train, neighbours, size, group)
