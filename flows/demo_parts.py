@@ -85,8 +85,8 @@ def steps_for(size: str) -> tuple[int, int]:
 # per corpus size: clean pairs synthesized for the vision tower's pretraining (caption-word
 # classification, one tile per image), and its steps (batch 128; the stand-in for SigLIP's
 # pretraining is not the curated corpus, so it does not grow with it past ``small``). Distinct
-# images are cheap to synthesize and matter more than steps: 20000 pairs seen ~19 times each.
-VISION_PRETRAIN = {"tiny": (400, 30), "small": (20000, 3000)}
+# images are cheap to synthesize: 20000 pairs, each seen ~38 times.
+VISION_PRETRAIN = {"tiny": (400, 30), "small": (20000, 6000)}
 
 
 def vision_pretrain_for(size: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ TINY = {
 # transformer layers. At the 32-pixel tile a synthetic shape is 10-17 pixels across (20-34 at the
 # second S2 scale): 8-pixel patches learn to tell shapes apart far sooner than 4-pixel ones
 # (a shape probe on the tower: 83 % vs 52 % after the same 300 steps) at a quarter of the tokens.
-# The demo pretrains this tower contrastively before the stages (training_hooks/vision_pretrain.py).
+# The demo pretrains this tower before the stages (training_hooks/vision_pretrain.py, caption words).
 DEMO = {
     "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
                    image_size=32, patch_size=8),
