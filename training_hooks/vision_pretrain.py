@@ -87,9 +87,7 @@ def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def caption_neighbours(ids: Sequence[list[int]], vocab: int, k: int = 64) -> list[list[int]]:
     """For each caption, the ``k`` others with the most similar token sets (Jaccard)."""
-    hot = torch.zeros(len(ids), vocab)
-    for row, seq in enumerate(ids):
-        hot[row, seq] = 1.0
+    hot = multi_hot(ids, vocab)
     out = []
     for start in range(0, len(ids), 1024):  # in blocks: memory grows with the rows, not their square
         inter = hot[start: start + 1024] @ hot.T
