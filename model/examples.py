@@ -41,7 +41,7 @@ class ExampleBuilder:
                 if not sample.caption or not sample.caption.strip():
                     self.skipped["no_caption"] += 1
                     return None
-                media = [self.model.preprocess_image(sample.image)]
+                media = [self.model.preprocess_image(_kept(sample.pixels, sample.image))]
                 ex = build_chat(self.tokenizer, [
                     {"role": "user", "content": f"<image>\n{self.prompts[pick % len(self.prompts)]}"},
                     {"role": "assistant", "content": sample.caption.strip()}], media,
@@ -60,7 +60,7 @@ class ExampleBuilder:
                 if not text.strip():
                     self.skipped["no_text"] += 1
                     return None
-                media = [self.model.preprocess_image(sample.images[n]) for n in names]
+                media = [self.model.preprocess_image(_kept(sample.pixels.get(n), sample.images[n])) for n in names]
                 ex = build_pretrain_text(self.tokenizer, text, media, [self._image_len(m) for m in media])
         except ValueError as e:
             self.skipped[f"bad_media: {str(e)[:60]}"] += 1
@@ -103,3 +103,7 @@ def interleave(text_list: Sequence[str], image_info: Sequence[dict]) -> tuple[st
     return " ".join(parts), names
 
 
+def _kept(pixels, data):
+    """The image the reader's verification already decoded (scoring keeps it: one decode per
+    pass), else its bytes."""
+    return pixels if pixels is not None else data

@@ -15,6 +15,7 @@ neither Ray nor Prefect: run one in a notebook on a list of samples.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class Scorer:
     name: ClassVar[str] = "scorer"
     version: ClassVar[str] = "0"
     kinds: ClassVar[tuple[str, ...]] = ("pair", "interleaved", "video")
+    # may ``prepare`` run on several decode threads at once? (False: the engine serializes it)
+    prepare_threadsafe: ClassVar[bool] = False
 
     # ---- identity -------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -98,6 +101,19 @@ class Scorer:
 IDENTITY_SCHEMA = pa.schema(
     [("dataset", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("kind", pa.string()), ("error", pa.string())]
 )
+
+
+def decoded_image(sample: Any, name: str | None = None) -> Any:
+    """A sample's image as a PIL image: the pixels the reader's verification decoded when it kept
+    them (``sample.pixels``; one decode per pass, whatever the number of scorers), else opened
+    from the bytes (decoded when first used). ``name``: which image of a document."""
+    from PIL import Image
+
+    if name is None:
+        pixels, data = getattr(sample, "pixels", None), sample.image
+    else:
+        pixels, data = (getattr(sample, "pixels", None) or {}).get(name), sample.images[name]
+    return pixels if pixels is not None else Image.open(io.BytesIO(data))
 
 
 def file_sha256(path: str, _cache: dict[tuple[str, int, float], str] = {}) -> str:  # noqa: B006 - memo

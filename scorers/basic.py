@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from scorers.base import Prepared, Scorer
+from scorers.base import Prepared, Scorer, decoded_image
 
 
 def phash_hex(image_bytes: bytes | None = None, pil_image: Any = None) -> str | None:
@@ -31,6 +31,13 @@ def phash_hex(image_bytes: bytes | None = None, pil_image: Any = None) -> str | 
     try:
         im = pil_image if pil_image is not None else Image.open(io.BytesIO(image_bytes))
         return str(imagehash.phash(im.convert("RGB")))
+    except Exception:  # noqa: BLE001 - an undecodable image simply has no perceptual hash
+        return None
+
+
+def _image_phash(sample: Any, name: str | None = None) -> str | None:
+    try:
+        return phash_hex(pil_image=decoded_image(sample, name))
     except Exception:  # noqa: BLE001 - an undecodable image simply has no perceptual hash
         return None
 
@@ -89,17 +96,20 @@ class BasicScorer(Scorer):
             ]
         )
 
-    def prepare(self, samples: Sequence[Any]) -> Prepared:
-        # basic facts are computed for unreadable samples too (decodable = False)
-        return Prepared(list(samples), [s.error for s in samples])
+    prepare_threadsafe = True
 
-    def compute(self, prepared: Prepared) -> dict[str, list]:
+    def prepare(self, samples: Sequence[Any]) -> Prepared:
+        # all of the work is here, on the engine's decode threads (no model); basic facts are
+        # computed for unreadable samples too (decodable = False)
         cols: dict[str, list] = {f.name: [] for f in self.schema()}
-        for s in prepared.samples:
+        for s in samples:
             row = self._row(s)
             for k in cols:
                 cols[k].append(row.get(k))
-        return cols
+        return Prepared(list(samples), [s.error for s in samples], cols)
+
+    def compute(self, prepared: Prepared) -> dict[str, list]:
+        return prepared.payload
 
     def _row(self, s: Any) -> dict[str, Any]:
         row: dict[str, Any] = {"decodable": s.error is None}
@@ -111,7 +121,7 @@ class BasicScorer(Scorer):
             if s.image is not None:
                 row["sha256"] = hashlib.sha256(s.image).hexdigest()
                 if s.error is None:
-                    row["phash"] = phash_hex(s.image)
+                    row["phash"] = _image_phash(s)
         elif s.kind == "interleaved":
             text = " ".join(s.text_list) if s.text_list else None
             row["caption_chars"], row["caption_words"] = _text_stats(text)
@@ -126,7 +136,7 @@ class BasicScorer(Scorer):
                     hsh.update(s.images[name])
                 row["sha256"] = hsh.hexdigest()
             if s.error is None and s.images:
-                row["phash"] = phash_hex(next(iter(s.images.values())))
+                row["phash"] = _image_phash(s, next(iter(s.images)))
         elif s.kind == "video":
             w, h = s.width, s.height
             row["caption_chars"], row["caption_words"] = _text_stats(s.caption)

@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from scorers.base import Prepared, Scorer, dir_sha256, file_sha256
+from scorers.base import Prepared, Scorer, decoded_image, dir_sha256, file_sha256
+from scorers.clip_pixels import DECODES, PRECISIONS, autocast, effective_precision, is_jpeg
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "clip_configs")
 
@@ -82,6 +83,7 @@ def one_to_one_scores(sim: np.ndarray) -> np.ndarray:
 class ClipScorer(Scorer):
     name = "clip"
     version = "2"  # 2: one-to-one assignment for documents
+    prepare_threadsafe = True  # the tokenizer is used under a lock
 
     def __init__(
         self,
@@ -95,10 +97,16 @@ class ClipScorer(Scorer):
         keep_embedding: bool = False,
         torch_threads: int | None = None,
         seed: int = 0,
+        precision: str = "auto",
+        decode: str = "cpu",
     ) -> None:
         for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not -1 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [-1, 1] (a cosine similarity), got {threshold!r}")
         self.model_name = normalize_model_name(model)
@@ -110,6 +118,11 @@ class ClipScorer(Scorer):
         self.keep_embedding = keep_embedding
         self.torch_threads = torch_threads
         self.seed = seed
+        self.precision = effective_precision(precision, device)
+        self.decode = decode
+        import threading
+
+        self._tok_lock = threading.Lock()
         self.model = None
         self.preprocess = None
         self.tokenizer = None
@@ -148,6 +161,10 @@ class ClipScorer(Scorer):
         cfg = {"num_frames": self.num_frames, "threshold": self.threshold, "keep_embedding": self.keep_embedding}
         if self.pretrained is None and not self.model_name.startswith(("local-dir:", "hf-hub:")):
             cfg["random_init_seed"] = self.seed
+        if self.precision != "fp32":  # reduced precision moves scores a little: its own config hash
+            cfg["precision"] = self.precision
+        if self.decode != "cpu":  # so does the device's JPEG decoder and tensor resize
+            cfg["decode"] = self.decode
         return cfg
 
     def model_id(self) -> str:
@@ -200,13 +217,34 @@ class ClipScorer(Scorer):
             self.setup()
 
     # ---- scoring
-    def prepare(self, samples: Sequence[Any]) -> Prepared:
-        """Decode and transform images, sample frames, tokenize text (no model involved)."""
-        from PIL import Image
+    def _images(self, s: Any) -> tuple[list[Any], list[str]]:
+        """A sample's images (PIL images, or JPEG bytes the device decodes) and texts."""
+        on_device = self.decode == "gpu"
 
+        def image(name: str | None) -> Any:
+            kept = getattr(s, "pixels", None) if name is None else (getattr(s, "pixels", None) or {}).get(name)
+            data = s.image if name is None else s.images[name]
+            if on_device and kept is None and is_jpeg(data):
+                return data  # decoded in compute, batched, on the device
+            return decoded_image(s, name)
+
+        if s.kind == "pair":
+            return [image(None)], [s.caption or ""]
+        if s.kind == "interleaved":
+            ims = [image(e["image_name"]) for e in s.image_info]
+            if not ims or not s.text_list:
+                raise ValueError("document has no images" if not ims else "document has no sentences")
+            return ims, list(s.text_list)
+        if s.kind == "video":
+            return sample_frames(s.video, self.num_frames), [s.caption or ""]
+        raise ValueError(f"unsupported sample kind {s.kind!r}")
+
+    def prepare(self, samples: Sequence[Any]) -> Prepared:
+        """Decode (or reuse the reader's pixels) and transform images, sample frames, tokenize
+        text (no model involved; runs on the engine's decode threads)."""
         self._ensure()
         errors: list[str | None] = [s.error for s in samples]
-        images: list[Any] = []
+        images: list[Any] = []  # preprocessed CHW tensors, or JPEG bytes for the device decoder
         texts: list[str] = []
         spans: list[tuple[int, int, int, int] | None] = []
         for i, s in enumerate(samples):
@@ -214,20 +252,8 @@ class ClipScorer(Scorer):
                 spans.append(None)
                 continue
             try:
-                if s.kind == "pair":
-                    ims = [Image.open(io.BytesIO(s.image))]
-                    txt = [s.caption or ""]
-                elif s.kind == "interleaved":
-                    ims = [Image.open(io.BytesIO(s.images[e["image_name"]])) for e in s.image_info]
-                    txt = list(s.text_list)
-                    if not ims or not txt:
-                        raise ValueError("document has no images" if not ims else "document has no sentences")
-                elif s.kind == "video":
-                    ims = sample_frames(s.video, self.num_frames)
-                    txt = [s.caption or ""]
-                else:
-                    raise ValueError(f"unsupported sample kind {s.kind!r}")
-                tensors = [self.preprocess(im.convert("RGB")) for im in ims]
+                ims, txt = self._images(s)
+                tensors = [im if isinstance(im, bytes) else self.preprocess(im.convert("RGB")) for im in ims]
             except Exception as e:  # noqa: BLE001 - one bad sample is that sample's error
                 errors[i] = f"clip: cannot prepare sample: {e}"
                 spans.append(None)
@@ -237,10 +263,52 @@ class ClipScorer(Scorer):
             texts.extend(txt)
         payload = None
         if images:
-            import torch
-
-            payload = (torch.stack(images), self.tokenizer(texts))
+            with self._tok_lock:
+                tokens = self.tokenizer(texts)
+            payload = (self._stack(images), tokens)
         return Prepared(list(samples), errors, payload, {"spans": spans})
+
+    def _stack(self, images: list[Any]) -> Any:
+        """One pinned batch tensor when every image is ready (pinned memory lets the copy to the
+        GPU run without blocking); the list as it is when the device still has JPEGs to decode."""
+        import torch
+
+        if any(isinstance(x, bytes) for x in images):
+            return images
+        batch = torch.stack(images)
+        return batch.pin_memory() if str(self.device).startswith("cuda") else batch
+
+    def _pixels(self, prepared: Prepared) -> Any:
+        """The batch on the device: JPEGs decoded there in one call, the rest copied over."""
+        import torch
+
+        from scorers.clip_pixels import decode_batch, pil_from_bytes, tensor_preprocess
+
+        images = prepared.payload[0]
+        if not isinstance(images, list):
+            return images.to(self.device, non_blocking=True)
+        jpeg_at = [k for k, x in enumerate(images) if isinstance(x, bytes)]
+        decoded = decode_batch([images[k] for k in jpeg_at], self.device)
+        out = list(images)
+        for k, img in zip(jpeg_at, decoded):
+            if img is not None:
+                out[k] = tensor_preprocess(self.preprocess, img)
+                continue
+            try:  # the device's decoder refused it: Pillow on the CPU
+                out[k] = self.preprocess(pil_from_bytes(images[k]).convert("RGB"))
+            except Exception as e:  # noqa: BLE001 - undecodable: that sample's error
+                out[k] = None
+                self._fail_image(prepared, k, f"clip: cannot decode image: {e}")
+        like = next((x for x in out if x is not None), None)
+        out = [x if x is not None else torch.zeros_like(like) for x in out]
+        return torch.stack([x.to(self.device, non_blocking=True) for x in out])
+
+    @staticmethod
+    def _fail_image(prepared: Prepared, k: int, reason: str) -> None:
+        spans = prepared.extra["spans"]
+        for i, span in enumerate(spans):
+            if span is not None and span[0] <= k < span[0] + span[1]:
+                prepared.errors[i], spans[i] = reason, None
 
     def compute(self, prepared: Prepared) -> dict[str, list]:
         import torch
@@ -250,11 +318,12 @@ class ClipScorer(Scorer):
         cols = self.empty_columns(n)
         if prepared.payload is None:
             return cols
-        pixel, tokens = prepared.payload
-        with torch.inference_mode():
-            img = torch.cat([self.model.encode_image(pixel[j: j + self.batch_size].to(self.device))
+        tokens = prepared.payload[1]
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            pixel = self._pixels(prepared)
+            img = torch.cat([self.model.encode_image(pixel[j: j + self.batch_size])
                              for j in range(0, len(pixel), self.batch_size)])
-            txt = torch.cat([self.model.encode_text(tokens[j: j + self.batch_size].to(self.device))
+            txt = torch.cat([self.model.encode_text(tokens[j: j + self.batch_size].to(self.device, non_blocking=True))
                              for j in range(0, len(tokens), self.batch_size)])
             img = torch.nn.functional.normalize(img.float(), dim=-1)
             txt = torch.nn.functional.normalize(txt.float(), dim=-1)

@@ -33,31 +33,11 @@ def score(
         fail(str(e))
     console.print(f"scoring {len(plan.tasks)} shard(s) with {', '.join(plan.scorer_names)} -> {plan.work}")
     reports = []
-    for spec in plan.specs:
-        t0 = time.time()
-        with progress_bar() as prog:
-            task = prog.add_task(spec.name, total=len(plan.tasks), rate="")
-            stats = {"rows": 0, "errors": 0, "failed": 0, "skipped": 0}
-
-            def tick(result, done, total, prog=prog, task=task, stats=stats, t0=t0):
-                if result.skipped:
-                    stats["skipped"] += 1
-                elif result.failed:
-                    stats["failed"] += 1
-                    console.print(f"[red]shard failed[/] {escape(result.url)}: {escape(result.failed)}")
-                else:
-                    stats["rows"] += result.rows
-                    stats["errors"] += result.errors
-                rate = stats["rows"] / max(1e-6, time.time() - t0)
-                prog.update(task, completed=done, rate=(
-                    f"{rate:.1f} samples/s, {stats['errors']} sample errors, {stats['skipped']} skipped, "
-                    f"{stats['failed']} failed"))
-
-            try:
-                report = plan.run(spec.name, progress=tick)
-            except SourceConflictError as e:
-                fail(str(e))
-        reports.append(report.summary())
+    for names in plan.passes():  # scorers on one kind of device: one read and one decode per sample
+        try:
+            reports.extend(r.summary() for r in _run_pass(plan, names))
+        except SourceConflictError as e:
+            fail(str(e))
     if as_json:
         out_console.print_json(json.dumps(reports))
     else:
@@ -65,6 +45,30 @@ def score(
             out_console.print(score_summary_line(r), markup=False, highlight=False)
     if any(r["failed"] for r in reports):
         raise typer.Exit(1)
+
+
+def _run_pass(plan, names: list[str]) -> list:
+    """One fused pass with a progress bar per scorer."""
+    t0 = time.time()
+    with progress_bar() as prog:
+        bars = {n: prog.add_task(n, total=len(plan.tasks), rate="") for n in names}
+        stats = {n: {"rows": 0, "errors": 0, "failed": 0, "skipped": 0} for n in names}
+
+        def tick(result, done, total):
+            st = stats[result.scorer]
+            if result.skipped:
+                st["skipped"] += 1
+            elif result.failed:
+                st["failed"] += 1
+                console.print(f"[red]shard failed[/] ({escape(result.scorer)}) {escape(result.url)}: {escape(result.failed)}")
+            else:
+                st["rows"] += result.rows
+                st["errors"] += result.errors
+            rate = st["rows"] / max(1e-6, time.time() - t0)
+            prog.update(bars[result.scorer], completed=done, rate=(
+                f"{rate:.1f} samples/s, {st['errors']} sample errors, {st['skipped']} skipped, {st['failed']} failed"))
+
+        return plan.run_pass(names, progress=tick)
 
 
 def score_summary_line(r: dict) -> str:

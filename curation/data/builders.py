@@ -35,6 +35,7 @@ class ReadOptions:
     verify: bool = True  # decode images / probe videos so that corrupt media is reported here
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    keep_pixels: bool = False  # keep the images verification decoded on the samples (one decode per pass)
 
     def __post_init__(self) -> None:
         if self.kind not in (*KINDS, "auto"):
@@ -52,18 +53,25 @@ class MediaError(ValueError):
 
 def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> tuple[int, int]:
     """Return (width, height) or raise ValueError with a clear reason."""
+    w, h, _ = open_image(data, max_pixels, decode)
+    return w, h
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> tuple[int, int, Any]:
+    """(width, height, the decoded PIL image or None when ``decode`` is off), or MediaError."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise MediaError("empty image member")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise MediaError(f"image is {w}x{h} = {w * h} pixels, above the {max_pixels}-pixel limit (decompression bomb?)")
-            if decode:
-                im.load()
-            return w, h
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise MediaError(f"image is {w}x{h} = {w * h} pixels, above the {max_pixels}-pixel limit (decompression bomb?)")
+        if not decode:
+            return w, h, None
+        im.load()
+        return w, h, im
     except MediaError:
         raise
     except UnidentifiedImageError:
@@ -186,7 +194,8 @@ def build_pair(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> PairS
     if img is not None:
         s.image, s.image_ext = raw.members[img], img
         try:
-            s.width, s.height = check_image(s.image, opts.max_pixels, decode=opts.verify)
+            s.width, s.height, im = open_image(s.image, opts.max_pixels, decode=opts.verify)
+            s.pixels = im if opts.keep_pixels else None
         except ValueError as e:
             errors.append(str(e))
     _caption(raw, s, errors)
@@ -233,7 +242,10 @@ def build_interleaved(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -
                 if idx is not None and not (isinstance(idx, int) and 0 <= idx < len(s.text_list)):
                     errors.append(f"image_info[{i}].matched_text_index {idx!r} is outside text_list")
                 try:
-                    s.image_sizes.append(check_image(s.images[name], opts.max_pixels, decode=opts.verify))
+                    w, h, im = open_image(s.images[name], opts.max_pixels, decode=opts.verify)
+                    s.image_sizes.append((w, h))
+                    if opts.keep_pixels and im is not None:
+                        s.pixels[name] = im
                 except ValueError as e:
                     errors.append(f"image {name}: {e}")
     s.error = "; ".join(errors) or None

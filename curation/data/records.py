@@ -190,9 +190,79 @@ def _add_member(sample: RawSample, m: RawMember, ext: str | None) -> None:
         sample.members[ext or ""] = m.data or b""
 
 
-def open_shard(url: str, storage_options: dict[str, Any] | None = None):
-    """Open a shard for streaming; ``.tar.gz`` / ``.tgz`` are decompressed on the fly."""
-    f = storage.open_url(url, "rb", storage_options)
+class ShardChangedError(OSError):
+    """A shard rewritten while it was being read: its bytes are not one version (retried)."""
+
+
+@dataclass
+class ShardDigest:
+    """What reading a shard learns about its bytes, filled in by :func:`open_shard` as it opens
+    the file and by :meth:`finish` after the last sample: the planner never reads shard bytes,
+    the worker that reads them anyway hashes them on the way (``hashlib`` releases the GIL)."""
+
+    size: int = 0
+    version: str = ""  # ``size:mtime`` locally, the ETag on an object store (storage.stat_files)
+    checksum: str = ""  # ``sha256:<hex>`` of every byte locally; the ETag on an object store
+    bytes_read: int = 0
+    _file: Any = field(default=None, repr=False)
+    _hash: Any = field(default=None, repr=False)
+    _where: Any = field(default=None, repr=False)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._file.read(n)
+        if self._hash is not None:
+            self._hash.update(data)
+        self.bytes_read += len(data)
+        return data
+
+    def finish(self) -> "ShardDigest":
+        """Hash the rest of the file (tar padding, anything after a damaged member) and check
+        that the file did not change while it was read."""
+        while self.read(1 << 20):
+            pass
+        if self._hash is not None:
+            self.checksum = format_checksum("sha256", self._hash.hexdigest())
+            fs, path = self._where
+            if storage.file_version(fs, path) != (self.size, self.version) or self.bytes_read != self.size:
+                raise ShardChangedError(f"shard {storage.to_url(fs, path)} changed while it was read")
+        self._file.close()
+        return self
+
+
+class _DigestFile:
+    """The file object a reader sees: reads go through the digest."""
+
+    def __init__(self, digest: ShardDigest) -> None:
+        self.digest = digest
+
+    def read(self, n: int = -1) -> bytes:
+        return self.digest.read(n)
+
+    def close(self) -> None:
+        self.digest._file.close()
+
+    def __enter__(self) -> "_DigestFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_shard(url: str, storage_options: dict[str, Any] | None = None, digest: ShardDigest | None = None):
+    """Open a shard for streaming; ``.tar.gz`` / ``.tgz`` are decompressed on the fly. With
+    ``digest``, its version is taken at open and every byte read is hashed (call
+    ``digest.finish()`` after the last sample)."""
+    if digest is None:
+        f = storage.open_url(url, "rb", storage_options)
+    else:
+        fs, path = storage.get_fs(url, storage_options)
+        digest.size, digest.version = storage.file_version(fs, path)
+        digest._file, digest._where = fs.open(path, "rb"), (fs, path)
+        if storage.is_remote(url) and not digest.version.count(":"):
+            digest.checksum = digest.version  # the ETag names the object's bytes
+        else:
+            digest._hash = hashlib.sha256()
+        f = _DigestFile(digest)
     if url.endswith((".gz", ".tgz")):
         return gzip.GzipFile(fileobj=f, mode="rb")
     return f

@@ -64,6 +64,9 @@ class PairSample(Sample):
     caption: str | None = None
     width: int | None = None
     height: int | None = None
+    # the decoded image (PIL) when the reader was asked to keep what verification decoded, so that
+    # scorers use those pixels instead of decoding again (ReadOptions.keep_pixels)
+    pixels: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -81,6 +84,8 @@ class InterleavedSample(Sample):
     doc_url: str | None = None
     # (width, height) per image, in image_info order, when decoding was checked
     image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    # image_name -> decoded image (PIL), as for PairSample.pixels
+    pixels: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass

@@ -182,3 +182,30 @@ def _version(info: dict[str, Any]) -> str:
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
     return f"{info.get('size')}:{mtime}"
+
+
+def stat_files(urls: list[str], storage_options: dict[str, Any] | None = None) -> dict[str, tuple[int, str]]:
+    """``{url: (size, version)}`` for many files from one listing per folder (metadata only: what
+    a planner reads instead of the files). Missing files are absent from the result."""
+    by_dir: dict[str, list[str]] = {}
+    for u in urls:
+        by_dir.setdefault(dirname(u), []).append(u)
+    out: dict[str, tuple[int, str]] = {}
+    for folder, items in by_dir.items():
+        fs, path = get_fs(folder, storage_options)
+        fs.invalidate_cache(path)
+        try:
+            listing = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)}
+        except FileNotFoundError:
+            listing = {}
+        for u in items:
+            info = listing.get(basename(u))
+            if info is not None and info.get("type") == "file":
+                out[u] = (int(info["size"]), _version(info))
+    return out
+
+
+def file_version(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
+    """(size, version) of one file, as :func:`stat_files` gives it."""
+    info = fs.info(path)
+    return int(info["size"]), _version(info)

@@ -20,7 +20,7 @@ from typing import Any
 
 from curation.data import storage
 from curation.data.shards import shard_name
-from curation.scoring.engine import ProgressFn, RunReport, ScorerSpec, ShardTask, run_scoring, score_file_url
+from curation.scoring.engine import ProgressFn, RunReport, ScorerSpec, ShardTask, run_pass, run_scoring, score_file_url
 from curation.scoring.recipe import RecipeError, ScoreRecipe, check_recipe, load_score_recipe
 
 
@@ -77,6 +77,20 @@ class ScoringPlan:
         listed = storage.versions(storage.join(self.work, "scores", scorer))
         present = {u for u, v in listed if v != "missing"}
         return all(storage.to_url(*storage.get_fs(u)) in present for u in self.score_files(scorer))
+
+    def passes(self) -> list[list[str]]:
+        """The scorers grouped into fused passes: one per kind of device, in recipe order."""
+        groups: dict[str, list[str]] = {}
+        for s in self.specs:
+            gpu = s.num_gpus > 0 or str(s.params.get("device", "cpu")).startswith("cuda")
+            groups.setdefault("gpu" if gpu else "cpu", []).append(s.name)
+        return list(groups.values())
+
+    def run_pass(self, scorers: list[str], progress: ProgressFn | None = None) -> list[RunReport]:
+        """Score every shard with these scorers in one fused pass on Ray (one read and one decode
+        of each sample for all of them; resumable per scorer)."""
+        return run_pass(list(self.tasks), [self.spec(n) for n in scorers], self.work, progress=progress,
+                        ray_address=self.recipe.ray.address, num_cpus=self.recipe.ray.num_cpus)
 
     def run(self, scorer: str, progress: ProgressFn | None = None) -> RunReport:
         """Score every shard with one scorer on Ray (resumable: finished score files are skipped)."""

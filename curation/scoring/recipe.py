@@ -13,7 +13,12 @@ scorers:
     batch_size: 64
     workers: 2
     num_cpus: 1
+    decode_workers: 2           # threads per worker reading, decoding and preparing batches
+    prefetch: 2                 # prepared batches waiting ahead of the model
 ```
+
+Scorers that run on the same kind of device (CPU, or GPU: ``num_gpus > 0`` or a ``cuda`` device
+param) score in one fused pass: each shard is read, hashed and decoded once for all of them.
 
 Relative local paths are resolved against the recipe file's folder.
 """
@@ -50,6 +55,8 @@ class ScorerConfig(BaseModel):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     max_retries: int = Field(2, ge=0)
+    decode_workers: int = Field(1, ge=1)  # threads per worker that read, decode and prepare batches
+    prefetch: int = Field(2, ge=1)  # prepared batches waiting ahead of the model
 
     @field_validator("name")
     @classmethod
@@ -145,5 +152,6 @@ def check_recipe(recipe: ScoreRecipe) -> tuple[list[Any], list[Any]]:
             build_scorer(sc.name, **sc.params)
         except (TypeError, ValueError, FileNotFoundError, RuntimeError) as e:
             raise RecipeError(f"scorers[{i}].params ({sc.name}): {e}") from None
-        specs.append(ScorerSpec(sc.name, dict(sc.params), sc.batch_size, sc.workers, sc.num_cpus, sc.num_gpus, sc.max_retries))
+        specs.append(ScorerSpec(sc.name, dict(sc.params), sc.batch_size, sc.workers, sc.num_cpus, sc.num_gpus, sc.max_retries,
+                                sc.decode_workers, sc.prefetch))
     return tasks, specs

@@ -3,29 +3,24 @@
 For each scorer, every input shard becomes one Parquet file
 ``<work>/scores/<scorer>/dataset=<dataset>/<shard>.parquet`` holding one row per sample of the
 shard (``dataset, shard, key, kind, error`` plus the scorer's columns). Its metadata carries the
-scorer identity, its config hash and the input shard's checksum, so a rerun can tell a file
-that is done (same hash, same checksum) from one to score again (:func:`is_done`).
+scorer identity, its config hash, the input shard's version (size and mtime, or ETag) and the
+checksum the worker computed as it read it, so a rerun can tell a file that is done (same hash,
+same version) from one to score again (:func:`is_done`) without reading the shard.
 
-Inside :func:`score_shard` a reader thread streams the shard and prepares batches
-(``Scorer.prepare``) while the calling thread runs the model (``Scorer.compute``).
+:func:`score_shard` scores a shard with one scorer; ``curation.scoring.fused`` scores it with
+several in one read and one decode (what the workers run).
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.common.prefetch import prefetch
 from curation.data import storage
-from curation.data.shards import read_shard
-from scorers.base import IDENTITY_SCHEMA, Scorer
+from scorers.base import Scorer
 
 META_PREFIX = b"curation."
 
@@ -37,7 +32,8 @@ class ShardTask:
     url: str
     dataset: str
     kind: str = "auto"
-    checksum: str | None = None  # filled by the driver (md5 locally, ETag on S3)
+    checksum: str | None = None  # not filled by the planner any more: the worker hashes what it reads
+    version: str | None = None  # size:mtime locally, the ETag on S3: from the planner's listing (no bytes read)
 
 
 @dataclass
@@ -55,6 +51,7 @@ class ShardResult:
     node: str = ""  # the Ray node that scored it (empty when scored in-process)
     started_at: float | None = None  # wall clock when the worker began the shard (throughput windows)
     pid: int | None = None  # the process that scored it
+    scorer: str = ""  # whose score file this is
 
 
 
@@ -76,73 +73,26 @@ def read_score_metadata(url: str, storage_options: dict[str, Any] | None = None)
     return {k[len(META_PREFIX):].decode(): v.decode() for k, v in md.items() if k.startswith(META_PREFIX)}
 
 
-def is_done(md: dict[str, str] | None, config_hash: str, shard_checksum: str | None) -> bool:
-    """Whether a score file's metadata says it holds this scorer config's scores of these shard bytes."""
+def is_done(md: dict[str, str] | None, config_hash: str, shard_version: str | None) -> bool:
+    """Whether a score file's metadata says it holds this scorer config's scores of this shard
+    version (size and mtime, or ETag: a shard changed in place under the same size and mtime is
+    caught later, when resharding verifies the recorded checksum as it copies)."""
     if md is None or md.get("config_hash") != config_hash:
         return False
-    return shard_checksum is None or md.get("shard_checksum") == shard_checksum
+    return shard_version is not None and md.get("shard_version") == shard_version
 
 
 # --------------------------------------------------------------------------- one shard
 
 
-def _batches(task: ShardTask, batch_size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for s in read_shard(task.url, kind=task.kind, dataset=task.dataset):
-        batch.append(s)
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _prefetch(task: ShardTask, scorer: Scorer, batch_size: int, depth: int) -> Iterator[Any]:
-    """Read + prepare batches on a thread, ``depth`` batches ahead of the consumer."""
-    return prefetch((scorer.prepare(b) for b in _batches(task, batch_size)), depth, name=f"prefetch-{task.url}",
-                    join_timeout=5)
-
-
 def score_shard(scorer: Scorer, task: ShardTask, out_url: str, batch_size: int = 64, prefetch: int = 2,
-                storage_options: dict[str, Any] | None = None) -> ShardResult:
-    """Score one shard with a set-up scorer and write its Parquet file atomically."""
-    t0 = time.time()
-    schema = pa.schema(list(IDENTITY_SCHEMA) + list(scorer.schema()))
-    tables: list[pa.Table] = []
-    errors = 0
-    for prepared in _prefetch(task, scorer, batch_size, prefetch):
-        cols = scorer.compute(prepared)
-        n = len(prepared.samples)
-        ident = {
-            "dataset": [s.dataset for s in prepared.samples],
-            "shard": [s.shard for s in prepared.samples],
-            "key": [s.key for s in prepared.samples],
-            "kind": [s.kind for s in prepared.samples],
-            "error": list(prepared.errors),
-        }
-        errors += sum(e is not None for e in prepared.errors)
-        data = {**ident, **{f.name: cols.get(f.name, [None] * n) for f in scorer.schema()}}
-        tables.append(pa.Table.from_pydict(data, schema=schema))
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    meta = {
-        "scorer": scorer.name,
-        "version": scorer.version,
-        "identity": json.dumps(scorer.identity(), sort_keys=True, default=str),
-        "config_hash": scorer.config_hash(),
-        "shard_url": task.url,
-        "shard_checksum": task.checksum or "",
-        "dataset": task.dataset,
-        "rows": str(table.num_rows),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    table = table.replace_schema_metadata({META_PREFIX + k.encode(): v.encode() for k, v in meta.items()})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(out_url, buf.getvalue(), storage_options)
-    import resource
+                storage_options: dict[str, Any] | None = None, decode_workers: int = 1) -> ShardResult:
+    """Score one shard with one set-up scorer and write its Parquet file atomically (a fused
+    pass of one: ``curation.scoring.fused``). Raises when the scorer or the shard fails."""
+    from curation.scoring.fused import PassOptions, score_shard_pass
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return ShardResult(task.url, task.dataset, out_url, rows=table.num_rows, errors=errors, seconds=time.time() - t0,
-                       peak_rss_mb=round(peak, 1), started_at=t0, pid=os.getpid())
-
-
+    (result,) = score_shard_pass([(scorer, out_url)], task, PassOptions(batch_size, decode_workers, prefetch),
+                                 storage_options)
+    if result.failed:
+        raise RuntimeError(result.failed)
+    return result

@@ -1,8 +1,13 @@
-"""A pool of Ray actors that score shards, each holding one scorer with its model loaded once.
+"""A pool of Ray actors that score shards, each holding the scorers of one pass, models loaded once.
 
-Shards are handed to free actors one at a time. A shard whose scoring fails is retried (up to
-``ScorerSpec.max_retries``) unless the failure is permanent (an empty shard, not a tar); an
-actor that died (OOM, segfault) is replaced. Every shard ends as exactly one ``ShardResult``.
+Shards are handed to free actors one at a time, each with the scorers that still need it (a
+fused pass: one read, one decode, every scorer fed; ``curation.scoring.fused``). A shard whose
+scoring fails is retried, for the scorers it failed for (up to ``max_retries``), unless the
+failure is permanent (an empty shard, not a tar); an actor that died (OOM, segfault) is
+replaced. Every (shard, scorer) ends as exactly one ``ShardResult``.
+
+Actors are sized from the pass's specs: ``num_cpus`` and ``num_gpus`` per actor, so Ray places
+one actor per GPU when each asks for a whole one (``gpu_workers`` counts them).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import logging
 from typing import Any, Callable
 
 from curation.data.shards import ShardError, shard_name
-from curation.scoring.scorefile import ShardResult, ShardTask, score_file_url, score_shard
+from curation.scoring.fused import PassOptions, score_shard_pass
+from curation.scoring.scorefile import ShardResult, ShardTask, score_file_url
 from scorers import scorer_class
 
 log = logging.getLogger(__name__)
@@ -22,84 +28,111 @@ def _make_worker_class():
 
     @ray.remote
     class ScoringWorker:
-        """Holds one set-up scorer (its model loaded once) and scores shards with it."""
+        """Holds the set-up scorers of one pass (models loaded once) and scores shards with them."""
 
-        def __init__(self, name: str, params: dict[str, Any], threads: int, gpus: float = 0.0) -> None:
+        def __init__(self, scorers: list[tuple[str, dict[str, Any]]], threads: int, gpus: float, opts: PassOptions) -> None:
             import inspect
 
             import torch
 
             torch.set_num_threads(max(1, threads))
-            params = dict(params)
-            cls = scorer_class(name)
-            if gpus > 0 and "device" not in params and "device" in inspect.signature(cls.__init__).parameters:
-                params["device"] = "cuda"  # a worker given a GPU uses it unless told otherwise
-            self.scorer = cls(**params)
-            self.scorer.setup()
+            self.opts = opts
+            self.scorers = {}
+            for name, params in scorers:
+                params = dict(params)
+                cls = scorer_class(name)
+                if gpus > 0 and "device" not in params and "device" in inspect.signature(cls.__init__).parameters:
+                    params["device"] = "cuda"  # a worker given a GPU uses it unless told otherwise
+                self.scorers[name] = cls(**params)
+                self.scorers[name].setup()
 
-        def score(self, task: ShardTask, out_url: str, batch_size: int) -> ShardResult:
-            result = score_shard(self.scorer, task, out_url, batch_size)
-            result.node = ray.get_runtime_context().get_node_id()
-            return result
+        def score(self, task: ShardTask, jobs: list[tuple[str, str]]) -> list[ShardResult]:
+            results = score_shard_pass([(self.scorers[n], out) for n, out in jobs], task, self.opts)
+            node = ray.get_runtime_context().get_node_id()
+            for r in results:
+                r.node = node
+            return results
 
     return ScoringWorker
 
 
-class WorkerPool:
-    """``n`` scoring actors for one scorer spec (a ``curation.scoring.engine.ScorerSpec``)."""
+def gpu_workers(requested: int, num_gpus: float) -> int:
+    """Actors for a pass whose actors each take ``num_gpus``: at most as many as the cluster's
+    GPUs hold (one per GPU for ``num_gpus: 1``), and never more than asked for."""
+    import ray
 
-    def __init__(self, spec: Any, n: int) -> None:
-        self.spec = spec
+    if num_gpus <= 0:
+        return requested
+    total = float(ray.cluster_resources().get("GPU", 0))
+    return max(1, min(requested, int(total // num_gpus))) if total else requested
+
+
+class WorkerPool:
+    """``n`` scoring actors for the specs of one pass (``curation.scoring.engine.ScorerSpec``)."""
+
+    def __init__(self, specs: list[Any], n: int, opts: PassOptions) -> None:
+        self.specs = {s.name: s for s in specs}
+        self.opts = opts
+        self.num_cpus = max(s.num_cpus for s in specs)
+        self.num_gpus = max(s.num_gpus for s in specs)
+        self.max_retries = max(s.max_retries for s in specs)
         self._cls = _make_worker_class()
-        self.workers = [self._new() for _ in range(max(1, n))]
+        self.workers = [self._new() for _ in range(gpu_workers(max(1, n), self.num_gpus))]
 
     def _new(self) -> Any:
-        s = self.spec
-        opts = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
-        return self._cls.options(**opts).remote(s.name, s.params, max(1, int(s.num_cpus)), s.num_gpus)
+        opts = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        scorers = [(s.name, s.params) for s in self.specs.values()]
+        return self._cls.options(**opts).remote(scorers, max(1, int(self.num_cpus)), self.num_gpus, self.opts)
 
-    def run(self, todo: list[ShardTask], work: str, done: Callable[[ShardResult], None]) -> None:
-        """Score every task in ``todo``; call ``done`` with each shard's final result."""
+    def run(self, items: list[tuple[ShardTask, list[str]]], work: str, done: Callable[[ShardResult], None]) -> None:
+        """Score every (shard, scorers) item; call ``done`` with each (shard, scorer)'s final result."""
         import ray
 
-        pending: list[tuple[ShardTask, int]] = [(t, 1) for t in todo]
-        running: dict[Any, tuple[ShardTask, int, int]] = {}  # ref -> (task, attempt, worker index)
+        pending: list[tuple[ShardTask, list[str], int]] = [(t, names, 1) for t, names in items]
+        running: dict[Any, tuple[ShardTask, list[str], int, int]] = {}  # ref -> (task, names, attempt, worker)
         free = list(range(len(self.workers)))
         while pending or running:
             while pending and free:
-                task, attempt = pending.pop(0)
+                task, names, attempt = pending.pop(0)
                 w = free.pop(0)
-                ref = self.workers[w].score.remote(task, self._out(work, task), self.spec.batch_size)
-                running[ref] = (task, attempt, w)
+                ref = self.workers[w].score.remote(task, [(n, self._out(work, task, n)) for n in names])
+                running[ref] = (task, names, attempt, w)
             ref = ray.wait(list(running), num_returns=1)[0][0]
-            task, attempt, w = running.pop(ref)
+            task, names, attempt, w = running.pop(ref)
             free.append(w)
-            result = self._collect(ref, task, attempt, w, work)
-            if result is None:
-                pending.append((task, attempt + 1))
-            else:
-                done(result)
+            retry = self._collect(ref, task, names, attempt, w, work, done)
+            if retry:
+                pending.append((task, retry, attempt + 1))
 
-    def _collect(self, ref: Any, task: ShardTask, attempt: int, w: int, work: str) -> ShardResult | None:
-        """The shard's result, or None when it failed and is to be retried."""
+    def _collect(self, ref: Any, task: ShardTask, names: list[str], attempt: int, w: int, work: str,
+                 done: Callable[[ShardResult], None]) -> list[str]:
+        """Hand finished results to ``done``; the scorers to retry the shard with."""
         import ray
 
         try:
-            result: ShardResult = ray.get(ref)
-            result.attempts = attempt
-            return result
+            results: list[ShardResult] = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - the shard failed; others go on
             if isinstance(e, ray.exceptions.RayActorError):
                 self.workers[w] = self._new()  # the actor died (OOM, segfault): replace it
             reason = short_error(e)
-            if attempt <= self.spec.max_retries and not is_permanent(e):
-                log.warning("scoring %s with %s failed (attempt %d), retrying: %s",
-                            task.url, self.spec.name, attempt, reason)
-                return None
-            return ShardResult(task.url, task.dataset, self._out(work, task), failed=reason, attempts=attempt)
+            if attempt <= self.max_retries and not is_permanent(e):
+                log.warning("scoring %s with %s failed (attempt %d), retrying: %s", task.url, names, attempt, reason)
+                return names
+            for n in names:
+                done(ShardResult(task.url, task.dataset, self._out(work, task, n), failed=reason, attempts=attempt, scorer=n))
+            return []
+        retry = []
+        for r in results:
+            r.attempts = attempt
+            if r.failed and attempt <= self.max_retries:
+                log.warning("scoring %s with %s failed (attempt %d), retrying: %s", task.url, r.scorer, attempt, r.failed)
+                retry.append(r.scorer)
+            else:
+                done(r)
+        return retry
 
-    def _out(self, work: str, task: ShardTask) -> str:
-        return score_file_url(work, self.spec.name, task.dataset, shard_name(task.url))
+    def _out(self, work: str, task: ShardTask, name: str) -> str:
+        return score_file_url(work, name, task.dataset, shard_name(task.url))
 
     def close(self) -> None:
         import ray

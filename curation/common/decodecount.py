@@ -1,0 +1,56 @@
+"""Count image decodes in this process: how many times Pillow really ran a decoder.
+
+Opt-in and for measurement only (benchmarks, tests): :func:`count_decodes` wraps Pillow's
+``ImageFile.load`` while the block runs and counts the calls that had image data left to decode
+(an image already loaded has no tiles left, so loading it again is not counted). It counts every
+decode in the process, whichever code asked for it: the reader's verification, a scorer, a model's
+preprocessing, a library.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class DecodeCount:
+    def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.n += 1
+
+
+_active: list[DecodeCount] = []
+_patch_lock = threading.Lock()
+
+
+@contextmanager
+def count_decodes() -> Iterator[DecodeCount]:
+    """``with count_decodes() as c: ...``; then ``c.n`` is the number of decodes in the block."""
+    from PIL import ImageFile
+
+    counter = DecodeCount()
+    with _patch_lock:
+        if not _active:
+            original = ImageFile.ImageFile.load
+
+            def load(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                if getattr(self, "tile", None):
+                    for c in list(_active):
+                        c.add()
+                return original(self, *args, **kwargs)
+
+            load.__wrapped__ = original  # type: ignore[attr-defined]
+            ImageFile.ImageFile.load = load  # type: ignore[method-assign]
+        _active.append(counter)
+    try:
+        yield counter
+    finally:
+        with _patch_lock:
+            _active.remove(counter)
+            if not _active:
+                ImageFile.ImageFile.load = ImageFile.ImageFile.load.__wrapped__  # type: ignore[attr-defined]
