@@ -1,6 +1,10 @@
-"""Count image decodes in this process: how many times Pillow really ran a decoder.
+"""Counters for measurements (benchmarks, tests): image decodes, and bytes this process read.
 
-Opt-in and for measurement only (benchmarks, tests): :func:`count_decodes` wraps Pillow's
+:func:`read_bytes_so_far` is the process's own I/O accounting (``/proc/self/io``): ``rchar``
+counts every byte the process got from ``read``-like calls (files, pipes, sockets, page cache
+or not), ``read_bytes`` what it made the storage layer fetch.
+
+Image decodes are counted opt-in: :func:`count_decodes` wraps Pillow's
 ``ImageFile.load`` while the block runs and counts the calls that had image data left to decode
 (an image already loaded has no tiles left, so loading it again is not counted). It counts every
 decode in the process, whichever code asked for it: the reader's verification, a scorer, a model's
@@ -54,3 +58,14 @@ def count_decodes() -> Iterator[DecodeCount]:
             _active.remove(counter)
             if not _active:
                 ImageFile.ImageFile.load = ImageFile.ImageFile.load.__wrapped__  # type: ignore[attr-defined]
+
+
+def read_bytes_so_far() -> dict[str, int]:
+    """``{"rchar": ..., "read_bytes": ...}`` of this process so far (Linux ``/proc/self/io``)."""
+    out = {}
+    with open("/proc/self/io") as f:
+        for line in f:
+            k, v = line.split(":")
+            if k in ("rchar", "read_bytes"):
+                out[k] = int(v)
+    return out
