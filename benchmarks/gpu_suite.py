@@ -111,7 +111,8 @@ def clip_end_to_end(model: str, tasks: list, device: str, batch: int, decode: st
 
     spec = ScorerSpec("clip", {"model": model, "device": device, "batch_size": batch, "decode": decode},
                       batch_size=batch, decode_workers=decode_workers, prefetch=max(2, decode_workers))
-    score_local_pass(tasks[:1], [spec], f"{work}/warm")  # cuDNN / nvJPEG warm-up out of the window
+    if device.startswith("cuda"):
+        score_local_pass(tasks[:1], [spec], f"{work}/warm")  # cuDNN / nvJPEG warm-up out of the window
     reports = score_local_pass(tasks, [spec], work)
     assert not reports[0].failed, reports[0].failed
     return _window_rate(reports)
