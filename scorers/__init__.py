@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from scorers.base import Scorer
+from scorers.base import Prepared, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -94,5 +94,5 @@ def build_scorer(name: str, **params: Any) -> Scorer:
     return scorer_class(name)(**params)
 
 
-__all__ = ["ENTRY_POINT_GROUP", "Scorer", "build_scorer", "plugin_scorers", "register_scorer", "scorer_class",
+__all__ = ["ENTRY_POINT_GROUP", "Prepared", "Scorer", "build_scorer", "plugin_scorers", "register_scorer", "scorer_class",
            "scorer_names"]
