@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from curation.common.prefetch import prefetch
 from curation.data import storage
+from curation.data.keyscan import read_light
 from curation.data.shards import read_shard
 from scorers.base import IDENTITY_SCHEMA, Scorer
 
@@ -86,9 +87,11 @@ def is_done(md: dict[str, str] | None, config_hash: str, shard_checksum: str | N
 # --------------------------------------------------------------------------- one shard
 
 
-def _batches(task: ShardTask, batch_size: int) -> Iterator[list[Any]]:
+def _batches(task: ShardTask, batch_size: int, media: bool = True) -> Iterator[list[Any]]:
     batch: list[Any] = []
-    for s in read_shard(task.url, kind=task.kind, dataset=task.dataset):
+    # a scorer that decodes no media (needs_media = False) gets keys, captions and small members only
+    read = read_shard if media else read_light
+    for s in read(task.url, kind=task.kind, dataset=task.dataset):
         batch.append(s)
         if len(batch) >= batch_size:
             yield batch
@@ -99,7 +102,8 @@ def _batches(task: ShardTask, batch_size: int) -> Iterator[list[Any]]:
 
 def _prefetch(task: ShardTask, scorer: Scorer, batch_size: int, depth: int) -> Iterator[Any]:
     """Read + prepare batches on a thread, ``depth`` batches ahead of the consumer."""
-    return prefetch((scorer.prepare(b) for b in _batches(task, batch_size)), depth, name=f"prefetch-{task.url}",
+    batches = _batches(task, batch_size, getattr(scorer, "needs_media", True))
+    return prefetch((scorer.prepare(b) for b in batches), depth, name=f"prefetch-{task.url}",
                     join_timeout=5)
 
 
