@@ -33,10 +33,22 @@ CAPTIONS = ["A Pomsky dog sitting in a field of orange flowers", "IMG_2044.JPG",
             "Modern kitchen with white cabinets and a wooden island", "https://example.com/image/123.jpg"]
 
 
+def _jpeg(rng: np.random.Generator, size: int = 48) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 def make_coyo_shard(folder: str, name: str, samples: int, image_bytes: int = 12_000, failed: float = 0.05,
-                    seed: int = 0) -> str:
+                    seed: int = 0, real_images: bool = False) -> str:
     """A COYO-style ``<name>.tar`` with ``<name>.parquet`` beside it; returns the tar's path. About
-    ``failed`` of the parquet's rows are URLs that failed to download (no sample in the tar)."""
+    ``failed`` of the parquet's rows are URLs that failed to download (no sample in the tar).
+    Images are ``image_bytes`` of noise named .jpg (never decoded by ``meta`` or ``text``), or
+    small real JPEGs, one per sample, with ``real_images``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -45,7 +57,9 @@ def make_coyo_shard(folder: str, name: str, samples: int, image_bytes: int = 12_
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     payload = rng.integers(0, 255, image_bytes, dtype=np.uint8).tobytes()
-    scores = {c: rng.random(samples).astype(np.float32) for c in COYO_COLUMNS}
+    u = {c: rng.random(samples) for c in COYO_COLUMNS}  # COYO-like ranges
+    scores = {c: (0.1 + 0.35 * u[c] if c.startswith("clip") else 3 + 4 * u[c] if c.startswith("aesthetic")
+                  else u[c] ** 3 if c.startswith("nsfw") else u[c]).astype(np.float32) for c in COYO_COLUMNS}
     rows: dict[str, list] = {"key": [], "status": [], "caption": [], "num_faces": [], **{c: [] for c in COYO_COLUMNS}}
     sink = TarSink(os.path.join(folder, f"{name}.tar"))
     for i in range(samples):
@@ -57,7 +71,8 @@ def make_coyo_shard(folder: str, name: str, samples: int, image_bytes: int = 12_
         for k in rows:
             rows[k].append(meta[k])
         if ok:
-            sink.write(key, {"jpg": payload, "txt": caption.encode(), "json": json.dumps(meta, indent=4).encode()})
+            sink.write(key, {"jpg": _jpeg(rng) if real_images else payload, "txt": caption.encode(),
+                             "json": json.dumps(meta, indent=4).encode()})
     sink.close()
     pq.write_table(pa.table(rows), os.path.join(folder, f"{name}.parquet"))
     return os.path.join(folder, f"{name}.tar")

@@ -88,3 +88,41 @@ def test_policy_keeps_confident_english_without_junk(captioned):
     assert reasons["j1"] == "junk" or reasons["j1"].startswith("threshold")
     assert reasons["no_caption"] == "scorer_error:text"
     assert all(reasons[k] is not None for k, (lang, _) in labelled.items() if lang != "en")
+
+
+def _readme_block(marker: str) -> str:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(re.escape(marker) + r"\s*```yaml\n(.*?)```", text, re.S)
+    assert m, f"README has no yaml block after {marker}"
+    return m.group(1)
+
+
+def test_readme_coyo_recipe_and_policy_run(tmp_path):
+    """The README's COYO-style recipe and policy, on a COYO-style shard: scored by basic, meta and
+    text, then selected; every kept sample is confident English, no junk, safe and aesthetic."""
+    import yaml
+
+    from benchmarks.bench_filters import make_coyo_shard
+    from curation import ScoringPlan
+
+    shard = make_coyo_shard(str(tmp_path / "coyo"), "00000", 80, real_images=True, seed=4)
+    recipe = yaml.safe_load(_readme_block("<!-- coyo-recipe -->"))
+    recipe["work"], recipe["sources"][0]["shards"] = str(tmp_path / "work"), shard
+    plan = ScoringPlan.resolve(recipe)
+    for spec in plan.specs:  # in this process: the Ray path is the plugin test's
+        assert not score_local(list(plan.tasks), spec, plan.work).failed
+    store = ScoreStore(plan.work)
+    result = run_selection(store, load_policy(yaml.safe_load(_readme_block("<!-- coyo-policy -->"))))
+    decisions = pq.read_table(result.decisions_url).to_pylist()
+    assert len(decisions) == store.count("meta") == store.count("text") == store.count("basic")
+    kept = [d["key"] for d in decisions if d["dropped_by"] is None]
+    assert kept, {d["dropped_by"] for d in decisions}
+    rows = {r["key"]: r for r in store.query_arrow("SELECT * FROM scores").to_pylist()}
+    for k in kept:
+        r = rows[k]
+        assert r["lang"] == "en" and r["lang_score"] >= 0.8 and not r["is_filename"] and not r["boilerplate"]
+        assert r["nsfw_opennsfw2"] < 0.5 and r["watermark"] < 0.5 and r["aesthetic"] >= 4.5
+    assert {d["dropped_by"] for d in decisions} >= {"english", "threshold:lang_score>=0.8", "alt_text_junk"}
