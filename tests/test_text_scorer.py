@@ -100,6 +100,20 @@ def _readme_block(marker: str) -> str:
     return m.group(1)
 
 
+def _tiny_clip(tmp_path) -> str:
+    """A tiny OpenCLIP built from its config and saved in the layout a user's checkpoint has."""
+    import open_clip
+    import torch
+
+    from scorers.clip import register_configs, save_open_clip_dir
+
+    register_configs()
+    torch.manual_seed(0)
+    out = str(tmp_path / "tiny-clip")
+    save_open_clip_dir(open_clip.create_model("tiny-clip"), open_clip.get_model_config("tiny-clip"), out, {"size": 64})
+    return out
+
+
 def test_readme_coyo_recipe_and_policy_run(tmp_path):
     """The README's COYO-style recipe and policy, on a COYO-style shard: scored by basic, meta and
     text, then selected; every kept sample is confident English, no junk, safe and aesthetic."""
@@ -111,6 +125,8 @@ def test_readme_coyo_recipe_and_policy_run(tmp_path):
     shard = make_coyo_shard(str(tmp_path / "coyo"), "00000", 80, real_images=True, seed=4)
     recipe = yaml.safe_load(_readme_block("<!-- coyo-recipe -->"))
     recipe["work"], recipe["sources"][0]["shards"] = str(tmp_path / "work"), shard
+    clip = next(s for s in recipe["scorers"] if s["name"] == "clip")
+    clip["params"] = {**clip["params"], "model": _tiny_clip(tmp_path), "pretrained": None}  # no weights to fetch here
     plan = ScoringPlan.resolve(recipe)
     for spec in plan.specs:  # in this process: the Ray path is the plugin test's
         assert not score_local(list(plan.tasks), spec, plan.work).failed

@@ -27,7 +27,7 @@ from curation.selection.sqlsafe import ident as q
 def normalize(emb: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Rows scaled to unit length (float32); ``inplace`` reuses ``emb``'s memory when it can."""
     out = np.ascontiguousarray(emb, dtype=np.float32)
-    if not inplace and out is emb:
+    if (not inplace and out is emb) or not out.flags.writeable:
         out = out.copy()
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
