@@ -8,7 +8,7 @@ columns). Then scores each shard in this process through the engine's own path
 does, and reports rows per wall second and per CPU second (one process, so CPU seconds are
 the per-core figure). Sizes: --samples, e.g. 5000 10000 20000 (one shard each) for the curve.
 
-    python benchmarks/bench_filters.py [--samples 5000 10000 20000] [--image-kb 12] [--json out.json]
+    python benchmarks/bench_filters.py [--samples 5000 10000 20000] [--writer webdataset|plain] [--text] [--json out.json]
 
 Target (issue 26): ``meta`` loads a COYO-style shard at >= 50k rows/s per core.
 """
@@ -43,16 +43,33 @@ def _jpeg(rng: np.random.Generator, size: int = 48) -> bytes:
     return buf.getvalue()
 
 
+class _PlainTar:
+    """The project's own tar writer behind webdataset's TarWriter interface (ustar headers only)."""
+
+    def __init__(self, path: str) -> None:
+        from curation.data.writer import TarSink
+
+        self.sink = TarSink(path)
+
+    def write(self, sample: dict) -> None:
+        self.sink.write(sample["__key__"], {k: v.encode() if isinstance(v, str) else v for k, v in sample.items()
+                                            if k != "__key__"})
+
+    def close(self) -> None:
+        self.sink.close()
+
+
 def make_coyo_shard(folder: str, name: str, samples: int, image_bytes: int = 12_000, failed: float = 0.05,
-                    seed: int = 0, real_images: bool = False) -> str:
+                    seed: int = 0, real_images: bool = False, writer: str = "webdataset") -> str:
     """A COYO-style ``<name>.tar`` with ``<name>.parquet`` beside it; returns the tar's path. About
     ``failed`` of the parquet's rows are URLs that failed to download (no sample in the tar).
     Images are ``image_bytes`` of noise named .jpg (never decoded by ``meta`` or ``text``), or
-    small real JPEGs, one per sample, with ``real_images``."""
+    small real JPEGs, one per sample, with ``real_images``. ``writer``: ``webdataset`` (img2dataset's
+    TarWriter: a PAX header before every member) or ``plain`` (ustar headers only)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curation.data.writer import TarSink
+    import webdataset as wds
 
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
@@ -61,7 +78,8 @@ def make_coyo_shard(folder: str, name: str, samples: int, image_bytes: int = 12_
     scores = {c: (0.1 + 0.35 * u[c] if c.startswith("clip") else 3 + 4 * u[c] if c.startswith("aesthetic")
                   else u[c] ** 3 if c.startswith("nsfw") else u[c]).astype(np.float32) for c in COYO_COLUMNS}
     rows: dict[str, list] = {"key": [], "status": [], "caption": [], "num_faces": [], **{c: [] for c in COYO_COLUMNS}}
-    sink = TarSink(os.path.join(folder, f"{name}.tar"))
+    path = os.path.join(folder, f"{name}.tar")
+    sink = wds.TarWriter(path) if writer == "webdataset" else _PlainTar(path)
     for i in range(samples):
         key = f"{name}{i:05d}"
         ok = rng.random() >= failed
@@ -71,8 +89,8 @@ def make_coyo_shard(folder: str, name: str, samples: int, image_bytes: int = 12_
         for k in rows:
             rows[k].append(meta[k])
         if ok:
-            sink.write(key, {"jpg": _jpeg(rng) if real_images else payload, "txt": caption.encode(),
-                             "json": json.dumps(meta, indent=4).encode()})
+            sink.write({"__key__": key, "jpg": _jpeg(rng) if real_images else payload, "txt": caption,
+                        "json": json.dumps(meta, indent=4).encode()})
     sink.close()
     pq.write_table(pa.table(rows), os.path.join(folder, f"{name}.parquet"))
     return os.path.join(folder, f"{name}.tar")
@@ -102,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, nargs="+", default=[5000, 10000, 20000])
     ap.add_argument("--image-kb", type=float, default=12.0)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs per arm")
+    ap.add_argument("--writer", choices=["webdataset", "plain"], default="webdataset",
+                    help="webdataset: img2dataset's tars (a PAX header per member); plain: ustar headers only")
     ap.add_argument("--text", action="store_true", help="also time the text scorer (language ID + quality)")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     try:
         for n in args.samples:
-            url = make_coyo_shard(os.path.join(root, "coyo"), f"s{n}", n, int(args.image_kb * 1000))
+            url = make_coyo_shard(os.path.join(root, "coyo"), f"s{n}", n, int(args.image_kb * 1000), writer=args.writer)
             arms = [("meta", {"preset": "coyo", "source": "parquet"}), ("meta", {"preset": "coyo", "source": "json"})]
             if args.text:
                 arms.append(("text", {}))
@@ -124,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [r["rows"] for r in runs if r["params"].get("source") == "parquet"]
     cpus = [r["cpu_s"] for r in runs if r["params"].get("source") == "parquet"]
     slope = float(np.polyfit(np.log(sizes), np.log(cpus), 1)[0]) if len(sizes) >= 2 else None
-    report = {"benchmark": "bench_filters", "runs": runs, "meta_parquet_cpu_growth_exponent": slope,
+    report = {"benchmark": "bench_filters", "writer": args.writer, "runs": runs, "meta_parquet_cpu_growth_exponent": slope,
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "note": "one process (the engine's score_shard, as in a Ray worker); rows_per_cpu_s is per core"}
     if args.json_out:

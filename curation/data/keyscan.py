@@ -113,22 +113,33 @@ def _fast_members(path: str) -> list[tuple[str, bytes | None, str | None]] | Non
 def _walk(mm: Any, size: int, np: Any) -> list[tuple[str, bytes | None, str | None]] | None:
     out: list[tuple[str, bytes | None, str | None]] = []
     heads: list[int] = []
-    stored: list[int] = []
+    pending: dict[str, Any] = {}  # what PAX ("x") and GNU long-name ("L") headers say of the next member
     off, zero = 0, ts.ZERO_BLOCK
     while True:
         if off + ts.BLOCK > size:
-            return None if mm[off:size].strip(b"\0") else _checked(mm, heads, stored, out, np)
-        h = mm[off:off + ts.BLOCK]
-        if h == zero:
-            return _checked(mm, heads, stored, out, np)
-        sz, ck = h[124:136].split(b"\0", 1)[0].strip(b" "), h[148:156].split(b"\0", 1)[0].strip(b" ")
-        if h[156:157] not in (b"0", b"\0") or not sz.isdigit() or not ck.isdigit() or h[345:346] not in (b"\0", b""):
+            return None if mm[off:size].strip(b"\0") or pending else _checked(mm, heads, out, np)
+        if not mm[off] and mm[off:off + ts.BLOCK] == zero:  # a header's name is never empty: the end
+            return None if pending else _checked(mm, heads, out, np)
+        sz, tf = mm[off + 124:off + 136].split(b"\0", 1)[0].strip(b" "), mm[off + 156:off + 157]
+        if not sz.isdigit() or mm[off + 345]:
             return None
         try:
-            n, chk = int(sz, 8), int(ck, 8)
+            n = int(sz, 8)
         except ValueError:  # an 8 or a 9
             return None
-        name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        heads.append(off)
+        if tf in (b"x", b"g", b"L"):
+            off = _extended(mm, off, n, tf, size, pending)
+            if off < 0:
+                return None
+            continue
+        if tf not in (b"0", b"\0"):
+            return None
+        name = pending.get("path") or pending.get("long") or \
+            mm[off:off + 100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if pending:
+            n = pending.get("size", n)
+            pending.clear()
         end = off + 1024 + ((n - 1) & ~511) if n else off + 512  # header + data padded to blocks
         if not name or end > size:
             return None
@@ -138,23 +149,61 @@ def _walk(mm: Any, size: int, np: Any) -> list[tuple[str, bytes | None, str | No
             out.append((name, None, error))
         else:
             out.append((name, mm[off + 512:off + 512 + n], None))
-        heads.append(off)
-        stored.append(chk)
         off = end
 
 
-def _checked(mm: Any, heads: list[int], stored: list[int], out: list, np: Any) -> list | None:
-    """``out`` if every header's checksum adds up (unsigned, as tar writes it), else None."""
+def _extended(mm: Any, off: int, n: int, tf: bytes, size: int, pending: dict[str, Any]) -> int:
+    """Read a PAX or GNU long-name header into ``pending``; the offset after it, or -1 for what the
+    fast walk leaves to tarstream (oversized, malformed)."""
+    end = off + 512 + ((n + 511) & ~511)
+    if n > ts.MAX_EXTENDED_HEADER or end > size:
+        return -1
+    body = mm[off + 512:off + 512 + n]
+    if tf == b"L":
+        pending["long"] = body.rstrip(b"\0").decode("utf-8", "surrogateescape") or None
+    elif tf == b"x":
+        sp = body.find(b" ", 0, 21)
+        key = body[sp + 1:body.find(b"=", sp)] if sp > 0 else b""
+        if (0 < sp <= 20 and body[:sp].isdigit() and int(body[:sp]) == n >= sp + 4 and body[-1:] == b"\n"
+                and key and key not in (b"path", b"size") and b"=" in body[sp:]):
+            return end  # one well-formed record that names neither path nor size (webdataset: mtime)
+        try:
+            records = ts._pax_records(body)
+        except ValueError:
+            return -1
+        if records.get("path"):
+            pending["path"] = records["path"]
+        if "size" in records:
+            if not ts._DIGITS.fullmatch(records["size"].encode("utf-8", "surrogateescape")):
+                return -1
+            pending["size"] = int(records["size"])
+    return end
+
+
+def _checked(mm: Any, heads: list[int], out: list, np: Any) -> list | None:
+    """``out`` if every header's checksum adds up (unsigned, as tar writes it), else None. The
+    checksum field is read as tarstream reads it (up to a NUL, spaces stripped, octal digits)."""
     if not heads:
         return None
     buf = np.frombuffer(mm, dtype=np.uint8)
-    for lo in range(0, len(heads), 4096):  # bounded memory: 4096 headers (2 MiB) at a time
-        idx = np.asarray(heads[lo:lo + 4096], dtype=np.int64)[:, None] + np.arange(ts.BLOCK)
-        blocks = buf[idx].astype(np.int64)
-        sums = blocks.sum(axis=1) - blocks[:, 148:156].sum(axis=1) + 8 * 32
-        if not np.array_equal(sums, np.asarray(stored[lo:lo + 4096], dtype=np.int64)):
+    view = buf[:len(buf) // ts.BLOCK * ts.BLOCK].reshape(-1, ts.BLOCK)  # headers start on block boundaries
+    rows = np.asarray(heads, dtype=np.int64) // ts.BLOCK
+    pos = np.arange(8)
+    for lo in range(0, len(rows), 8192):  # bounded memory: 8192 headers (4 MiB) at a time
+        blocks = view[rows[lo:lo + 8192]]
+        field = blocks[:, 148:156].astype(np.int64)
+        sums = blocks.sum(axis=1, dtype=np.int64) - field.sum(axis=1) + 8 * 32
+        nul = field == 0
+        inside = pos < np.where(nul.any(axis=1), nul.argmax(axis=1), 8)[:, None]
+        digit = (field >= 48) & (field <= 55) & inside
+        first, last = digit.argmax(axis=1), 7 - digit[:, ::-1].argmax(axis=1)
+        ok = (digit.any(axis=1) & (digit.sum(axis=1) == last - first + 1)
+              & ((digit | ((field == 32) & inside)) == inside).all(axis=1))
+        weights = np.where(digit, 8 ** np.clip(last[:, None] - pos, 0, 7), 0)
+        stored = ((field - 48) * weights).sum(axis=1)
+        if not (ok.all() and np.array_equal(sums, stored)):
             return None
-    del buf
+    del buf, view
     return out
 
 
