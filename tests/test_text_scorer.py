@@ -122,7 +122,7 @@ def test_readme_coyo_recipe_and_policy_run(tmp_path):
     from benchmarks.bench_filters import make_coyo_shard
     from curation import ScoringPlan
 
-    shard = make_coyo_shard(str(tmp_path / "coyo"), "00000", 80, real_images=True, seed=4)
+    shard = make_coyo_shard(str(tmp_path / "coyo"), "00000", 40, real_images=True, seed=4)
     recipe = yaml.safe_load(_readme_block("<!-- coyo-recipe -->"))
     recipe["work"], recipe["sources"][0]["shards"] = str(tmp_path / "work"), shard
     clip = next(s for s in recipe["scorers"] if s["name"] == "clip")
