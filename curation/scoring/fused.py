@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from curation.common.prefetch import prefetch
 from curation.data import storage
 from curation.data.builders import ReadOptions, to_sample
+from curation.data.keyscan import read_light
 from curation.data.records import ShardDigest, ShardError, iter_raw_samples, open_shard, shard_name
 from curation.scoring.scorefile import META_PREFIX, ShardResult, ShardTask
 from scorers.base import IDENTITY_SCHEMA, Scorer
@@ -68,6 +69,30 @@ def _raw_batches(task: ShardTask, batch_size: int, digest: ShardDigest,
         digest.finish()  # the rest of the file, then the checksum the score files record
 
 
+def _light_batches(task: ShardTask, batch_size: int, digest: ShardDigest,
+                   storage_options: dict[str, Any] | None) -> Iterator[list[Any]]:
+    """Typed samples without media, for a pass whose scorers decode nothing (``needs_media =
+    False``: shipped metadata, captions): media bodies are seeked past, so nothing hashes the
+    shard's bytes and its score files record the version (size:mtime or ETag) without a checksum."""
+    fs, path = storage.get_fs(task.url, storage_options)
+    digest.size, digest.version = storage.file_version(fs, path)
+    if storage.is_remote(task.url) and not digest.version.count(":"):
+        digest.checksum = digest.version  # the ETag names the object's bytes
+    batch: list[Any] = []
+    for s in read_light(task.url, kind=task.kind, dataset=task.dataset, storage_options=storage_options):
+        batch.append(s)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def needs_media(scorers: list[Scorer]) -> bool:
+    """Whether any scorer of a pass reads media (only then is the shard read whole and decoded)."""
+    return any(getattr(s, "needs_media", True) for s in scorers)
+
+
 def _drop_pixels(samples: list[Any]) -> None:
     for s in samples:
         if isinstance(getattr(s, "pixels", None), dict):
@@ -81,6 +106,7 @@ class _Preparer:
 
     def __init__(self, task: ShardTask, scorers: list[Scorer]) -> None:
         self.task, self.scorers = task, scorers
+        self.light = not needs_media(scorers)  # samples arrive typed, without media (read_light)
         on_device = all(getattr(s, "decode", "cpu") == "gpu" for s in scorers)
         # verification decodes on the CPU unless every scorer decodes on its device (then only headers)
         self.opts = ReadOptions(kind=task.kind, verify=not on_device, keep_pixels=True)
@@ -89,7 +115,8 @@ class _Preparer:
 
     def __call__(self, raws: list[Any]) -> tuple[list[Any], dict[int, Any]]:
         name = shard_name(self.task.url)
-        samples = [to_sample(r, self.task.dataset, name, self.task.url, self.opts) for r in raws]
+        samples = raws if self.light else [to_sample(r, self.task.dataset, name, self.task.url, self.opts)
+                                           for r in raws]
         out: dict[int, Any] = {}
         for sc in self.scorers:
             if id(sc) in self.failed:
@@ -110,7 +137,8 @@ class _Preparer:
 def _prepared_batches(task: ShardTask, prep: _Preparer, opts: PassOptions, digest: ShardDigest,
                       storage_options: dict[str, Any] | None) -> Iterator[tuple[list[Any], dict[int, Any]]]:
     """Prepared batches in shard order, built on ``decode_workers`` threads."""
-    raws = prefetch(_raw_batches(task, opts.batch_size, digest, storage_options), max(1, opts.prefetch),
+    read = _light_batches if prep.light else _raw_batches
+    raws = prefetch(read(task, opts.batch_size, digest, storage_options), max(1, opts.prefetch),
                     name=f"read-{task.url}", join_timeout=5)
     pending: deque = deque()
     with ThreadPoolExecutor(max(1, opts.decode_workers), thread_name_prefix="decode") as pool:

@@ -79,11 +79,16 @@ class ScoringPlan:
         return all(storage.to_url(*storage.get_fs(u)) in present for u in self.score_files(scorer))
 
     def passes(self) -> list[list[str]]:
-        """The scorers grouped into fused passes: one per kind of device, in recipe order."""
-        groups: dict[str, list[str]] = {}
+        """The scorers grouped into fused passes: one per kind of device (and apart, those that read
+        no media), in recipe order."""
+        from scorers import scorer_class
+
+        groups: dict[tuple[str, bool], list[str]] = {}
         for s in self.specs:
             gpu = s.num_gpus > 0 or str(s.params.get("device", "cpu")).startswith("cuda")
-            groups.setdefault("gpu" if gpu else "cpu", []).append(s.name)
+            # scorers that decode nothing (needs_media = False) read only headers and text members
+            media = getattr(scorer_class(s.name), "needs_media", True)
+            groups.setdefault(("gpu" if gpu else "cpu", media), []).append(s.name)
         return list(groups.values())
 
     def run_pass(self, scorers: list[str], progress: ProgressFn | None = None) -> list[RunReport]:

@@ -124,7 +124,9 @@ def run_selection(store: Any, policy: Policy, out: str | None = None) -> Selecti
         raise PolicyError(f"no scored samples under {store.root}")
     compiled = compile_policy(policy, datasets, store.columns())
     # the policy's SQL runs where it can read the scores it names and nothing else
-    sql_con = sandbox(store.con, "scores", compiled.columns)
+    from curation.selection.semantic_dedup import edge_tables
+
+    sql_con = sandbox(store.con, "scores", compiled.columns, edge_tables(policy, store, datasets))
     try:
         table = sql_con.sql(compiled.sql).to_arrow_table()
     except duckdb.Error as e:

@@ -191,6 +191,28 @@ class NearDedupRule(SelectionRule):
         chain.add(near_dedup_step(chain.prev, self.column, self.max_distance, rank_order(self.prefer), lit(label)))
 
 
+@register
+class SemanticDedupRule(SelectionRule):
+    """SemDeDup: cosine >= threshold between stored embeddings, pairs sought within k-means clusters
+    (``curation.selection.semantic_dedup``); one sample of each linked group is kept, as near_dedup."""
+
+    rule: Literal["semantic_dedup"]
+    column: str = "clip_image_emb"
+    threshold: float = Field(0.95, gt=0, le=1)
+    clusters: int = Field(100, ge=1)
+    probes: int = Field(2, ge=1, le=8)  # clusters each embedding joins
+    seed: int = 0
+    prefer: Optional[str] = None
+
+    def columns(self, all_columns: list[str]) -> list[str]:
+        return [self.prefer] if self.prefer else []  # embeddings are read before the query, not inside it
+
+    def apply(self, chain: Chain, label: str) -> None:
+        from curation.selection.semantic_dedup import semantic_dedup_step, table_name
+
+        chain.add(semantic_dedup_step(chain.prev, table_name(self), rank_order(self.prefer), lit(label)))
+
+
 class _RankingRule(SelectionRule):
     column: str
     ascending: bool = False  # keep the lowest values instead

@@ -102,14 +102,17 @@ def check_predicate(expr: str) -> set[str] | None:
     return columns
 
 
-def sandbox(source: duckdb.DuckDBPyConnection, view: str, columns: list[str]) -> duckdb.DuckDBPyConnection:
+def sandbox(source: duckdb.DuckDBPyConnection, view: str, columns: list[str],
+            tables: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     """A locked-down connection holding ``columns`` of ``view`` (read through ``source``, which
-    may reach files and S3) as its in-memory table of the same name."""
+    may reach files and S3) as its in-memory table of the same name, and the Arrow ``tables``
+    (rules' precomputed inputs, e.g. semantic_dedup's pairs) under their names."""
     con = duckdb.connect(config=SANDBOX_CONFIG)
     rel = source.sql(f"SELECT {', '.join(ident(c) for c in columns)} FROM {ident(view)}")
     reader = rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()  # duckdb < 1.4
-    con.register("_incoming", reader)
-    con.execute(f"CREATE TABLE {ident(view)} AS SELECT * FROM _incoming")
-    con.unregister("_incoming")
+    for name, data in [(view, reader), *(tables or {}).items()]:
+        con.register("_incoming", data)
+        con.execute(f"CREATE TABLE {ident(name)} AS SELECT * FROM _incoming")
+        con.unregister("_incoming")
     con.execute("SET lock_configuration = true")
     return con
