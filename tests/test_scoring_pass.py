@@ -152,14 +152,18 @@ def _big_pool(out: str, shards: int = 4, per_shard: int = 12) -> int:
     return sum(os.path.getsize(u) for u in list_shards(out))
 
 
-def test_driver_reads_no_shard_bytes(tmp_path):
+def test_driver_reads_no_shard_bytes_and_actors_follow_gpus(tmp_path):
     import ray
 
     pool = _big_pool(str(tmp_path / "pool" / "pairs"))
     tasks = [ShardTask(u, "pairs", "pair") for u in list_shards(str(tmp_path / "pool" / "pairs"))]
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    from curation.scoring.workers import gpu_workers
+
+    # two GPUs declared to Ray (none needed: no actor here asks for one): a pass sizes its actors by them
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
-        run_pass(tasks[:1], [ScorerSpec("basic")], str(tmp_path / "warm"))  # imports, actor class: not the pool's reads
+        assert (gpu_workers(8, 1.0), gpu_workers(8, 0.5), gpu_workers(1, 1.0), gpu_workers(3, 0.0)) == (2, 4, 1, 3)
+        run_pass(tasks[:1], [ScorerSpec("basic")], str(tmp_path / "warm"))  # one-time: imports, Ray's first actor
         before = read_bytes_so_far()
         (report,) = run_pass(tasks, [ScorerSpec("basic", workers=2)], str(tmp_path / "w"))
         after = read_bytes_so_far()
