@@ -172,3 +172,40 @@ def test_driver_reads_no_shard_bytes_and_actors_follow_gpus(tmp_path):
     assert len(report.scored) == len(tasks)
     read = after["rchar"] - before["rchar"]  # every read() of the driver: files, pipes, Ray's sockets
     assert read <= 0.01 * pool, f"driver read {read} bytes of a {pool}-byte pool"
+
+
+def _pairs_in_formats() -> list:
+    from PIL import Image
+
+    from curation.data.samples import PairSample
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i, fmt in enumerate(["JPEG", "JPEG", "PNG", "JPEG"]):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (60 + 7 * i, 90, 3), dtype=np.uint8)).save(buf, format=fmt)
+        out.append(PairSample("d", "s", str(i), image=buf.getvalue(), caption="a red square"))
+    out.append(PairSample("d", "s", "bad", image=b"\xff\xd8\xff" + b"not a jpeg", caption="x"))
+    return out
+
+
+def test_clip_device_decode_and_autocast_paths_run_on_the_cpu():
+    """``decode: gpu`` (batched decode_jpeg, here on the CPU; PNG and corrupt bytes go to Pillow)
+    and bf16 autocast give the CPU path's scores within their precision, under their own hash."""
+    from scorers.clip import ClipScorer
+
+    samples = _pairs_in_formats()
+    scores, hashes = {}, {}
+    for name, kw in (("cpu", {}), ("device_decode", {"decode": "gpu"}), ("bf16", {"precision": "bf16"})):
+        sc = ClipScorer("tiny-clip", **kw)
+        sc.setup()
+        cols = sc.score(samples)
+        scores[name], hashes[name] = cols["clip_score"], sc.config_hash()
+        assert cols["clip_score"][-1] is None and cols["error"][-1].startswith("clip: cannot")
+        assert all(e is None for e in cols["error"][:-1])
+    assert len(set(hashes.values())) == 3
+    assert ClipScorer("tiny-clip", precision="auto").config_hash() == hashes["cpu"]  # auto is fp32 on a CPU
+    assert np.allclose(scores["device_decode"][:-1], scores["cpu"][:-1], atol=2e-3)
+    assert np.allclose(scores["bf16"][:-1], scores["cpu"][:-1], atol=2e-2)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        ClipScorer("tiny-clip", decode="nvjpeg")
