@@ -152,14 +152,18 @@ def _big_pool(out: str, shards: int = 4, per_shard: int = 12) -> int:
     return sum(os.path.getsize(u) for u in list_shards(out))
 
 
-def test_driver_reads_no_shard_bytes(tmp_path):
+def test_driver_reads_no_shard_bytes_and_actors_follow_gpus(tmp_path):
     import ray
 
     pool = _big_pool(str(tmp_path / "pool" / "pairs"))
     tasks = [ShardTask(u, "pairs", "pair") for u in list_shards(str(tmp_path / "pool" / "pairs"))]
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    from curation.scoring.workers import gpu_workers
+
+    # two GPUs declared to Ray (none needed: no actor here asks for one): a pass sizes its actors by them
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
-        run_pass(tasks[:1], [ScorerSpec("basic")], str(tmp_path / "warm"))  # imports, actor class: not the pool's reads
+        assert (gpu_workers(8, 1.0), gpu_workers(8, 0.5), gpu_workers(1, 1.0), gpu_workers(3, 0.0)) == (2, 4, 1, 3)
+        run_pass(tasks[:1], [ScorerSpec("basic")], str(tmp_path / "warm"))  # one-time: imports, Ray's first actor
         before = read_bytes_so_far()
         (report,) = run_pass(tasks, [ScorerSpec("basic", workers=2)], str(tmp_path / "w"))
         after = read_bytes_so_far()
@@ -168,3 +172,40 @@ def test_driver_reads_no_shard_bytes(tmp_path):
     assert len(report.scored) == len(tasks)
     read = after["rchar"] - before["rchar"]  # every read() of the driver: files, pipes, Ray's sockets
     assert read <= 0.01 * pool, f"driver read {read} bytes of a {pool}-byte pool"
+
+
+def _pairs_in_formats() -> list:
+    from PIL import Image
+
+    from curation.data.samples import PairSample
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i, fmt in enumerate(["JPEG", "JPEG", "PNG", "JPEG"]):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (60 + 7 * i, 90, 3), dtype=np.uint8)).save(buf, format=fmt)
+        out.append(PairSample("d", "s", str(i), image=buf.getvalue(), caption="a red square"))
+    out.append(PairSample("d", "s", "bad", image=b"\xff\xd8\xff" + b"not a jpeg", caption="x"))
+    return out
+
+
+def test_clip_device_decode_and_autocast_paths_run_on_the_cpu():
+    """``decode: gpu`` (batched decode_jpeg, here on the CPU; PNG and corrupt bytes go to Pillow)
+    and bf16 autocast give the CPU path's scores within their precision, under their own hash."""
+    from scorers.clip import ClipScorer
+
+    samples = _pairs_in_formats()
+    scores, hashes = {}, {}
+    for name, kw in (("cpu", {}), ("device_decode", {"decode": "gpu"}), ("bf16", {"precision": "bf16"})):
+        sc = ClipScorer("tiny-clip", **kw)
+        sc.setup()
+        cols = sc.score(samples)
+        scores[name], hashes[name] = cols["clip_score"], sc.config_hash()
+        assert cols["clip_score"][-1] is None and cols["error"][-1].startswith("clip: cannot")
+        assert all(e is None for e in cols["error"][:-1])
+    assert len(set(hashes.values())) == 3
+    assert ClipScorer("tiny-clip", precision="auto").config_hash() == hashes["cpu"]  # auto is fp32 on a CPU
+    assert np.allclose(scores["device_decode"][:-1], scores["cpu"][:-1], atol=2e-3)
+    assert np.allclose(scores["bf16"][:-1], scores["cpu"][:-1], atol=2e-2)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        ClipScorer("tiny-clip", decode="nvjpeg")

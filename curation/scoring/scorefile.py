@@ -13,9 +13,8 @@ several in one read and one decode (what the workers run).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
