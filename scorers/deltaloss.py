@@ -14,7 +14,7 @@ CoLoR-Filter): the same columns with the pool model (trained on the pool being p
 something the pool did not teach the pool model (the long tail); low for what the pool repeats
 (its model already fits it) and for noise (the reference model finds it unlikely).
 
-Models: any NVILA directory (``NVILAForCausalLM.save_pretrained``; samples become the same
+Models: any NVILA directory (ours or VILA's three-folder layout; samples become the same
 conversations the trainer builds), or, for text-only scoring, any ``transformers`` causal LM
 directory (the caption / document text is scored on its own). Both models are loaded on the
 same worker and run on the same batches.
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def _is_nvila(path: str) -> bool:
+    from model.vila_layout import is_vila_dir
+
+    if is_vila_dir(path):
+        return True
     try:
         with open(os.path.join(path, "config.json")) as f:
             return json.load(f).get("model_type") == "nvila"
