@@ -59,16 +59,21 @@ def _extras(d: str) -> dict[str, bytes]:
     return out
 
 
-def _load_part(cls: Any, d: str, what: str, dtype: torch.dtype) -> Any:
-    """``cls.from_pretrained(d)`` with strict accounting: every file tensor used, none missing."""
+def _load_part(cls: Any, d: str, what: str, dtype: torch.dtype) -> tuple[Any, bool]:
+    """``cls.from_pretrained(d)`` with strict accounting: every file tensor used, none missing.
+    Also says whether the file's names carry the base-model prefix (SigLIP's ``vision_model.``,
+    as transformers 4 wrote them) where the model's do not."""
     model, info = cls.from_pretrained(d, dtype=dtype, output_loading_info=True)
-    unused = sorted(_file_keys(d) - set(model.state_dict()))
+    have, pre = set(model.state_dict()), cls.base_model_prefix + "."
+    keys = _file_keys(d)
+    prefixed = bool(keys) and all(k not in have and k.startswith(pre) for k in keys)
+    unused = sorted(k for k in keys if k not in have and not (k.startswith(pre) and k[len(pre):] in have))
     missing = sorted(set(info.get("missing_keys") or ()))
     mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or ())
     if unused or missing or mismatched:
         raise ConfigError(f"VILA checkpoint {what} ({d}) does not match its config: "
                           f"unused tensors {unused[:8]}, missing {missing[:8]}, wrong shape {mismatched[:8]}")
-    return model
+    return model, prefixed
 
 
 def _check_preprocessor(d: str, tile: int) -> None:
@@ -132,8 +137,8 @@ def load_vila(cls: Any, path: str, dtype: torch.dtype | None = None) -> Any:
         if got != want:
             raise ConfigError(f"VILA config field '{field}.model_type' = {got!r} is not supported; expected {want!r}")
     load_dtype = dtype or torch.float32
-    llm = _load_part(Qwen2ForCausalLM, ldir, "llm", load_dtype)
-    vision = _load_part(SiglipVisionModel, vdir, "vision_tower", load_dtype)
+    llm, _ = _load_part(Qwen2ForCausalLM, ldir, "llm", load_dtype)
+    vision, vision_prefixed = _load_part(SiglipVisionModel, vdir, "vision_tower", load_dtype)
     config = vila_to_config(top, ptype, vision.config.to_dict(), llm.config.to_dict())
     _check_preprocessor(vdir, config.tile_size)
     model = cls(config, vision, llm)
@@ -143,7 +148,7 @@ def load_vila(cls: Any, path: str, dtype: torch.dtype | None = None) -> Any:
     except RuntimeError as e:
         raise ConfigError(f"VILA checkpoint projector ({pdir}) does not fit {config.projector_type}: {e}") from None
     model.projector.to(load_dtype)
-    source = {"top": top, "projector": proj_raw,
+    source = {"top": top, "projector": proj_raw, "vision_prefixed": vision_prefixed,
               "llm": read_json(os.path.join(ldir, "config.json")), "vision": read_json(os.path.join(vdir, "config.json")),
               "extras": {LLM_DIR: _extras(ldir), VISION_DIR: _extras(vdir), PROJECTOR_DIR: _extras(pdir)}}
     # before the media tokens: embeddings grown for a missing <vila/sep> are a change to write
@@ -172,11 +177,13 @@ def _unique_state(module: Any, dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
-def _save_part(module: Any, d: str, dtype: torch.dtype, raw: dict | None, loaded: dict | None, extras: dict | None) -> None:
+def _save_part(module: Any, d: str, dtype: torch.dtype, raw: dict | None, loaded: dict | None, extras: dict | None,
+               prefix: str = "") -> None:
     from safetensors.torch import save_file
 
     os.makedirs(d, exist_ok=True)
-    save_file(_unique_state(module, dtype), os.path.join(d, SAFETENSORS), metadata={"format": "pt"})
+    state = {prefix + k: v for k, v in _unique_state(module, dtype).items()}
+    save_file(state, os.path.join(d, SAFETENSORS), metadata={"format": "pt"})
     if raw is None:
         module.config.save_pretrained(d)
     else:
@@ -198,7 +205,10 @@ def save_vila(model: Any, path: str, tokenizer: Any | None = None) -> str:
     extras = src.get("extras") or {}
     ldir, vdir, pdir = (os.path.join(path, d) for d in (LLM_DIR, VISION_DIR, PROJECTOR_DIR))
     _save_part(model.llm, ldir, dtype, src.get("llm"), loaded.get("llm"), extras.get(LLM_DIR))
-    _save_part(model.vision_tower.model, vdir, dtype, src.get("vision"), loaded.get("vision"), extras.get(VISION_DIR))
+    # SigLIP's names as VILA's transformers 4 wrote them (vision_model.*) unless the source had them bare
+    tower = model.vision_tower.model
+    prefix = tower.base_model_prefix + "." if src.get("vision_prefixed", top_raw is None) else ""
+    _save_part(tower, vdir, dtype, src.get("vision"), loaded.get("vision"), extras.get(VISION_DIR), prefix)
     if not extras.get(LLM_DIR) and getattr(model.llm, "generation_config", None) is not None:
         model.llm.generation_config.save_pretrained(ldir)
     if not extras.get(VISION_DIR):

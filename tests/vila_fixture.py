@@ -91,3 +91,35 @@ def make_vila_dir(root: str, tok, projector: str = "mlp_downsample_3x3_fix", asp
     }
     write_json(os.path.join(root, "config.json"), top)
     return root
+
+
+POLICY = {
+    "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 1}],
+    "stages": {"align": {"coyo_synth": 1.0}, "pretrain": {"mmc4_synth": 1.0, "coyo_synth": 1.0},
+               "image_sft": {"coyo_synth": 1.0}, "video_sft": {"video_synth": 1.0, "coyo_synth": 0.5}},
+}
+
+
+def small_manifest(root: str, pairs: int = 40, docs: int = 8, videos: int = 8):
+    """A curated manifest over a small synthetic corpus (basic scores only): (manifest, url, corpus)."""
+    from conftest import noisy_config
+    from curation.corpus.synth import synthesize
+    from curation.data.shards import dataset_of, list_shards
+    from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+    from curation.selection.curate import curate
+
+    corpus, work = os.path.join(root, "corpus"), os.path.join(root, "work")
+    synthesize(corpus, noisy_config(seed=3, pairs=pairs, docs=docs, videos=videos))
+    tasks = [ShardTask(u, dataset_of(u)) for ds in ("coyo_synth", "mmc4_synth", "video_synth")
+             for u in list_shards(f"{corpus}/{ds}")]
+    assert not score_local(tasks, ScorerSpec("basic"), work).failed
+    manifest, url = curate(work, POLICY, os.path.join(root, "curated"), use_ray=False)
+    return manifest, url, corpus
+
+
+def corpus_tokenizer(manifest):
+    """A BPE tokenizer over the manifest's texts and the trainer's prompts (stands in for Qwen2's)."""
+    from model.tokenizer import train_bpe_tokenizer
+    from training_hooks.bootstrap import PROMPTS, corpus_texts
+
+    return train_bpe_tokenizer(corpus_texts(manifest) + list(PROMPTS), vocab_size=600)
