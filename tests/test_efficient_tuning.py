@@ -115,3 +115,30 @@ def test_bad_efficient_options_are_refused(setup, tmp_path):
         _cfg(setup, tmp_path / "x", steps=1, lora={"r": 0})
     with pytest.raises(ValueError, match="not linear layers"):
         run_stage(_cfg(setup, tmp_path / "y", steps=1, lora={"r": 2, "targets": ["qkv"]}))
+
+
+def test_curate_train_and_eval_run_on_a_vila_directory(setup, tmp_path):
+    """`curate train` starts from a VILA-layout init (a LoRA + LayerNorm stage among them) and
+    `curate eval` reads a VILA-layout checkpoint."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from curation.app.cli import app
+
+    recipe = {"init": setup["init"], "output": str(tmp_path / "out"), "ray": {"enabled": False},
+              "defaults": {"batch_size": 4, "max_length": 512, "heldout_samples": 4, "save_every": 10},
+              "stages": {"align": {"steps": 2}, "image_sft": {"steps": 2, "vision_tune": "layernorm", "lora": {"r": 2}}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = CliRunner().invoke(app, ["train", "--manifest", setup["url"], "--recipe", str(tmp_path / "r.yaml")])
+    assert r.exit_code == 0, r.output
+    rep = json.load(open(tmp_path / "out" / "training_report.json"))
+    assert [s["stage"] for s in rep["stages"]] == ["align", "image_sft"]
+    assert NVILAForCausalLM.from_pretrained(rep["final_checkpoint"]).config.projector_type == "mlp_downsample_3x3"
+    corpus = setup["root"] / "corpus" / "coyo_synth"
+    r = CliRunner().invoke(app, ["eval", "--checkpoint", setup["init"], "--shards", str(corpus), "--limit", "6",
+                                 "--gallery", "2", "--out", str(tmp_path / "g"), "--json"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    assert ev["samples"] == 6 and ev["heldout_loss"]["pair"] > 0

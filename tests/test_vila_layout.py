@@ -21,6 +21,15 @@ TEXTS = ["a red circle on a blue background", "a purple star on a yellow backgro
 PROJECTORS = [("mlp_downsample", 2), ("mlp_downsample_2x2_fix", 2), ("mlp_downsample_3x3_fix", 3)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is several times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe_tokenizer(TEXTS, vocab_size=300)
@@ -49,6 +58,18 @@ def test_vila_dir_loads_strictly_and_round_trips_byte_identically(tmp_path, tok,
     assert len(before) >= 10
     assert _files(str(tmp_path / "out")) == before
     assert _files(str(tmp_path / "out_tok")) == before
+
+
+def test_transformers4_vision_names_load_and_are_written_back(tmp_path, tok):
+    """VILA's transformers 4 wrote SigLIP's tensors as vision_model.*: read them, write them back so."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_vila_dir(str(tmp_path / "src"), tok)
+    f = f"{src}/vision_tower/model.safetensors"
+    save_file({"vision_model." + k: v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    m = NVILAForCausalLM.from_pretrained(src)
+    m.save_pretrained(str(tmp_path / "out"), layout="vila")
+    assert _files(str(tmp_path / "out")) == _files(src)
 
 
 @pytest.mark.parametrize("projector,k", PROJECTORS)
@@ -163,3 +184,28 @@ def test_released_tokenizer_without_sep_gets_the_same_ids_every_load(tmp_path):
     # written in the source's model_dtype (bf16)
     assert c.llm.config.vocab_size == len(tok) + 1
     assert torch.equal(c.llm.get_input_embeddings().weight, ea.detach().to(torch.bfloat16).float())
+
+
+def test_deltaloss_scores_with_vila_directories(tmp_path, tok):
+    from curation.corpus.synth import Scene, encode_image, render_scene
+    from curation.data.samples import PairSample
+    from scorers.deltaloss import DeltaLossScorer
+
+    small = make_vila_dir(str(tmp_path / "small"), tok, projector="mlp_downsample", seed=0)
+    large = make_vila_dir(str(tmp_path / "large"), tok, projector="mlp_downsample_3x3_fix", seed=1)
+    img = encode_image(render_scene(Scene("circle", "red", "blue", "center"), 48, 48, np.random.default_rng(0)), "png")
+    samples = [PairSample(dataset="d", shard="s", key=f"k{i}", image=img, image_ext="png", caption=c, width=48, height=48)
+               for i, c in enumerate(TEXTS[:2])]
+    sc = DeltaLossScorer(small=small, large=large, max_length=512)
+    cols = sc.compute(sc.prepare(samples))
+    for i in range(2):
+        assert cols["answer_tokens"][i] > 0
+        assert cols["delta_loss"][i] == pytest.approx(cols["loss_small"][i] - cols["loss_large"][i])
+    # the losses are the models' own: the small model scored directly gives the same number
+    m = NVILAForCausalLM.from_pretrained(small)
+    from model.conversation import collate
+    from model.examples import ExampleBuilder
+
+    b = collate([ExampleBuilder(m, load_tokenizer(small), 512)(samples[0])], tok.pad_token_id)
+    with torch.no_grad():
+        assert float(m(**b).loss) == pytest.approx(cols["loss_small"][0], rel=1e-4)
