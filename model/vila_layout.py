@@ -13,6 +13,8 @@ VILA (``LlavaMetaModel.save_pretrained``) writes a model as three folders and a 
 Reading is strict: every tensor of every file is used and none is missing, and every top
 config field is either mapped onto ``NVILAConfig``, checked to hold the one value this model
 implements, or known to be training bookkeeping; anything else is a ``ConfigError`` naming it.
+VILA's media encoders end each image and each video frame with the embedding of ``"\n"``; here
+the prompt's text puts ``"\n"`` after ``<image>``, and pooled video frames end with ``<vila/sep>``.
 Writing keeps the fields read (so an unchanged model is written back byte for byte) and
 overwrites only what the model now says differently.
 """
@@ -49,7 +51,7 @@ BOOKKEEPING = {
     "drop_path_rate", "soft_ce_std", "chat_template", "time_token_format", "time_token_ids",
     "mm_use_im_patch_token", "_attn_implementation_autoset", "interpolate_mode", "torch_dtype", "dtype",
     "num_look_close", "num_token_look_close", "top_down_prompt_head_type", "look_close_mode",
-    "high_res_pos_embed", "ps3_dynamic_aspect_ratio", "mm_low_res_token_num", "mm_scale_num", "fps",
+    "high_res_pos_embed", "ps3_dynamic_aspect_ratio", "mm_low_res_token_num", "mm_scale_num",
 }
 # fields whose only value this model implements (None: absent)
 FIXED = {
@@ -57,9 +59,9 @@ FIXED = {
     "mm_vision_select_feature": ("cls_patch", None),  # SigLIP has no CLS: every token is a patch
     "s2_resize_output_to_scale_idx": (-1, None),  # the merged map takes the last scale's size
     "vision_resolution": (-1, None), "video_max_tiles": (1, None), "min_tiles": (1, None),
-    "num_time_tokens": (0, None), "image_encoder": ('{"_target_": "llava.model.encoders.BasicImageEncoder"}', None),
+    "num_time_tokens": (0, None), "fps": (0, 0.0, None),  # fps > 0: frames sampled by time, not by count
 }
-MAPPED = {"llm_cfg", "vision_tower_cfg", "mm_projector_cfg", "image_aspect_ratio", "dynamic_s2", "s2_scales",
+MAPPED = {"llm_cfg", "vision_tower_cfg", "mm_projector_cfg", "image_aspect_ratio", "dynamic_s2", "s2_scales", "image_encoder",
           "s2_max_split_size", "max_tiles", "mm_vision_select_layer", "num_video_frames", "video_encoder",
           "mm_hidden_size", "hidden_size"}
 TSP_ENCODER = "llava.model.encoders.TSPVideoEncoder"
@@ -109,8 +111,21 @@ def _video_pool(v: Any) -> int:
                       f"only (TSPVideoEncoder with pool_sizes [[n, 1, 1]]) or not at all (BasicVideoEncoder)")
 
 
+def _check_image_encoder(v: Any) -> None:
+    if v is None:
+        return
+    try:
+        enc = json.loads(v) if isinstance(v, str) else dict(v)
+    except (ValueError, TypeError):
+        enc = {}
+    if not (str(enc.get("_target_", "")).endswith("BasicImageEncoder") and set(enc) <= {"_target_", "end_tokens"}):
+        raise ConfigError(f"VILA config field 'image_encoder' = {v!r} is not supported; this model implements "
+                          f"BasicImageEncoder")
+
+
 def check_fields(top: dict[str, Any]) -> None:
     """Every top field is mapped, fixed at a value we implement, or bookkeeping."""
+    _check_image_encoder(top.get("image_encoder"))
     for k, v in top.items():
         if k in MAPPED or k in BOOKKEEPING:
             continue
