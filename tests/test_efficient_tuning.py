@@ -15,7 +15,8 @@ from tests.vila_fixture import corpus_tokenizer, make_vila_dir, small_manifest
 from training_hooks.recipe import TrainRecipeError, load_train_recipe, plan_stages
 from training_hooks.trainer import heldout_losses, run_stage
 
-LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj", "up_proj"]}
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]}  # all but down_proj
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,7 +62,7 @@ def _expected_counts(m: NVILAForCausalLM, lora: dict) -> dict[str, int]:
 
 
 def test_lora_and_layernorm_stage_learns_and_merges_into_a_plain_checkpoint(setup, tmp_path, monkeypatch):
-    cfg = _cfg(setup, tmp_path / "s", steps=12, lr=3e-3, vision_tune="layernorm", lora=LORA, save_every=6)
+    cfg = _cfg(setup, tmp_path / "s", steps=12, lr=1e-2, vision_tune="layernorm", lora=LORA, save_every=6)
     init = NVILAForCausalLM.from_pretrained(setup["init"])
     from model.nvila import load_tokenizer
     from training_hooks.recipe import StagePlan
@@ -69,7 +70,8 @@ def test_lora_and_layernorm_stage_learns_and_merges_into_a_plain_checkpoint(setu
     before = heldout_losses(init, load_tokenizer(setup["init"]), setup["manifest"], StagePlan(**cfg["plan"]), 0)
     res = run_stage(cfg)
     assert res["trainable_params"] == _expected_counts(init, LORA) and res["lora_merged"]
-    assert res["heldout_loss"]["pair"] < before["pair"] - 0.05, (before, res["heldout_loss"])
+    # seeded: 6.39 -> 6.06 when measured (a full-parameter stage: 4.90)
+    assert res["heldout_loss"]["pair"] < before["pair"] - 0.15, (before, res["heldout_loss"])
     assert res["metrics"][-1]["loss"] < res["metrics"][0]["loss"]
     # the merged checkpoint: plain names, the tower's frozen weights untouched, the LLM's adapted ones moved
     final = NVILAForCausalLM.from_pretrained(res["final"])
@@ -80,7 +82,7 @@ def test_lora_and_layernorm_stage_learns_and_merges_into_a_plain_checkpoint(setu
     assert not torch.equal(sd["vision_tower.model.encoder.layers.0.layer_norm1.weight"],
                            sd0["vision_tower.model.encoder.layers.0.layer_norm1.weight"])
     assert not torch.equal(sd["llm.model.layers.0.self_attn.q_proj.weight"], sd0["llm.model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(sd["llm.model.layers.0.self_attn.k_proj.weight"], sd0["llm.model.layers.0.self_attn.k_proj.weight"])
+    assert torch.equal(sd["llm.model.layers.0.mlp.down_proj.weight"], sd0["llm.model.layers.0.mlp.down_proj.weight"])
     # it loads where peft cannot be imported (every peft module blocked: `import peft` raises ImportError)
     for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")] + ["peft"]:
         monkeypatch.setitem(sys.modules, name, None)
