@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import NVILAForCausalLM
-from tests.vila_fixture import corpus_tokenizer, make_vila_dir, small_manifest
+from vila_fixture import corpus_tokenizer, make_vila_dir, small_manifest
 from training_hooks.recipe import TrainRecipeError, load_train_recipe, plan_stages
 from training_hooks.trainer import heldout_losses, run_stage
 

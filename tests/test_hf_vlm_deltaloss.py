@@ -11,7 +11,7 @@ import torch
 from curation.corpus.synth import synthesize
 from curation.data.shards import list_shards, read_shard
 from scorers.deltaloss import DeltaLossScorer
-from tests.hf_vlm_fixture import make_pair
+from hf_vlm_fixture import make_pair
 
 TEXTS = ["a red circle on a blue background", "a purple star on a yellow background", "Describe the image.",
          "Describe the video.", "Write the document.", "User: Assistant:", "the quick brown fox"] * 10

@@ -14,7 +14,7 @@ from model import NVILAConfig, NVILAForCausalLM
 from model.config import ConfigError
 from model.nvila import load_tokenizer
 from model.tokenizer import train_bpe_tokenizer
-from tests.vila_fixture import make_vila_dir, vila_projector_output, vila_sequential, write_json
+from vila_fixture import make_vila_dir, vila_projector_output, vila_sequential, write_json
 
 TEXTS = ["a red circle on a blue background", "a purple star on a yellow background", "Describe the image.",
          "Describe the video."] * 10
