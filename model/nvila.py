@@ -60,8 +60,15 @@ class NVILAForCausalLM(nn.Module):
         missing = [t for t in MEDIA_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": list(missing)})
-        if len(tokenizer) > self.llm.get_input_embeddings().num_embeddings:
-            self.llm.resize_token_embeddings(len(tokenizer))
+        old = self.llm.get_input_embeddings().num_embeddings
+        if len(tokenizer) > old:
+            # new rows start at the mean embedding: the same on every load (a released model
+            # without <vila/sep> gets the same separator in the trainer, eval and DeltaLoss)
+            self.llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                for emb in (self.llm.get_input_embeddings(), self.llm.get_output_embeddings()):
+                    if emb is not None and emb.weight.shape[0] == len(tokenizer):
+                        emb.weight[old:] = emb.weight[:old].mean(0)
         ids = tokenizer.convert_tokens_to_ids(list(MEDIA_TOKENS))
         self.config.image_token_id, self.config.video_token_id, self.config.sep_token_id = ids
         return tokenizer
@@ -220,9 +227,17 @@ class NVILAForCausalLM(nn.Module):
         return {"vision_tower": self.vision_tower, "projector": self.projector, "llm": self.llm}
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str, tokenizer: Any | None = None) -> str:
+    def save_pretrained(self, path: str, tokenizer: Any | None = None, layout: str = "nvila") -> str:
+        """``layout="nvila"``: one config and one weights file; ``"vila"``: VILA's three folders
+        (``model.vila_layout``), which VILA's own loader and SGLang read."""
         from safetensors.torch import save_model
 
+        if layout == "vila":
+            from model.vila_io import save_vila
+
+            return save_vila(self, path, tokenizer)
+        if layout != "nvila":
+            raise ValueError(f"unknown layout {layout!r}; expected 'nvila' or 'vila'")
         os.makedirs(path, exist_ok=True)
         cfg = self.config.to_dict()
         cfg["vision_config"] = self.vision_tower.model.config.to_dict()
@@ -237,9 +252,15 @@ class NVILAForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> "NVILAForCausalLM":
-        """Load a directory written by ``save_pretrained``."""
+        """Load a directory written by ``save_pretrained``, in our layout or VILA's."""
         from safetensors.torch import load_model
 
+        from model.vila_layout import is_vila_dir
+
+        if is_vila_dir(path):
+            from model.vila_io import load_vila
+
+            return load_vila(cls, path, dtype)
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path} is not an NVILA checkpoint (no {CONFIG_NAME})")
@@ -273,6 +294,17 @@ class NVILAForCausalLM(nn.Module):
 
 
 def load_tokenizer(path: str) -> Any:
+    """The tokenizer of an NVILA directory (VILA's layout keeps it in ``llm/``)."""
+    from model.vila_layout import is_vila_dir
+
+    if is_vila_dir(path):
+        from model.vila_io import vila_tokenizer
+
+        return vila_tokenizer(path)
+    return load_tokenizer_dir(path)
+
+
+def load_tokenizer_dir(path: str) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -14,10 +14,13 @@ CoLoR-Filter): the same columns with the pool model (trained on the pool being p
 something the pool did not teach the pool model (the long tail); low for what the pool repeats
 (its model already fits it) and for noise (the reference model finds it unlikely).
 
-Models: any NVILA directory (``NVILAForCausalLM.save_pretrained``; samples become the same
-conversations the trainer builds), or, for text-only scoring, any ``transformers`` causal LM
+Models: any NVILA directory (ours or VILA's three-folder layout; samples become the same
+conversations the trainer builds); any transformers image-text-to-text directory (Qwen2-VL,
+SmolVLM, LLaVA-OneVision, ...: ``scorers.hf_vlm``, prompts in the model's own chat template,
+batches sized by ``token_budget``); or, for text-only scoring, any ``transformers`` causal LM
 directory (the caption / document text is scored on its own). Both models are loaded on the
-same worker and run on the same batches.
+same worker and run on the same batches. Two models of different families tokenize differently:
+they need ``separate_tokenization: true``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -35,6 +39,10 @@ log = logging.getLogger(__name__)
 
 
 def _is_nvila(path: str) -> bool:
+    from model.vila_layout import is_vila_dir
+
+    if is_vila_dir(path):
+        return True
     try:
         with open(os.path.join(path, "config.json")) as f:
             return json.load(f).get("model_type") == "nvila"
@@ -45,16 +53,30 @@ def _is_nvila(path: str) -> bool:
 class _Side:
     """One model (small or large) with its tokenizer and the way samples become its inputs."""
 
-    def __init__(self, path: str, device: str, max_length: int) -> None:
+    def __init__(self, path: str, device: str, max_length: int, token_budget: int = 8192) -> None:
         self.path = path
         self.device = device
         self.max_length = max_length
         self.nvila = _is_nvila(path)
+        self.vlm: Any = None
+        if not self.nvila:
+            from scorers.hf_vlm import HFVLM, is_image_text_to_text
+
+            if is_image_text_to_text(path):
+                self.vlm = HFVLM(path, device, max_length, token_budget)
         self.model: Any = None
         self.tokenizer: Any = None
 
+    @property
+    def multimodal(self) -> bool:
+        return self.nvila or self.vlm is not None
+
     def load(self) -> None:
         # no global torch state is touched here: scoring runs under torch.inference_mode()
+        if self.vlm is not None:
+            self.vlm.load()
+            self.model, self.tokenizer = self.vlm.model, self.vlm.tokenizer
+            return
         if self.nvila:
             from model import NVILAForCausalLM
             from model.nvila import load_tokenizer
@@ -97,7 +119,7 @@ class DeltaLossScorer(Scorer):
     def __init__(self, small: str | None = None, large: str | None = None, *, pool: str | None = None,
                  reference: str | None = None, device: str = "cpu", batch_size: int = 16, max_length: int = 1024,
                  separate_tokenization: bool = False, prompts: Sequence[str] = ("Describe the image.",),
-                 video_prompts: Sequence[str] = ("Describe the video.",)) -> None:
+                 video_prompts: Sequence[str] = ("Describe the video.",), token_budget: int = 8192) -> None:
         self.mode = _mode(small, large, pool, reference)
         if self.mode == "reference":
             small, large = pool, reference
@@ -112,10 +134,17 @@ class DeltaLossScorer(Scorer):
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.separate_tokenization = separate_tokenization
         self.prompts, self.video_prompts = list(prompts), list(video_prompts)
-        self.small = _Side(self.small_path, device, max_length)
-        self.large = _Side(self.large_path, device, max_length)
-        if self.small.nvila != self.large.nvila:
-            raise ValueError("DeltaLoss needs two NVILA directories or two text-only causal LMs, not one of each")
+        if token_budget < max_length:
+            raise ValueError(f"token_budget {token_budget} must hold at least one sample of max_length {max_length}")
+        self.token_budget = token_budget
+        self.small = _Side(self.small_path, device, max_length, token_budget)
+        self.large = _Side(self.large_path, device, max_length, token_budget)
+        if self.small.multimodal != self.large.multimodal:
+            raise ValueError("DeltaLoss needs two multimodal models (NVILA or image-text-to-text) or two text-only "
+                             "causal LMs, not one of each")
+        if self.small.nvila != self.large.nvila and not separate_tokenization:
+            raise ValueError("an NVILA model and an image-text-to-text model build different conversations; set "
+                             "separate_tokenization: true")
         self._ready = False
 
     # ---- identity
@@ -124,6 +153,8 @@ class DeltaLossScorer(Scorer):
                "prompts": self.prompts, "video_prompts": self.video_prompts}
         if self.mode == "reference":  # only then, so capability-mode score files keep their hash
             cfg["mode"] = "reference"
+        if self.small.vlm is not None or self.large.vlm is not None:  # likewise
+            cfg["token_budget"] = self.token_budget
         return cfg
 
     def model_id(self) -> str:
@@ -162,6 +193,18 @@ class DeltaLossScorer(Scorer):
     def _build(self, side: _Side, samples: Sequence[Any], errors: list[str | None]) -> list[Any]:
         """One example per sample (None where it cannot be built; the reason goes to errors)."""
         out: list[Any] = []
+        if side.vlm is not None:
+            for i, s in enumerate(samples):
+                item = None
+                if errors[i] is None:
+                    try:
+                        pick = zlib.crc32(s.key.encode())
+                        item = side.vlm.build(s, self.prompts[pick % len(self.prompts)],
+                                              self.video_prompts[pick % len(self.video_prompts)])
+                    except ValueError as e:
+                        errors[i] = f"deltaloss: {str(e)[:80]}"
+                out.append(item)
+            return out
         if side.nvila:
             from collections import Counter
 
@@ -196,7 +239,7 @@ class DeltaLossScorer(Scorer):
         small = self._build(self.small, samples, errors)
         # NVILA media are preprocessed for each model's own vision config (tile size, image mode);
         # text-only items are raw text that each model's tokenizer encodes in _losses
-        large = self._build(self.large, samples, errors) if self.small.nvila else small
+        large = self._build(self.large, samples, errors) if self.small.multimodal else small
         for i in range(len(samples)):
             if errors[i] is not None:
                 small[i] = large[i] = None
@@ -208,6 +251,8 @@ class DeltaLossScorer(Scorer):
 
         from model.conversation import collate
 
+        if side.vlm is not None:
+            return side.vlm.losses(items)
         idx = [i for i, x in enumerate(items) if x is not None]
         res: list[tuple[float, int] | None] = [None] * len(items)
         for j in range(0, len(idx), self.batch_size):

@@ -33,6 +33,44 @@ SMALL = {
                 num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True),
 }
 
+# Shaped like the released NVILA models, for GPU runs (built untrained; real weights come from a
+# released checkpoint, see NVILAForCausalLM.from_pretrained). The tower is SigLIP so400m at 448 px
+# without its pooling head (NVILA-8B's vision_tower_cfg: vision_use_head false).
+SO400M_448 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                  image_size=448, patch_size=14, vision_use_head=False)
+NVILA_LITE_2B = {  # NVILA-Lite: Qwen2-1.5B, 3x3 projector, dynamic tiling without S2
+    "vision": SO400M_448,
+    "llm": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "nvila": dict(projector_type="mlp_downsample_3x3", image_mode="dynamic", s2_scales=[448], max_tiles=12,
+                  video_num_frames=32, video_pool_size=8),
+}
+NVILA_8B = {  # NVILA-8B: Qwen2.5-7B with NVILA's vocabulary, 2x2 projector over three S2 scales
+    "vision": SO400M_448,
+    "llm": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=151648, max_position_embeddings=32768, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "nvila": dict(projector_type="mlp_downsample_2x2", image_mode="dynamic_s2", s2_scales=[448, 896, 1344],
+                  max_tiles=12, video_num_frames=32, video_pool_size=8),
+}
+SIZES: dict[str, dict[str, Any]] = {"tiny": TINY, "demo": DEMO, "small": SMALL, "nvila-lite-2b": NVILA_LITE_2B,
+                                    "nvila-8b": NVILA_8B}
+
+
+def preset_config(spec: dict[str, Any], vocab_size: int) -> Any:
+    """The NVILAConfig of a size spec: small sizes take the tokenizer's vocabulary and tiny S2
+    tiling; presets keep their own (grown if the tokenizer needs more)."""
+    from model import NVILAConfig
+
+    if "nvila" in spec:
+        llm = dict(spec["llm"], vocab_size=max(vocab_size, spec["llm"].get("vocab_size", 0)))
+        return NVILAConfig(vision_config=dict(spec["vision"]), llm_config=llm, **spec["nvila"])
+    tile = spec["vision"]["image_size"]
+    return NVILAConfig(vision_config=dict(spec["vision"]), llm_config=dict(spec["llm"], vocab_size=vocab_size),
+                       image_mode=spec.get("image_mode", "dynamic_s2"), s2_scales=[tile, 2 * tile], max_tiles=4,
+                       video_num_frames=4, video_pool_size=2)
+
 
 def corpus_texts(manifest: Any, limit: int = 2000) -> list[str]:
     from curation.data.shards import read_shard
@@ -66,16 +104,15 @@ def init_tiny_model(manifest: Any, out_dir: str, size: str | dict[str, Any] = "t
     tokenizer trained on the manifest's captions plus ``prompts``; save both to ``out_dir``."""
     import torch
 
-    from model import NVILAConfig, NVILAForCausalLM
+    from model import NVILAForCausalLM
     from model.tokenizer import train_bpe_tokenizer
 
-    spec = size if isinstance(size, dict) else {"tiny": TINY, "demo": DEMO, "small": SMALL}[size]
+    if not isinstance(size, dict) and size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
+    spec = size if isinstance(size, dict) else SIZES[size]
     texts = corpus_texts(manifest) + list(prompts)
     tok = train_bpe_tokenizer(texts, vocab_size=vocab_size)
-    tile = spec["vision"]["image_size"]
-    cfg = NVILAConfig(vision_config=dict(spec["vision"]), llm_config=dict(spec["llm"], vocab_size=len(tok)),
-                      image_mode=image_mode, s2_scales=[tile, 2 * tile], max_tiles=4,
-                      video_num_frames=4, video_pool_size=2)
+    cfg = preset_config(dict(spec, image_mode=image_mode) if "nvila" not in spec else spec, len(tok))
     torch.manual_seed(seed)
     model = NVILAForCausalLM(cfg)
     model.attach_tokenizer(tok)

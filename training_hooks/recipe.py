@@ -13,6 +13,8 @@ stages:                            # run in NVILA's order; omitted stages are no
   pretrain: {epochs: 2, lr: 5.0e-5}
   image_sft: {epochs: 3, train: [projector, llm]}
   video_sft: {steps: 40}           # a fixed number of steps instead
+  # efficient fine-tuning (NVILA): LayerNorm-only tower, LoRA on the LLM (merged into final/)
+  # image_sft: {vision_tune: layernorm, lora: {r: 16, alpha: 32, dropout: 0.05}}
 ```
 
 A stage's budget is ``epochs`` over its curated mixture (the trainer turns it into steps from
@@ -47,6 +49,17 @@ class TrainRecipeError(ValueError):
     pass
 
 
+class LoraOptions(BaseModel):
+    """LoRA on the LLM (``peft``): rank, scale (alpha / r), dropout, the linear layers it adapts."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"], min_length=1)
+
+
 class StageOverrides(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +76,8 @@ class StageOverrides(BaseModel):
     save_every: Optional[int] = Field(None, ge=1)
     heldout_every: Optional[int] = Field(None, ge=2)  # every n-th sample (by key hash) is held out
     heldout_samples: Optional[int] = Field(None, ge=1)
+    vision_tune: Optional[Literal["full", "layernorm"]] = None  # layernorm: only the tower's LayerNorms train
+    lora: Optional[LoraOptions] = None  # LoRA on the LLM, merged into final/
 
     @field_validator("train")
     @classmethod
@@ -138,6 +153,8 @@ class StagePlan(BaseModel):
     save_every: int = 20
     heldout_every: int = 20  # at most; small datasets hold out a larger share (see data.stage_sources)
     heldout_samples: int = 32
+    vision_tune: str = "full"
+    lora: Optional[dict[str, Any]] = None
     datasets: dict[str, float] = Field(default_factory=dict)  # from the manifest
 
     def vision_lr(self) -> float:
@@ -178,6 +195,12 @@ def plan_stages(recipe: TrainRecipe, manifest: Any) -> tuple[list[StagePlan], li
         if not mix:
             skipped.append(f"stage {name}: the manifest has no curated data for it; skipped")
             continue
+        if values.get("lora") and "llm" not in values["train"]:
+            raise TrainRecipeError(f"stage {name}: lora adapts the LLM, but the stage trains {values['train']} "
+                                   "(add llm to train:)")
+        if values.get("vision_tune") == "layernorm" and "vision_tower" not in values["train"]:
+            raise TrainRecipeError(f"stage {name}: vision_tune: layernorm tunes the vision tower, but the stage trains "
+                                   f"{values['train']} (add vision_tower to train:)")
         if values.get("steps") is None and values.get("epochs") is None:
             values["epochs"] = 1.0  # no budget given: one pass over the stage's curated mixture
         plans.append(StagePlan(name=name, datasets=mix, **values))

@@ -85,6 +85,10 @@ def _build(config: dict[str, Any], plan: StagePlan, device: torch.device) -> tup
     model = NVILAForCausalLM.from_pretrained(config["init_dir"])
     tok = load_tokenizer(config["init_dir"])
     trainable = freeze_for(model, plan.train)
+    if plan.vision_tune != "full" or plan.lora:
+        from training_hooks.efficient import apply_efficient
+
+        trainable = apply_efficient(model, plan.vision_tune, plan.lora)
     fp8 = config.get("fp8") or {}
     fp8_summary = None
     if fp8.get("enabled"):
@@ -218,6 +222,9 @@ def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dic
 def _finish(core: Any, tok: Any, manifest: Any, plan: StagePlan, seed: int, stage_dir: str, metrics: list,
             result: dict[str, Any], ctx: dict[str, Any]) -> None:
     """Rank 0: held-out loss, ``final/``, ``metrics.json`` and ``loss.png``."""
+    from training_hooks.efficient import merge_lora
+
+    result["lora_merged"] = merge_lora(core)  # final/ is a plain NVILA directory
     core.eval()
     with torch.autocast(ctx["device"].type, dtype=torch.bfloat16, enabled=ctx["bf16"]):
         result["heldout_loss"] = heldout_losses(core, tok, manifest, plan, seed)

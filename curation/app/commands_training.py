@@ -70,7 +70,8 @@ def eval_cmd(
 def init_model(
     manifest: str = typer.Option(..., "--manifest", "-m", help="Manifest whose curated text trains the tokenizer"),
     out: str = typer.Option(..., "--out", "-o", help="Where to save the NVILA directory"),
-    size: str = typer.Option("tiny", help="tiny | demo (the demo's: a third vision layer) | small"),
+    size: str = typer.Option("tiny", help="tiny | demo (the demo's: a third vision layer) | small | nvila-lite-2b | "
+                                          "nvila-8b (shaped like the released models, for GPU runs)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build a small NVILA (and a BPE tokenizer from the curated captions) to train from when
@@ -78,8 +79,10 @@ def init_model(
     from curation.selection.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
-    if size not in ("tiny", "demo", "small"):
-        fail(f"unknown size {size!r}: use tiny, demo or small")
+    from training_hooks.bootstrap import SIZES
+
+    if size not in SIZES:
+        fail(f"unknown size {size!r}: use {', '.join(SIZES)}")
     try:
         m = load_manifest(manifest)
     except (FileNotFoundError, ValueError) as e:
