@@ -1,0 +1,175 @@
+"""`curate explore`: sample offsets recorded by scoring, ranged reads, and the web app in a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import noisy_config
+from curation.app.explore.data import Explorer
+from curation.app.explore.fetch import read_sample
+from curation.corpus.synth import synthesize
+from curation.data import storage
+from curation.data.shards import dataset_of, list_shards, read_shard
+from curation.scoring.engine import ScorerSpec, ShardTask, score_local
+
+POLICY = {
+    "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 1}],
+    "datasets": {"coyo_synth": [{"rule": "dedup", "column": "sha256"},
+                                {"rule": "threshold", "column": "caption_words", "min": 8}],
+                 "mmc4_synth": [{"rule": "dedup"}]},
+    "stages": {"align": {"coyo_synth": 1.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def explored(tmp_path_factory):
+    """A small noisy corpus scored by `basic`, and an explorer over it with a policy."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("explore")
+    corpus, work = str(root / "corpus"), str(root / "work")
+    synthesize(corpus, noisy_config(seed=11, pairs=40, docs=8, videos=6))
+    tasks = [ShardTask(u, dataset_of(u)) for ds in ("coyo_synth", "mmc4_synth", "video_synth")
+             for u in list_shards(f"{corpus}/{ds}")]
+    assert not score_local(tasks, ScorerSpec("basic"), work).failed
+    (root / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    before = sorted(storage.list_files(os.path.join(work, "scores", "basic", "dataset=coyo_synth"), ".parquet"))
+    ex = Explorer(work, policy=str(root / "policy.yaml"), cache=str(root / "cache"))
+    return {"root": root, "corpus": corpus, "work": work, "ex": ex, "before": before}
+
+
+def test_scoring_records_offsets_and_one_ranged_read_fetches_a_sample(explored, monkeypatch):
+    ex = explored["ex"]
+    rows = ex.con.execute("SELECT dataset, shard, key, tar_offset, tar_size FROM basic ORDER BY 1, 2, 3").fetchall()
+    assert rows and all(off is not None and size > 0 for _, _, _, off, size in rows)
+    import fsspec.implementations.local as local
+
+    import curation.app.explore.fetch as fetch
+
+    # every read of shard bytes goes through fsspec's cat_file with a byte range (one GET with a
+    # Range header on S3); the whole-shard scan (open_shard) must not run
+    calls: list[tuple] = []
+    real_cat = local.LocalFileSystem.cat_file
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        calls.append((path, start, end))
+        return real_cat(self, path, start=start, end=end, **kw)
+
+    def no_scan(url, *a, **kw):
+        raise AssertionError(f"shard scanned from the start: {url}")
+
+    monkeypatch.setattr(local.LocalFileSystem, "cat_file", cat_file)
+    monkeypatch.setattr(fetch, "open_shard", no_scan)
+    for ds in ("coyo_synth", "mmc4_synth", "video_synth"):
+        ds_rows = [r for r in rows if r[0] == ds]
+        for _, shard, key, off, size in (ds_rows[0], ds_rows[len(ds_rows) // 2], ds_rows[-1]):
+            calls.clear()
+            s = read_sample(ex.locate(ds, shard, key))
+            assert s.key == key and len(calls) <= 2 and calls[0][1:] == (off, off + size)
+            whole = next(x for x in read_shard(ex.shard_url(ds, shard)) if x.key == key)
+            assert s.members == whole.members and s.error == whole.error  # the same sample as a full scan reads
+
+
+def test_gzipped_shard_has_no_offsets_and_is_scanned(tmp_path):
+    import gzip
+
+    synthesize(str(tmp_path / "c"), noisy_config(seed=3, pairs=8, docs=0, videos=0))
+    src = list_shards(str(tmp_path / "c" / "coyo_synth"))[0]
+    gz = str(tmp_path / "g" / "coyo_synth" / "00000.tar.gz")
+    os.makedirs(os.path.dirname(gz))
+    with open(src, "rb") as f, gzip.open(gz, "wb") as g:
+        g.write(f.read())
+    samples = list(read_shard(gz))
+    assert samples and all(s.tar_offset is None and s.tar_size is None for s in samples)
+    plain = list(read_shard(src))
+    assert all(p.tar_offset is not None for p in plain)
+
+
+def test_query_is_checked_and_sandboxed_and_pages_are_bounded(explored):
+    from curation.app.explore.data import PAGE, QueryError
+
+    ex = explored["ex"]
+    cards, total = ex.query("caption_words < 4 AND dataset = 'coyo_synth'", 0, "caption_words")
+    n = ex.con.cursor().execute("SELECT count(*) FROM scores WHERE caption_words < 4 AND dataset = 'coyo_synth'").fetchone()[0]
+    assert total == n > 0 and len(cards) == min(PAGE, n) and all(c["value"] < 4 for c in cards)
+    for bad in ("1; DROP TABLE scores", "key IN (SELECT key FROM basic)", "read_text('/etc/passwd') IS NOT NULL"):
+        with pytest.raises(QueryError):
+            ex.query(bad, 0)
+    # the store is unchanged: the explorer wrote its decisions to its cache, not under the work folder
+    assert not os.path.exists(os.path.join(explored["work"], "selection"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(explored):
+    import uvicorn
+
+    from curation.app.explore.web import create_app
+
+    port = _port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(explored["ex"]), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join(10)
+
+
+def test_browser_overview_rule_sample_query_and_404(explored, server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium on PATH (CI installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    shots = os.environ.get("EXPLORE_SCREENSHOTS") or str(tmp_path / "screens")
+    os.makedirs(shots, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            pg = browser.new_page(viewport={"width": 1200, "height": 900})
+            pg.goto(server + "/")
+            assert "coyo_synth" in pg.content() and pg.locator("svg.hist line").count() >= 1  # threshold drawn
+            pg.screenshot(path=f"{shots}/overview.png", full_page=True)
+            pg.locator("a.rule", has_text="threshold").first.click()
+            pg.wait_for_load_state("networkidle")
+            assert "dropped by threshold" in pg.inner_text("h2")
+            imgs = pg.locator("img.thumb")
+            assert imgs.count() > 0
+            pg.wait_for_function("Array.from(document.images).every(i => i.complete)")
+            widths = pg.eval_on_selector_all("img.thumb", "els => els.map(e => e.naturalWidth)")
+            assert widths and all(w > 0 for w in widths)
+            pg.screenshot(path=f"{shots}/rule.png", full_page=True)
+            pg.locator(".card a").first.click()
+            pg.wait_for_load_state("networkidle")
+            assert "dropped by threshold" in pg.inner_text("#decision")
+            assert "\ncaption_words\t" in pg.locator("#scores").inner_text() and pg.inner_text(".caption").strip()
+            assert pg.eval_on_selector("#image", "e => e.naturalWidth") > 0
+            pg.screenshot(path=f"{shots}/sample.png", full_page=True)
+            pg.fill("input[name=where]", "caption_words < 2")
+            pg.click("header button")
+            pg.wait_for_load_state("networkidle")
+            assert "query" in pg.inner_text("h2") and pg.locator(".card").count() > 0
+            pg.screenshot(path=f"{shots}/query.png", full_page=True)
+            resp = pg.goto(server + "/sample?dataset=coyo_synth&shard=00000&key=%3Cscript%3Enope")
+            assert resp.status == 404 and "<script>nope" in pg.inner_text("#message")
+            assert "Traceback" not in pg.content()
+            pg.screenshot(path=f"{shots}/404.png", full_page=True)
+        finally:
+            browser.close()
