@@ -14,7 +14,6 @@ from conftest import noisy_config
 from curation.app.explore.data import Explorer
 from curation.app.explore.fetch import read_sample
 from curation.corpus.synth import synthesize
-from curation.data import storage
 from curation.data.shards import dataset_of, list_shards, read_shard
 from curation.scoring.engine import ScorerSpec, ShardTask, score_local
 
@@ -39,7 +38,7 @@ def explored(tmp_path_factory):
              for u in list_shards(f"{corpus}/{ds}")]
     assert not score_local(tasks, ScorerSpec("basic"), work).failed
     (root / "policy.yaml").write_text(yaml.safe_dump(POLICY))
-    before = sorted(storage.list_files(os.path.join(work, "scores", "basic", "dataset=coyo_synth"), ".parquet"))
+    before = _tree(work)
     ex = Explorer(work, policy=str(root / "policy.yaml"), cache=str(root / "cache"))
     return {"root": root, "corpus": corpus, "work": work, "ex": ex, "before": before}
 
@@ -103,6 +102,11 @@ def test_query_is_checked_and_sandboxed_and_pages_are_bounded(explored):
             ex.query(bad, 0)
     # the store is unchanged: the explorer wrote its decisions to its cache, not under the work folder
     assert not os.path.exists(os.path.join(explored["work"], "selection"))
+
+
+def _tree(folder: str) -> dict[str, tuple[int, int]]:
+    return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(folder) for f in files}
 
 
 def _port() -> int:
@@ -171,5 +175,37 @@ def test_browser_overview_rule_sample_query_and_404(explored, server, tmp_path):
             assert resp.status == 404 and "<script>nope" in pg.inner_text("#message")
             assert "Traceback" not in pg.content()
             pg.screenshot(path=f"{shots}/404.png", full_page=True)
+            assert pg.request.get(server + "/thumb?dataset=coyo_synth&shard=nope&key=1").status == 404
+            _documents_videos_deciles(pg, server, explored["ex"], shots)
         finally:
             browser.close()
+
+
+def _documents_videos_deciles(pg, server: str, ex: Explorer, shots: str) -> None:
+    """A document shows its images next to its sentences; a clip shows frames; a score shows deciles."""
+    cur = ex.con.cursor()
+    doc = cur.execute("SELECT shard, key FROM explore WHERE dataset = 'mmc4_synth' AND basic_error IS NULL "
+                      "AND num_images > 0 LIMIT 1").fetchone()
+    pg.goto(f"{server}/sample?dataset=mmc4_synth&shard={doc[0]}&key={doc[1]}")
+    pg.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    widths = pg.eval_on_selector_all("#doc img", "els => els.map(e => e.naturalWidth)")
+    assert widths and all(w > 0 for w in widths)
+    pg.screenshot(path=f"{shots}/document.png", full_page=True)
+    clip = cur.execute("SELECT shard, key FROM explore WHERE dataset = 'video_synth' AND basic_error IS NULL "
+                       "LIMIT 1").fetchone()
+    pg.goto(f"{server}/sample?dataset=video_synth&shard={clip[0]}&key={clip[1]}")
+    pg.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    widths = pg.eval_on_selector_all("img.frame", "els => els.map(e => e.naturalWidth)")
+    assert len(widths) >= 2 and all(w > 0 for w in widths)
+    pg.screenshot(path=f"{shots}/video.png", full_page=True)
+    pg.goto(f"{server}/score?dataset=coyo_synth&col=caption_words")
+    assert pg.locator("h3").count() == 10 and pg.locator(".card").count() >= 10
+    pg.screenshot(path=f"{shots}/score.png", full_page=True)
+
+
+def test_explorer_writes_nothing_to_the_store(explored, server):
+    import urllib.request
+
+    with urllib.request.urlopen(server + "/") as r:
+        assert r.status == 200
+    assert _tree(explored["work"]) == explored["before"]
