@@ -209,3 +209,30 @@ def test_explorer_writes_nothing_to_the_store(explored, server):
     with urllib.request.urlopen(server + "/") as r:
         assert r.status == 200
     assert _tree(explored["work"]) == explored["before"]
+
+
+def test_curate_explore_command_serves_on_loopback(explored, tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _port()
+    cmd = [sys.executable, "-m", "curation.app.cli", "explore", "--work", explored["work"], "--port", str(port),
+           "--cache", str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.time() + 60, ""
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert "coyo_synth" in body and "nothing is dropped" in body  # no policy: every sample kept
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert "http://127.0.0.1:" in out
+    bad = subprocess.run(cmd[:5] + [str(tmp_path / "empty")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no score files" in bad.stderr and "Traceback" not in bad.stderr
