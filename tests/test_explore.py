@@ -236,3 +236,17 @@ def test_curate_explore_command_serves_on_loopback(explored, tmp_path):
     assert "http://127.0.0.1:" in out
     bad = subprocess.run(cmd[:5] + [str(tmp_path / "empty")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no score files" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compare_two_policies_shows_what_the_second_keeps_that_the_first_drops(explored, tmp_path):
+    import yaml
+
+    b = {k: v for k, v in POLICY.items()}
+    b["datasets"] = {**POLICY["datasets"], "coyo_synth": POLICY["datasets"]["coyo_synth"][:1]}  # no threshold rule
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(b))
+    ex = Explorer(explored["work"], policy=str(explored["root"] / "policy.yaml"), cache=str(tmp_path / "c"),
+                  compare=str(tmp_path / "b.yaml"))
+    threshold = dict(next(r for r in ex.overview() if r["dataset"] == "coyo_synth")["dropped"])["threshold:caption_words>=8"]
+    assert ex.compare_counts()["coyo_synth"] == (threshold, 0)
+    cards, total = ex.compare_page("coyo_synth", 0)
+    assert total == threshold and {c["dropped_by"] for c in cards} == {"threshold:caption_words>=8"}

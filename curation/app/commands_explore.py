@@ -22,6 +22,7 @@ def explore(
     work: str = typer.Option(..., "--work", help="Score store root (local folder or s3://)"),
     policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Selection policy (YAML): decisions computed into the cache"),
     decisions: Optional[str] = typer.Option(None, "--decisions", help="A decisions.parquet written by `curate select`"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="A second policy (YAML) or decisions file: what it keeps that the first drops"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="A curated manifest.json: its stage mixture is shown"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)"),
     port: int = typer.Option(8765, "--port"),
@@ -39,7 +40,7 @@ def explore(
     cache = cache or default_cache(work)
     os.makedirs(cache, exist_ok=True)
     try:
-        ex = Explorer(work, policy, decisions, manifest, cache)
+        ex = Explorer(work, policy, decisions, manifest, cache, compare=compare)
     except (PolicyError, OSError, ValueError) as e:
         fail(str(e))
     if not ex.store.views:

@@ -28,29 +28,57 @@ class QueryError(ValueError):
 
 class Explorer:
     def __init__(self, work: str, policy: str | None = None, decisions: str | None = None,
-                 manifest: str | None = None, cache: str = ".", storage_options: dict[str, Any] | None = None) -> None:
-        from curation.selection.policy import load_policy, run_selection
+                 manifest: str | None = None, cache: str = ".", storage_options: dict[str, Any] | None = None,
+                 compare: str | None = None) -> None:
+        """``compare``: a second policy (YAML) or decisions file: what it keeps that the first drops."""
+        from curation.selection.policy import load_policy
 
         self.work, self.cache, self.so = work, cache, storage_options
         self.store = ScoreStore(work, storage_options)
         self.con = self.store.con
         self.policy = load_policy(policy) if policy else None
-        if self.policy is not None and decisions is None:
-            out = os.path.join(cache, f"decisions-{self.policy.fingerprint()}.parquet")
-            decisions = run_selection(self.store, self.policy, out=out).decisions_url
-        self.has_decisions = decisions is not None
-        if decisions:
-            self.con.execute(f"CREATE OR REPLACE VIEW decisions AS SELECT dataset, shard, key, dropped_by "
-                             f"FROM read_parquet({literal(decisions)})").fetchall()
-        else:
-            self.con.execute("CREATE OR REPLACE VIEW decisions AS SELECT dataset, shard, key, "
-                             "CAST(NULL AS VARCHAR) AS dropped_by FROM scores").fetchall()
-        self.con.execute("CREATE OR REPLACE VIEW explore AS SELECT s.*, d.dropped_by FROM scores s "
-                         "LEFT JOIN decisions d USING (dataset, shard, key)").fetchall()
+        self.has_decisions = bool(policy or decisions)
+        self._decisions_view("decisions", self.policy, decisions)
+        self.has_compare = compare is not None
+        if compare is not None:
+            is_policy = compare.endswith((".yaml", ".yml"))
+            self._decisions_view("decisions_b", load_policy(compare) if is_policy else None,
+                                 None if is_policy else compare)
+        b = "LEFT JOIN decisions_b b USING (dataset, shard, key)" if compare is not None else ""
+        self.con.execute("CREATE OR REPLACE VIEW explore AS SELECT s.*, d.dropped_by"
+                         + (", b.dropped_by AS compare_dropped_by" if b else "")
+                         + f" FROM scores s LEFT JOIN decisions d USING (dataset, shard, key) {b}").fetchall()
         self.columns = self.store.columns("explore")
         self.manifest = json.loads(storage.read_bytes(manifest, storage_options)) if manifest else None
         shards, _ = self.store.inputs()  # where each scored shard is, from the score files' footers
         self._urls = {k: v["url"] for k, v in shards.items()}
+
+    def _decisions_view(self, name: str, policy: Any, decisions: str | None) -> None:
+        """A view of (dataset, shard, key, dropped_by): from a decisions file, or from a policy run
+        now with its decisions written to the cache (never to the store), or all kept."""
+        from curation.selection.policy import run_selection
+
+        if policy is not None and decisions is None:
+            out = os.path.join(self.cache, f"decisions-{policy.fingerprint()}.parquet")
+            decisions = run_selection(self.store, policy, out=out).decisions_url
+        src = (f"SELECT dataset, shard, key, dropped_by FROM read_parquet({literal(decisions)})" if decisions else
+               "SELECT dataset, shard, key, CAST(NULL AS VARCHAR) AS dropped_by FROM scores")
+        self.con.execute(f"CREATE OR REPLACE VIEW {ident(name)} AS {src}").fetchall()
+
+    def compare_counts(self) -> dict[str, tuple[int, int]]:
+        """Per dataset: (kept by the second policy and dropped by the first, the other way round)."""
+        if not self.has_compare:
+            return {}
+        rows = self._run("SELECT dataset, count(*) FILTER (WHERE dropped_by IS NOT NULL AND compare_dropped_by IS NULL), "
+                         "count(*) FILTER (WHERE dropped_by IS NULL AND compare_dropped_by IS NOT NULL) "
+                         "FROM explore GROUP BY 1").fetchall()
+        return {ds: (a, b) for ds, a, b in rows}
+
+    def compare_page(self, dataset: str, page: int) -> tuple[list[dict], int]:
+        if not self.has_compare:
+            raise QueryError("no second policy: start with --compare")
+        return self._page(self.con.cursor(), "dataset = ? AND dropped_by IS NOT NULL AND compare_dropped_by IS NULL",
+                          [dataset], None, page, False)
 
     def _run(self, sql: str, params: list | None = None) -> Any:
         """A fresh cursor per query: the web server's threads never share one result set."""
