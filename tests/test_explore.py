@@ -12,8 +12,9 @@ import pytest
 
 from conftest import noisy_config
 from curation.app.explore.data import Explorer
-from curation.app.explore.fetch import read_sample
+from curation.app.explore.fetch import Location, read_sample
 from curation.corpus.synth import synthesize
+from curation.data import storage
 from curation.data.shards import dataset_of, list_shards, read_shard
 from curation.scoring.engine import ScorerSpec, ShardTask, score_local
 
@@ -250,3 +251,26 @@ def test_compare_two_policies_shows_what_the_second_keeps_that_the_first_drops(e
     assert ex.compare_counts()["coyo_synth"] == (threshold, 0)
     cards, total = ex.compare_page("coyo_synth", 0)
     assert total == threshold and {c["dropped_by"] for c in cards} == {"threshold:caption_words>=8"}
+
+
+def test_a_sample_on_s3_is_one_ranged_get(explored, s3_bucket, monkeypatch):
+    """Against a real S3 endpoint (moto's server on loopback): every S3 call is counted."""
+    import s3fs
+
+    ex = explored["ex"]
+    shard, key, off, size = ex.con.cursor().execute(
+        "SELECT shard, key, tar_offset, tar_size FROM basic WHERE dataset = 'coyo_synth' ORDER BY key DESC LIMIT 1").fetchone()
+    url = f"{s3_bucket}/coyo_synth/{shard}.tar"
+    fs, path = storage.get_fs(url)
+    fs.put_file(ex.shard_url("coyo_synth", shard), path)
+    calls: list[tuple[str, dict]] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *a, **kw):
+        calls.append((getattr(method, "__name__", method), kw))
+        return await real(self, method, *a, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    s = read_sample(Location("coyo_synth", shard, key, url, off, size))
+    assert s.key == key and s.error is None and s.image
+    assert len(calls) <= 2 and [kw.get("Range") for m, kw in calls if m == "get_object"] == [f"bytes={off}-{off + size - 1}"]
