@@ -274,3 +274,19 @@ def test_a_sample_on_s3_is_one_ranged_get(explored, s3_bucket, monkeypatch):
     s = read_sample(Location("coyo_synth", shard, key, url, off, size))
     assert s.key == key and s.error is None and s.image
     assert len(calls) <= 2 and [kw.get("Range") for m, kw in calls if m == "get_object"] == [f"bytes={off}-{off + size - 1}"]
+
+
+def test_a_manifest_gives_its_policy_decisions_and_stage_mixture(explored, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from curation.app.explore.web import create_app
+    from curation.selection.curate import curate
+
+    work = str(tmp_path / "work")
+    shutil.copytree(explored["work"], work)  # curate writes its decisions under the work folder
+    _, url = curate(work, str(explored["root"] / "policy.yaml"), str(tmp_path / "out"), use_ray=False)
+    ex = Explorer(work, manifest=url, cache=str(tmp_path / "c"))
+    assert ex.has_decisions and ex.overview() == explored["ex"].overview()
+    assert ex.thresholds("coyo_synth", "caption_words") == explored["ex"].thresholds("coyo_synth", "caption_words") != []
+    page = TestClient(create_app(ex)).get("/").text
+    assert "Stage mixture" in page and "align" in page

@@ -23,7 +23,7 @@ def explore(
     policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Selection policy (YAML): decisions computed into the cache"),
     decisions: Optional[str] = typer.Option(None, "--decisions", help="A decisions.parquet written by `curate select`"),
     compare: Optional[str] = typer.Option(None, "--compare", help="A second policy (YAML) or decisions file: what it keeps that the first drops"),
-    manifest: Optional[str] = typer.Option(None, "--manifest", help="A curated manifest.json: its stage mixture is shown"),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="A curated manifest.json: its stage mixture; its policy and decisions unless --policy/--decisions"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)"),
     port: int = typer.Option(8765, "--port"),
     cache: Optional[str] = typer.Option(None, "--cache", help="Cache folder for thumbnails (default: under ~/.cache)"),

@@ -36,8 +36,13 @@ class Explorer:
         self.work, self.cache, self.so = work, cache, storage_options
         self.store = ScoreStore(work, storage_options)
         self.con = self.store.con
-        self.policy = load_policy(policy) if policy else None
-        self.has_decisions = bool(policy or decisions)
+        self.manifest = json.loads(storage.read_bytes(manifest, storage_options)) if manifest else None
+        if self.manifest and not (policy or decisions):  # a manifest names its policy and decision table
+            decisions = self.manifest.get("decisions")
+            self.policy = load_policy(self.manifest["policy"]) if self.manifest.get("policy") else None
+        else:
+            self.policy = load_policy(policy) if policy else None
+        self.has_decisions = bool(self.policy or decisions)
         self._decisions_view("decisions", self.policy, decisions)
         self.has_compare = compare is not None
         if compare is not None:
@@ -49,7 +54,6 @@ class Explorer:
                          + (", b.dropped_by AS compare_dropped_by" if b else "")
                          + f" FROM scores s LEFT JOIN decisions d USING (dataset, shard, key) {b}").fetchall()
         self.columns = self.store.columns("explore")
-        self.manifest = json.loads(storage.read_bytes(manifest, storage_options)) if manifest else None
         shards, _ = self.store.inputs()  # where each scored shard is, from the score files' footers
         self._urls = {k: v["url"] for k, v in shards.items()}
 
