@@ -56,6 +56,7 @@ class Explorer:
         self.columns = self.store.columns("explore")
         shards, _ = self.store.inputs()  # where each scored shard is, from the score files' footers
         self._urls = {k: v["url"] for k, v in shards.items()}
+        self._checksums = {k: v["checksum"] for k, v in shards.items()}
 
     def _decisions_view(self, name: str, policy: Any, decisions: str | None) -> None:
         """A view of (dataset, shard, key, dropped_by): from a decisions file, or from a policy run
@@ -208,7 +209,7 @@ class Explorer:
             if row is None:
                 raise SampleNotFound(f"no key {key!r} in shard {dataset}/{shard}")
             off, size = row
-        return Location(dataset, shard, key, url, off, size)
+        return Location(dataset, shard, key, url, off, size, self._checksums.get((dataset, shard)))
 
     def scores(self, dataset: str, shard: str, key: str) -> dict[str, Any]:
         cur = self._run("SELECT * FROM explore WHERE dataset = ? AND shard = ? AND key = ?", [dataset, shard, key])

@@ -37,6 +37,7 @@ class Location:
     url: str
     offset: int | None = None
     size: int | None = None
+    checksum: str | None = None  # of the shard as scored: a rescored, rewritten shard gets new thumbnails
 
 
 def _options() -> ReadOptions:
@@ -124,7 +125,7 @@ class ThumbCache:
         os.makedirs(folder, exist_ok=True)
 
     def path(self, loc: Location) -> str:
-        ident = "\0".join([loc.url, loc.key, str(loc.offset), str(loc.size)])
+        ident = "\0".join([loc.url, loc.key, str(loc.offset), str(loc.size), str(loc.checksum)])
         h = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()
         return os.path.join(self.folder, h[:2], h + ".jpg")
 
