@@ -195,6 +195,7 @@ def score_histograms(work: str) -> str:
 
 def curation_report(work: str, curated: dict[str, Any], key: str = "curation-report") -> str:
     lines = ["# Curation run", "", f"**Manifest** `{curated['id']}` at `{curated['manifest']}`", "",
+             f"See what each rule dropped: `curate explore --work {work} --manifest {curated['manifest']}`", "",
              "| dataset | kind | scored | kept | dropped by (first rule) |", "|---|---|---|---|---|"]
     for ds, sel in curated["selection"].items():
         dropped = ", ".join(f"{k}={v}" for k, v in sel["dropped"].items()) or "-"

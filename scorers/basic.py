@@ -1,5 +1,8 @@
 """Cheap per-sample facts: decodable or not, sizes, caption length, exact and perceptual hashes.
 
+``tar_offset`` and ``tar_size`` say which bytes of the shard hold the sample (a ranged read
+fetches it; NULL in a gzipped shard).
+
 The selection step builds its validity rules (min size, max aspect ratio, caption length)
 and its dedup rules (SHA-256 for exact duplicates, perceptual hash for near duplicates)
 on these columns.
@@ -74,7 +77,7 @@ def motion_score(frames: Sequence[Any]) -> float | None:
 
 class BasicScorer(Scorer):
     name = "basic"
-    version = "2"  # 2: motion
+    version = "3"  # 2: motion; 3: tar_offset, tar_size
 
     def config(self) -> dict[str, Any]:
         return {"phash": "imagehash.phash-64", "motion": {"pool": MOTION_POOL, "delta": MOTION_DELTA}}
@@ -93,6 +96,10 @@ class BasicScorer(Scorer):
                 ("sha256", pa.string()),  # of the image / document / clip bytes: exact-dup key
                 ("phash", pa.string()),  # of the image / first image / first frame: near-dup key
                 ("motion", pa.float32()),  # video: share of pixels changing between frames (module docstring)
+                # where the sample's members lie in its shard: one ranged read fetches it
+                # (``curate explore``); NULL for a gzipped shard
+                ("tar_offset", pa.int64()),
+                ("tar_size", pa.int64()),
             ]
         )
 
@@ -112,7 +119,8 @@ class BasicScorer(Scorer):
         return prepared.payload
 
     def _row(self, s: Any) -> dict[str, Any]:
-        row: dict[str, Any] = {"decodable": s.error is None}
+        row: dict[str, Any] = {"decodable": s.error is None, "tar_offset": getattr(s, "tar_offset", None),
+                               "tar_size": getattr(s, "tar_size", None)}
         w = h = None
         if s.kind == "pair":
             w, h = s.width, s.height

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from curation.app import commands_data, commands_scoring, commands_selection, commands_training  # noqa: F401 - register
+from curation.app import commands_explore  # noqa: F401 - register
 from curation.app.base import app, console, out_console  # noqa: F401 - the public entry points
 from curation.app.commands_scoring import score_summary_line  # noqa: F401
 

@@ -274,6 +274,8 @@ _BUILDERS = {"pair": build_pair, "interleaved": build_interleaved, "video": buil
 def to_sample(raw: RawSample, dataset: str, shard: str, url: str | None, opts: ReadOptions) -> Sample:
     kind = opts.kind if opts.kind != "auto" else detect_kind(raw.members)
     base = {"dataset": dataset, "shard": shard, "key": raw.key, "members": raw.members, "url": url}
+    if 0 <= raw.start < raw.end and not (url or "").endswith((".gz", ".tgz")):  # no ranged reads into a gzip stream
+        base.update(tar_offset=raw.start, tar_size=raw.end - raw.start)
     try:
         return _BUILDERS[kind](raw, base, opts)
     except Exception as e:  # noqa: BLE001 - one bad sample must never stop the shard

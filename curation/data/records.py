@@ -89,6 +89,8 @@ class RawMember:
     data: bytes | None
     error: str | None = None
     fatal: bool = False  # the tar broke here: nothing after this member can be read
+    offset: int = -1  # where its blocks start and end in the (uncompressed) tar stream
+    end: int = -1
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -118,11 +120,13 @@ def iter_members(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES)
     try:
         for e in scan(fileobj, max_size=max_member_bytes):
             if not e.is_file:
-                yield RawMember(e.name, None, f"unsupported tar member type for {e.name!r} (links and devices are refused)")
+                yield RawMember(e.name, None, f"unsupported tar member type for {e.name!r} (links and devices are refused)",
+                                offset=e.offset, end=e.end)
             elif e.skipped:
-                yield RawMember(e.name, None, f"member {e.name!r} is {e.size} bytes, above the {max_member_bytes}-byte limit")
+                yield RawMember(e.name, None, f"member {e.name!r} is {e.size} bytes, above the {max_member_bytes}-byte limit",
+                                offset=e.offset, end=e.end)
             else:
-                yield RawMember(e.name, e.data)
+                yield RawMember(e.name, e.data, offset=e.offset, end=e.end)
     except TarFormatError as err:
         yield RawMember(err.member or "", None, f"truncated or corrupt tar: {err}", fatal=True)
 
@@ -132,6 +136,8 @@ class RawSample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    start: int = -1  # byte range of its members in the (uncompressed) tar stream: [start, end)
+    end: int = -1
 
 
 def _key_of(name: str) -> tuple[str, str | None]:
@@ -163,7 +169,7 @@ def iter_raw_samples(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BY
         if starts_new:
             if current is not None:
                 yield current
-            current = RawSample(key=key)
+            current = RawSample(key=key, start=m.offset)
             seen.add(key)
         if current is None:  # the tar broke before its first member
             raise ShardError(m.error or "broken tar")
@@ -177,6 +183,7 @@ def iter_raw_samples(fileobj: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BY
 
 
 def _add_member(sample: RawSample, m: RawMember, ext: str | None) -> None:
+    sample.end = max(sample.end, m.end)
     bad = unsafe_name(m.name)
     if bad:
         sample.errors.append(bad)

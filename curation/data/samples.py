@@ -34,6 +34,10 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
     error: str | None = None
     url: str | None = field(default=None, repr=False)
+    # bytes [tar_offset, tar_offset + tar_size) of the shard hold every member of this sample
+    # (None for a compressed shard, where byte offsets cannot be read from directly)
+    tar_offset: int | None = field(default=None, repr=False)
+    tar_size: int | None = field(default=None, repr=False)
 
     @property
     def identity(self) -> tuple[str, str, str]:

@@ -59,6 +59,8 @@ class RawEntry:
     body: bytes  # data, padded to whole blocks (empty when skipped: oversize or not a file)
     typeflag: bytes = b"0"
     skipped: bool = False  # body not read: larger than max_size
+    offset: int = -1  # byte offset in the stream of the member's first block (extended headers included)
+    end: int = -1  # byte offset just past its padded data
 
     @property
     def is_file(self) -> bool:
@@ -282,7 +284,10 @@ def scan(f: BinaryIO, max_size: int | None = None) -> Iterator[RawEntry]:
     """
     s = _Stream(f)
     pending = _Pending([])
+    start = 0
     while True:
+        if not pending.blocks:
+            start = s.offset
         header = _read_header(s, pending)
         if header is None:
             return
@@ -299,14 +304,15 @@ def scan(f: BinaryIO, max_size: int | None = None) -> Iterator[RawEntry]:
         head = b"".join(pending.blocks) + header
         pending = _Pending([])
         if typeflag in NO_DATA:  # links and devices carry no data
-            yield RawEntry(name, 0, head, b"", typeflag)
+            yield RawEntry(name, 0, head, b"", typeflag, offset=start, end=s.offset)
             continue
         if typeflag == b"5" or typeflag not in REGULAR or (max_size is not None and size > max_size):
             s.skip(_padded(size), name)
             if typeflag != b"5":
-                yield RawEntry(name, size, head, b"", typeflag, skipped=True)
+                yield RawEntry(name, size, head, b"", typeflag, skipped=True, offset=start, end=s.offset)
             continue
-        yield RawEntry(name, size, head, s.exact(_padded(size), name), typeflag)
+        body = s.exact(_padded(size), name)
+        yield RawEntry(name, size, head, body, typeflag, offset=start, end=s.offset)
 
 
 def final_size(nbytes: int) -> int:
