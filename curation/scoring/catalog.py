@@ -116,7 +116,10 @@ def refresh(scorer_dir: str, storage_options: dict | None = None, write: bool = 
                 known[rel] = {**row, "file_size": files[rel][0], "file_version": files[rel][1]}
     rows = [known[p] for p in sorted(known)]
     table = _table(rows)
-    changed = old is None or todo or old.num_rows != table.num_rows
+    def state(t: pa.Table) -> set:
+        return set(zip(*(t.column(c).to_pylist() for c in ("path", "file_size", "file_version"))))
+
+    changed = old is None or "file_version" not in old.column_names or state(old) != state(table)
     if write and changed:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")

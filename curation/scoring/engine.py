@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from curation.data import storage
 from curation.data.shards import checksum_algo, file_checksum, shard_name
+from curation.scoring.catalog import refresh as refresh_catalog
 from curation.scoring.scorefile import ShardResult, ShardTask, is_done, read_score_metadata, score_file_url, score_shard
 from scorers import build_scorer
 from scorers.base import Scorer
@@ -166,6 +167,7 @@ def run_scoring(
         finally:
             pool.close()
     report.seconds = time.time() - t0
+    refresh_catalog(storage.join(work, "scores", spec.name))  # the store's index of score files (catalog.py)
     return report
 
 
@@ -183,6 +185,7 @@ def score_local(tasks: list[ShardTask], spec: ScorerSpec, work: str, progress: P
             result = ShardResult(task.url, task.dataset, out, failed=f"{type(e).__name__}: {e}")
         record(result)
     report.seconds = time.time() - t0
+    refresh_catalog(storage.join(work, "scores", spec.name))  # the store's index of score files (catalog.py)
     return report
 
 
