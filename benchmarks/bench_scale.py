@@ -70,9 +70,9 @@ def child_candidates(work: str) -> dict:
     glob = os.path.join(work, "scores", "basic", "dataset=*", "*.parquet")
     con.execute(f"CREATE TABLE alive AS SELECT dataset, ('0x' || phash)::UBIGINT AS _h, row_number() OVER () AS _rank "
                 f"FROM read_parquet('{glob}')")
-    n = con.execute("SELECT count(*) FROM alive").fetchone()[0]
+    n = con.execute("SELECT count(*) FROM alive").fetchall()[0][0]
     t0 = time.time()
-    pairs = con.execute(candidate_pairs_sql("alive", n, 4)).fetchone()[0]
+    pairs = con.execute(candidate_pairs_sql("alive", n, 4)).fetchall()[0][0]
     return {"candidates_per_row": round(pairs / n, 3), "blocks": plan_blocks(n, 4), "candidates_s": round(time.time() - t0, 2)}
 
 
@@ -82,7 +82,7 @@ def child_recall(ours: str, exact: str) -> dict:
     q = ("SELECT count(*) FILTER (WHERE a.d AND b.d), count(*) FILTER (WHERE b.d), count(*) FILTER (WHERE a.d AND NOT b.d) "
          "FROM (SELECT shard, key, dropped_by = 'near_dedup:phash' AS d FROM read_parquet('{}')) a JOIN "
          "(SELECT shard, key, dropped_by = 'near_dedup:phash' AS d FROM read_parquet('{}')) b USING (shard, key)")
-    both, theirs, extra = duckdb.sql(q.format(ours, exact)).fetchone()
+    both, theirs, extra = duckdb.sql(q.format(ours, exact)).fetchall()[0]
     return {"recall": round(both / theirs, 5) if theirs else 1.0, "exact_drops": theirs, "extra_drops": extra}
 
 
