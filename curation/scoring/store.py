@@ -58,9 +58,11 @@ class ScoreStore:
         self._catalogs = {}
         for name in self.scorers():
             glob = self.files_glob(name).replace("'", "''")
+            # files of one schema (the catalog says): DuckDB need not open every footer to unite them
+            one = len(set(self.catalog(name).column("schema_hash").to_pylist())) == 1
             self.con.execute(
                 f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT * FROM read_parquet('{glob}', "
-                f"hive_partitioning = false, union_by_name = true)"
+                f"hive_partitioning = false, union_by_name = {'false' if one else 'true'})"
             ).fetchall()
             cols = [r[0] for r in self.con.execute(f"DESCRIBE {_quote(name)}").fetchall()]
             self.views[name] = cols
