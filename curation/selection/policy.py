@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from curation.selection.rules import RULE_NAMES, Rule
 
+NEW_FIELD_DEFAULTS = {"scope": "dataset", "prefer_datasets": [], "blocks": None}
 STAGES = ("align", "vision_pretrain", "pretrain", "image_sft", "video_sft")
 
 
@@ -99,6 +100,11 @@ class Policy(BaseModel):
 
     def fingerprint(self) -> str:
         body = self.model_dump(mode="json", exclude={"run"})  # resources do not change what is selected
+        for rules in [body["defaults"], *body["datasets"].values()]:
+            for r in rules:  # fields added later, at their defaults, leave the fingerprint as it was
+                for k, default in NEW_FIELD_DEFAULTS.items():
+                    if k in r and r[k] == default:
+                        del r[k]
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
