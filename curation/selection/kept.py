@@ -15,12 +15,13 @@ from curation.data import storage
 from curation.selection.sqlsafe import literal as lit
 
 
-def _con(url: str, storage_options: dict | None, memory_limit: str | None = None) -> Any:
+PLAN_MEMORY = "48MB"  # planning holds one row per shard; the duplicate-key check spills past this
+
+
+def _con(url: str, storage_options: dict | None) -> Any:
     import duckdb
 
-    from curation.selection.runner import default_memory_limit
-
-    con = duckdb.connect(config={"memory_limit": memory_limit or default_memory_limit()})
+    con = duckdb.connect(config={"memory_limit": PLAN_MEMORY, "threads": 1, "preserve_insertion_order": False})
     con.execute("SET enable_progress_bar = false")
     if storage.is_remote(url):
         fs, _ = storage.get_fs(url, storage_options)
