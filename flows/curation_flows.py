@@ -18,8 +18,9 @@ def score_flow(recipe: str) -> list[dict[str, Any]]:
 
 
 @flow(name="select", log_prints=True)
-def select_flow(work: str, policy: str) -> dict[str, Any]:
-    res = select_task(work, policy)
+def select_flow(work: str, policy: str, allow_incomplete: bool = False) -> dict[str, Any]:
+    """Selection alone; refused when a scorer the policy reads lacks some shards, unless ``allow_incomplete``."""
+    res = select_task(work, policy, allow_incomplete)
     rows = [{"dataset": ds, "reason": r, "samples": n} for ds, c in res["counts"].items()
             for r, n in [("(kept)", c["kept"]), *c["dropped"].items()]]
     from prefect.artifacts import create_table_artifact
@@ -29,8 +30,9 @@ def select_flow(work: str, policy: str) -> dict[str, Any]:
 
 
 @flow(name="reshard", log_prints=True)
-def reshard_flow(work: str, policy: str, out: str, max_samples: int = 1000, shuffle_seed: Optional[int] = None) -> dict[str, Any]:
-    curated = run_curate(work, policy, out, max_samples, shuffle_seed)
+def reshard_flow(work: str, policy: str, out: str, max_samples: int = 1000, shuffle_seed: Optional[int] = None,
+                 allow_incomplete: bool = False) -> dict[str, Any]:
+    curated = run_curate(work, policy, out, max_samples, shuffle_seed, allow_incomplete=allow_incomplete)
     selection_table(curated)
     curation_report(work, curated)
     return curated
@@ -38,7 +40,7 @@ def reshard_flow(work: str, policy: str, out: str, max_samples: int = 1000, shuf
 
 @flow(name="curate", log_prints=True)
 def curate_flow(score_recipe: str, policy: str, out: str, max_samples: int = 1000,
-                shuffle_seed: Optional[int] = None) -> dict[str, Any]:
+                shuffle_seed: Optional[int] = None, allow_incomplete: bool = False) -> dict[str, Any]:
     """Score, select, reshard, manifest. Publishes the kept/dropped table and a report with histograms."""
     log = get_run_logger()
     if not os.path.exists(policy):
@@ -46,7 +48,8 @@ def curate_flow(score_recipe: str, policy: str, out: str, max_samples: int = 100
     plan = scoring_plan(score_recipe)
     scores = [run_score(plan, name) for name in plan.scorer_names]
     work = plan.work
-    curated = run_curate(work, policy, out, max_samples, shuffle_seed, _scores=[s["config_hash"] for s in scores])
+    curated = run_curate(work, policy, out, max_samples, shuffle_seed, _scores=[s["config_hash"] for s in scores],
+                         allow_incomplete=allow_incomplete)
     selection_table(curated)
     curation_report(work, curated)
     log.info("manifest %s written to %s", curated["id"], curated["manifest"])

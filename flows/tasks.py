@@ -79,14 +79,14 @@ def score_task(plan: ScoringPlan, scorer: str) -> dict[str, Any]:
 @task(name="select-reshard-manifest", retries=1, 
       cache_policy=ByContent(content=curate_key), cache_expiration=CACHE_TTL, persist_result=True)
 def curate_task(work: str, policy_path: str, out: str, max_samples: int = 1000, shuffle_seed: int | None = None,
-                _scores: Any = None) -> dict[str, Any]:
+                _scores: Any = None, allow_incomplete: bool = False) -> dict[str, Any]:
     """Selection, byte-exact resharding and the manifest (``_scores`` only orders it after scoring)."""
     from curation.selection.curate import curate
     from curation.selection.reshard import ReshardConfig
 
     log = get_run_logger()
     manifest, url = curate(work, _check_file(policy_path, "policy"), out,
-                           ReshardConfig(max_samples=max_samples, shuffle_seed=shuffle_seed),
+                           ReshardConfig(max_samples=max_samples, shuffle_seed=shuffle_seed), allow_incomplete=allow_incomplete,
                            progress=lambda r, d, t: log.info("reshard %s group %d: %d samples%s", r.dataset, r.index,
                                                              r.copied, " (already done)" if r.skipped else ""))
     return {"manifest": url, "id": manifest.id, "decisions": manifest.decisions,
@@ -95,10 +95,10 @@ def curate_task(work: str, policy_path: str, out: str, max_samples: int = 1000, 
 
 
 @task(name="select", retries=1)
-def select_task(work: str, policy_path: str) -> dict[str, Any]:
+def select_task(work: str, policy_path: str, allow_incomplete: bool = False) -> dict[str, Any]:
     from curation.selection.curate import select
 
-    res = select(work, _check_file(policy_path, "policy"))
+    res = select(work, _check_file(policy_path, "policy"), allow_incomplete=allow_incomplete)
     return {"decisions": res.decisions_url, "counts": res.counts, "sql": res.sql}
 
 

@@ -137,20 +137,34 @@ def test_sql_rule_that_is_not_one_expression_is_refused_at_load(tmp_path, expr, 
 
 
 def test_selection_runs_in_a_sandbox(tmp_path):
-    """Whatever got past the parser would run where files, settings and extensions are out of reach."""
+    """Whatever got past the parser would run where files, settings and extensions are out of reach:
+    the score columns are in the engine's own table, the score files and views are not."""
+    import glob
+
     import duckdb
 
+    from curation.selection.runner import _load
+    from curation.selection.sqlsafe import engine
+
     store = ScoreStore(_work(tmp_path, [_row("a")]))
-    con = sandbox(store.con, "scores", ["dataset", "key", "clip_score"])
-    assert con.sql("SELECT key, clip_score FROM scores").fetchall() == [("a", 0.5)]
+    result = tmp_path / "result.parquet"
+    con = engine({"memory_limit": "256MB", "temp_directory": str(tmp_path / "spill")})
+    _load(store, con, ["dataset", "key", "clip_score"], None)
+    sandbox(con, [str(result)])
+    assert con.sql("SELECT key, clip_score FROM s0").fetchall() == [("a", 0.5)]
+    score_file = glob.glob(str(tmp_path / "work" / "scores" / "*" / "*" / "*.parquet"))[0]
     out = tmp_path / "y.csv"
-    for stmt in ("SELECT * FROM read_text('/etc/hostname')", f"COPY (SELECT 1) TO '{out}'",
-                 f"ATTACH '{tmp_path / 'db.duckdb'}'", "INSTALL httpfs", "LOAD httpfs"):
+    for stmt in ("SELECT * FROM read_text('/etc/hostname')", f"SELECT * FROM read_parquet('{score_file}')",
+                 f"COPY (SELECT 1) TO '{out}'", f"ATTACH '{tmp_path / 'db.duckdb'}'", "INSTALL httpfs", "LOAD httpfs"):
         with pytest.raises(duckdb.Error, match="disabled|Permission"):
             con.execute(stmt)
-    with pytest.raises(duckdb.Error, match="locked"):
-        con.execute("SET enable_external_access = true")
+    with pytest.raises(duckdb.Error, match="scores"):
+        con.execute("SELECT * FROM scores")  # the views over the score files are gone
+    for setting in ("enable_external_access = true", f"allowed_paths = ['{tmp_path}']", "temp_directory = '/tmp'"):
+        with pytest.raises(duckdb.Error, match="locked|disabled"):
+            con.execute(f"SET {setting}")
     assert not out.exists() and not (tmp_path / "db.duckdb").exists()
+    con.close()
 
 
 # --------------------------------------------------------------------------- empty policies

@@ -11,6 +11,20 @@ from rich.table import Table
 from curation.app.base import app, fail, out_console, progress_bar
 
 
+ALLOW_INCOMPLETE = ("Go on when a scorer the policy reads has no score file for some shards: their samples are "
+                    "dropped as not_scored:<scorer> (default: refuse, naming them)")
+MEMORY_LIMIT = "DuckDB memory limit for selection, e.g. 2GB (default: the policy's run.memory_limit, else 1/4 of RAM, <= 4 GB)"
+TEMP_DIR = "Where selection spills past its memory limit (default: the policy's run.temp_directory, else the system's)"
+
+
+def _resources(pol, memory_limit: Optional[str], temp_dir: Optional[str]):
+    """The policy's run: options, with the command line's on top."""
+    from curation.selection.runner import Resources
+
+    base = pol.run.model_dump() if pol.run else {}
+    return Resources(**{**base, **{k: v for k, v in (("memory_limit", memory_limit), ("temp_directory", temp_dir)) if v}})
+
+
 def _print_selection(counts: dict) -> None:
     t = Table(title="selection")
     for col in ("dataset", "kind", "scored", "kept", "dropped", "dropped by (first rule)"):
@@ -28,6 +42,9 @@ def select(
     work: str = typer.Option("./work", help="Score store root (local folder or s3://)"),
     explain: bool = typer.Option(False, "--explain", help="Print the DuckDB SQL the policy compiles to, and stop"),
     as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON"),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help=ALLOW_INCOMPLETE),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_LIMIT),
+    temp_dir: Optional[str] = typer.Option(None, "--temp-dir", help=TEMP_DIR),
 ) -> None:
     """Apply a selection policy to the scores: kept keys and a reason for every dropped sample."""
     from curation.selection.policy import PolicyError, load_policy, run_selection
@@ -40,10 +57,11 @@ def select(
         if not store.views:
             fail(f"no score files under {store.root}; run `curate score` first")
         if explain:
-            datasets = [r[0] for r in store.con.execute("SELECT DISTINCT dataset FROM scores ORDER BY 1").fetchall()]
-            out_console.print(compile_policy(pol, datasets, store.columns()).sql, markup=False, highlight=False)
+            out_console.print(compile_policy(pol, store.datasets(), store.columns(), store.rows()).sql,
+                              markup=False, highlight=False)
             return
-        result = run_selection(store, pol)
+        result = run_selection(store, pol, allow_incomplete=allow_incomplete,
+                               resources=_resources(pol, memory_limit, temp_dir))
     except PolicyError as e:
         fail(str(e))
     if as_json:
@@ -62,6 +80,9 @@ def reshard(
     max_bytes: int = typer.Option(1 << 30, help="Bytes per output shard"),
     shuffle_seed: Optional[int] = typer.Option(None, help="Shuffle deterministically with this seed"),
     workers: int = typer.Option(2, help="Parallel Ray tasks (1: in this process, without Ray)"),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help=ALLOW_INCOMPLETE),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_LIMIT),
+    temp_dir: Optional[str] = typer.Option(None, "--temp-dir", help=TEMP_DIR),
 ) -> None:
     """Select, copy kept samples byte for byte into new shards, and write the manifest."""
     from curation.selection.curate import curate
@@ -82,7 +103,13 @@ def reshard(
                         + (f", {len(r.refused)} refused" if r.refused else "") + (" (already done)" if r.skipped else ""))
 
         try:
-            manifest, url = curate(work, policy, out, cfg, progress=tick, use_ray=workers > 1)
+            resources = None
+            if memory_limit or temp_dir:
+                from curation.selection.policy import load_policy
+
+                resources = _resources(load_policy(policy), memory_limit, temp_dir)
+            manifest, url = curate(work, policy, out, cfg, progress=tick, use_ray=workers > 1,
+                                   allow_incomplete=allow_incomplete, resources=resources)
         except (PolicyError, ReshardError, OutputLockedError, ValueError) as e:
             fail(str(e))
     out_console.print(summarize(manifest), markup=False, highlight=False)

@@ -28,6 +28,7 @@ from curation.data import storage
 from curation.data.shards import checksum_algo, file_checksum, shard_name
 from curation.scoring.fused import PassOptions, score_shard_pass
 from curation.scoring.scorefile import ShardResult, ShardTask, is_done, read_score_metadata, score_file_url
+from curation.scoring.catalog import refresh as refresh_catalog
 from scorers import build_scorer
 from scorers.base import Scorer
 
@@ -196,9 +197,7 @@ def run_pass(tasks: list[ShardTask], specs: list[ScorerSpec], work: str, *, prog
             pool.run(pw.items, work, pw.record)
         finally:
             pool.close()
-    for r in pw.reports.values():
-        r.seconds = time.time() - t0
-    return [pw.reports[s.name] for s in specs]
+    return _finish(pw, specs, work, t0)
 
 
 def run_scoring(tasks: list[ShardTask], spec: ScorerSpec, work: str, *, progress: ProgressFn | None = None,
@@ -227,8 +226,15 @@ def score_local_pass(tasks: list[ShardTask], specs: list[ScorerSpec], work: str,
                        for sc, out in jobs]
         for r in results:
             pw.record(r)
+    return _finish(pw, specs, work, t0)
+
+
+def _finish(pw: Any, specs: list[ScorerSpec], work: str, t0: float) -> list[RunReport]:
+    """Each scorer's report, timed; each scorer's store catalog refreshed (``catalog.py``)."""
     for r in pw.reports.values():
         r.seconds = time.time() - t0
+    for s in specs:
+        refresh_catalog(storage.join(work, "scores", s.name))  # the store's index of score files
     return [pw.reports[s.name] for s in specs]
 
 

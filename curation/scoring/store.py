@@ -37,6 +37,7 @@ class ScoreStore:
             fs, _ = storage.get_fs(work, storage_options)
             self.con.register_filesystem(fs)
         self.views: dict[str, list[str]] = {}
+        self._catalogs: dict[str, Any] = {}
         self.refresh()
 
     def scorers(self) -> list[str]:
@@ -54,11 +55,14 @@ class ScoreStore:
     def refresh(self) -> None:
         """(Re)create the views from the files present now."""
         self.views = {}
+        self._catalogs = {}
         for name in self.scorers():
             glob = self.files_glob(name).replace("'", "''")
+            # files of one schema (the catalog says): DuckDB need not open every footer to unite them
+            one = len(set(self.catalog(name).column("schema_hash").to_pylist())) == 1
             self.con.execute(
                 f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT * FROM read_parquet('{glob}', "
-                f"hive_partitioning = false, union_by_name = true)"
+                f"hive_partitioning = false, union_by_name = {'false' if one else 'true'})"
             ).fetchall()
             cols = [r[0] for r in self.con.execute(f"DESCRIBE {_quote(name)}").fetchall()]
             self.views[name] = cols
@@ -110,18 +114,47 @@ class ScoreStore:
     def columns(self, view: str = "scores") -> list[str]:
         return [r[0] for r in self.con.execute(f"DESCRIBE {_quote(view)}").fetchall()]
 
+    # ---- the catalog (curation.scoring.catalog): one file per scorer, not one footer per score file
+    def catalog(self, scorer: str) -> Any:
+        """The scorer's catalog (a pyarrow Table, one row per score file), refreshed first."""
+        from curation.scoring import catalog
+
+        if scorer not in self._catalogs:
+            self._catalogs[scorer] = catalog.refresh(storage.join(self.root, scorer), self.storage_options)
+        return self._catalogs[scorer]
+
+    def datasets(self) -> list[str]:
+        return sorted({d for s in self.views for d in self.catalog(s).column("dataset").to_pylist()})
+
+    def rows(self) -> int:
+        """Rows of the scorer with the most (the size of the joined table when every scorer is complete)."""
+        return max([sum(self.catalog(s).column("rows").to_pylist()) for s in self.views] or [0])
+
+    def shards(self, scorer: str) -> set[tuple[str, str]]:
+        """(dataset, shard) of every score file the scorer has."""
+        t = self.catalog(scorer)
+        return set(zip(t.column("dataset").to_pylist(), t.column("shard").to_pylist()))
+
+    def column_owners(self) -> dict[str, str]:
+        """Each column of the ``scores`` view (as named there) -> the scorer that wrote it."""
+        counts: dict[str, int] = {}
+        for cols in self.views.values():
+            for c in cols:
+                counts[c] = counts.get(c, 0) + 1
+        return {(f"{n}_{c}" if (c == "error" or counts[c] > 1) else c): n
+                for n, cols in self.views.items() for c in cols if c not in IDENTITY and c != "kind"}
+
     # ---- provenance
     def file_metadata(self) -> list[dict[str, str]]:
-        """The ``curation.*`` metadata of every score file (one dict per file, with ``file``)."""
-        from curation.scoring.engine import read_score_metadata
-
+        """The ``curation.*`` metadata of every score file (one dict per file, with ``file``), from the catalogs."""
+        prefix = "curation."
         out = []
         for scorer in self.views:
-            for d in storage.list_dirs(storage.join(self.root, scorer), self.storage_options):
-                for f in storage.list_files(d, ".parquet", self.storage_options):
-                    md = read_score_metadata(f, self.storage_options)
-                    if md:
-                        out.append({**md, "file": f})
+            folder = storage.join(self.root, scorer)
+            for r in self.catalog(scorer).to_pylist():
+                md = {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix) and v is not None}
+                if md:
+                    out.append({**md, "file": storage.join(folder, r["path"])})
         return out
 
     def _same_bytes(self, prev: dict[str, Any], md: dict[str, str]) -> bool:

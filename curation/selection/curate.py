@@ -13,6 +13,8 @@ from curation.scoring.store import ScoreStore
 
 
 def kept_keys(decisions_url: str, storage_options: dict | None = None) -> dict[tuple[str, str], list[str]]:
+    """Every kept key per (dataset, shard), in memory: for tests and small tables (resharding reads
+    them a group at a time, ``curation.selection.kept``)."""
     import io
 
     import pyarrow.parquet as pq
@@ -26,20 +28,41 @@ def kept_keys(decisions_url: str, storage_options: dict | None = None) -> dict[t
     return out
 
 
-def _duplicate_keys(keys: dict[tuple[str, str], list[str]]) -> list[tuple[str, str]]:
-    seen: dict[tuple[str, str], str] = {}
-    dup = []
-    for (ds, shard), ks in sorted(keys.items()):
-        for k in ks:
-            if (ds, k) in seen:
-                dup.append((ds, k))
-            seen[(ds, k)] = shard
-    return dup
-
-
-def select(work: str, policy: str | dict | Policy, storage_options: dict | None = None) -> SelectionResult:
+def select(work: str, policy: str | dict | Policy, storage_options: dict | None = None, *,
+           allow_incomplete: bool = False, resources: Any = None) -> SelectionResult:
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
-    return run_selection(ScoreStore(work, storage_options), pol)
+    return run_selection(ScoreStore(work, storage_options), pol, allow_incomplete=allow_incomplete, resources=resources)
+
+
+def reshard_inputs(decisions: str, shards: dict[tuple[str, str], dict[str, Any]],
+                   storage_options: dict | None = None) -> list[InputShard]:
+    """The reshard's inputs, each knowing how many of its samples are kept; its group reads the
+    keys from ``decisions`` when it runs (no list of every kept key is ever held)."""
+    from curation.selection.kept import duplicate_kept, kept_per_shard
+
+    per_shard = kept_per_shard(decisions, storage_options)
+    missing = sorted(k for k, (n, _) in per_shard.items() if n and k not in shards)
+    if missing:
+        raise ReshardError(f"scores without recorded input shards: {missing[:5]}")
+    dup = duplicate_kept(decisions, storage_options)
+    if dup:
+        raise ReshardError(f"the same key is kept in more than one shard of a dataset, which would give a curated "
+                           f"shard two samples with one key: {dup}")
+    return [InputShard(ds, shard, rec["url"], rec["checksum"], kept_count=per_shard.get((ds, shard), (0, ""))[0],
+                       kept_hash=per_shard.get((ds, shard), (0, ""))[1], decisions=decisions)
+            for (ds, shard), rec in sorted(shards.items())]
+
+
+def plan_from_decisions(decisions: str, max_samples: int = 1000, storage_options: dict | None = None) -> dict[str, int]:
+    """A dry run of the reshard planner on a decision table alone (``benchmarks/bench_scale.py``):
+    its groups and kept samples, with what ``reshard`` holds while planning."""
+    from curation.selection.kept import kept_per_shard
+    from curation.selection.reshard import plan_groups
+
+    per_shard = kept_per_shard(decisions, storage_options)
+    shards = {k: {"url": f"{k[0]}/{k[1]}.tar", "checksum": ""} for k in per_shard}
+    groups = plan_groups(reshard_inputs(decisions, shards, storage_options), ReshardConfig(max_samples=max_samples))
+    return {"groups": len(groups), "kept": sum(g.expected for g in groups)}
 
 
 def curate(work: str, policy: str | dict | Policy, out: str, cfg: ReshardConfig | None = None,
@@ -59,11 +82,14 @@ def curate_unlocked(
     storage_options: dict | None = None,
     use_ray: bool = True,
     progress: Callable[[Any, int, int], None] | None = None,
+    allow_incomplete: bool = False,
+    resources: Any = None,
 ) -> tuple[Manifest, str]:
     """Apply ``policy`` to the scores under ``work``; write curated shards and ``<out>/manifest.json``.
 
     Everything that can be refused is refused before any shard is written: a policy naming
-    unknown columns or datasets, a stage that does not exist, an input shard that is gone.
+    unknown columns or datasets, a stage that does not exist, an input shard that is gone, a
+    scorer the policy reads with no scores for some shard (unless ``allow_incomplete``).
     An input shard whose bytes changed since it was scored is refused as it is read: its
     group writes nothing and no manifest is written.
     """
@@ -73,17 +99,8 @@ def curate_unlocked(
     if not store.views:
         raise PolicyError(f"no score files under {store.root}; run `curate score` first")
     shards, scorers = store.inputs()
-    selection = run_selection(store, pol)
-    keys = kept_keys(selection.decisions_url, storage_options)
-    inputs = [InputShard(ds, shard, rec["url"], rec["checksum"], keys.get((ds, shard), []))
-              for (ds, shard), rec in sorted(shards.items())]
-    dup = _duplicate_keys(keys)
-    if dup:
-        raise ReshardError(f"the same key is kept in more than one shard of a dataset, which would give a curated "
-                           f"shard two samples with one key: {dup[:5]}")
-    missing = set(keys) - set(shards)
-    if missing:
-        raise ReshardError(f"scores without recorded input shards: {sorted(missing)[:5]}")
+    selection = run_selection(store, pol, allow_incomplete=allow_incomplete, resources=resources)
+    inputs = reshard_inputs(selection.decisions_url, shards, storage_options)
     result = reshard(inputs, out, cfg, storage_options=storage_options, use_ray=use_ray, progress=progress)
     from dataclasses import asdict
 

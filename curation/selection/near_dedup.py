@@ -1,42 +1,103 @@
 """Near-duplicate removal in SQL: keep exactly one sample of each connected group.
 
-Every two samples whose 64-bit hashes differ in at most ``max_distance`` bits are linked, and
+Every two samples whose 64-bit hashes differ in at most ``d = max_distance`` bits are linked, and
 exactly one sample of each connected group is kept (so a chain a~b~c or a star around one hub
-keeps one, even where the ends are far apart): the one ranked first by the rule's order. Near
-pairs are found through bands (pigeonhole: two hashes within distance d agree on at least one
-of d+1 bands), groups by min-label propagation in a recursive CTE (``USING KEY``).
+keeps one, even where the ends are far apart): the one ranked first by the rule's order.
+
+Finding the near pairs is exact and near-linear (the multi-table scheme of Manku, Jain and Das
+Sarma, "Detecting near-duplicates for web crawling", WWW 2007): the 64 bits are cut into ``B``
+blocks; two hashes within distance ``d`` differ in at most ``d`` blocks, so they agree exactly on
+some ``B - d`` blocks. One table per choice of ``B - d`` blocks (``C(B, d)`` tables) joins
+hashes equal on those blocks, and every candidate pair is checked for its real distance, so no
+pair is missed and none is invented. ``B`` is sized to the rows: the smallest ``B`` whose tables
+key on at least ``log2(rows)`` bits, so a table's bucket holds about one unrelated hash whatever
+the pool's size (``d + 1`` blocks of ``64 / (d + 1)`` bits, the pigeonhole bands this replaced,
+hold ``rows / 2^12`` at ``d = 4``: quadratic work). Tables stop at ``MAX_TABLES``; past that
+(``max_distance`` above about 6 on large pools) buckets grow with the pool.
+
+Groups come from min-label propagation over the found pairs (a recursive CTE, ``USING KEY``),
+only over samples that have a near duplicate at all.
 """
 
 from __future__ import annotations
 
+import math
+from itertools import combinations
+from typing import Any
+
 from curation.selection.sqlsafe import ident as q
 
-
-def _bands(max_distance: int) -> str:
-    nb = max_distance + 1
-    width = 64 // nb
-    bands = []
-    for b in range(nb):
-        shift = b * width
-        mask = (1 << (64 - shift if b == nb - 1 else width)) - 1
-        bands.append(f"SELECT _rank, _h, {b} AS band, (_h >> {shift}) & {mask}::UBIGINT AS val FROM _alive")
-    return " UNION ALL ".join(bands)
+MAX_TABLES = 80
 
 
-def near_dedup_step(prev: str, column: str, max_distance: int, order: str, label_sql: str) -> str:
-    """A CTE body over ``prev`` that marks ``dropped_by = label`` on every kept sample that is not
-    its group's first by ``order`` (an ORDER BY list) among samples with a non-NULL hash."""
-    alive = (f"SELECT shard, key, ('0x' || {q(column)})::UBIGINT AS _h, row_number() OVER (ORDER BY "
-             f"{order}) AS _rank FROM {prev} WHERE dropped_by IS NULL AND {q(column)} IS NOT NULL")
-    edges = (f"SELECT DISTINCT a._rank AS src, b._rank AS dst FROM _bands a JOIN _bands b ON a.band = b.band "
-             f"AND a.val = b.val AND a._rank <> b._rank WHERE bit_count(xor(a._h, b._h)) <= {max_distance}")
+def _widths(blocks: int) -> list[int]:
+    return [64 // blocks + (1 if i < 64 % blocks else 0) for i in range(blocks)]
+
+
+def key_bits(blocks: int, max_distance: int) -> int:
+    """The fewest bits a table keys on: the ``blocks - d`` narrowest blocks."""
+    return sum(sorted(_widths(blocks))[: blocks - max_distance])
+
+
+def plan_blocks(rows: int, max_distance: int) -> int:
+    """How many blocks to cut the hash into for ``rows`` hashes (see the module docstring)."""
+    if max_distance == 0:
+        return 1
+    need = math.log2(max(rows, 2))
+    best = max_distance + 1
+    for b in range(max_distance + 1, 65):
+        if math.comb(b, max_distance) > MAX_TABLES:
+            break
+        best = b
+        if key_bits(b, max_distance) >= need:
+            break
+    return best
+
+
+def table_masks(rows: int, max_distance: int, blocks: int | None = None) -> list[int]:
+    """One 64-bit mask per table: the bits of ``blocks - d`` of the blocks."""
+    b = blocks or plan_blocks(rows, max_distance)
+    masks, shift = [], 0
+    for w in _widths(b):
+        masks.append(((1 << w) - 1) << shift)
+        shift += w
+    return [sum(c) for c in combinations(masks, b - max_distance)]
+
+
+def _pairs(alive: str, masks: list[int], max_distance: int | None, same_dataset: bool) -> str:
+    same = " AND a.dataset = b.dataset" if same_dataset else ""
+    check = f" WHERE bit_count(xor(a._h, b._h)) <= {max_distance}" if max_distance is not None else ""
+    return " UNION ALL ".join(
+        f"SELECT a._rank AS src, b._rank AS dst FROM {alive} a JOIN {alive} b ON (a._h & {m}::UBIGINT) = "
+        f"(b._h & {m}::UBIGINT){same} AND a._rank < b._rank{check}" for m in masks)
+
+
+def near_dedup_steps(chain: Any, column: str, max_distance: int, order: str, label_sql: str, global_scope: bool,
+                     blocks: int | None = None) -> None:
+    """Add to ``chain`` (``curation.selection.rules.Chain``) the helper tables and the step that mark
+    ``dropped_by = label`` on every kept sample that is not its group's first by ``order`` (an ORDER BY
+    list) among samples with a non-NULL hash. ``blocks`` forces the block count (``d + 1``: the bands)."""
+    src = chain.source()
+    alive = chain.helper(f"SELECT dataset, shard, key, ('0x' || {q(column)})::UBIGINT AS _h, row_number() OVER "
+                         f"(ORDER BY {order}) AS _rank FROM {src} WHERE dropped_by IS NULL AND {q(column)} IS NOT NULL")
+    masks = table_masks(chain.rows, max_distance, blocks)
+    same = not global_scope and chain.dataset is None
+    edges = chain.helper(f"SELECT DISTINCT src, dst FROM ({_pairs(alive, masks, max_distance, same)})")
     # every node starts as its own group; a group label is lowered to the smallest rank it touches
-    groups = ("SELECT _rank, _rank FROM _alive UNION SELECT e.dst, min(w.grp) FROM _groups w JOIN _edges e ON "
-              "w.node = e.src JOIN recurring._groups r ON r.node = e.dst GROUP BY e.dst HAVING min(w.grp) < min(r.grp)")
-    dropped = "SELECT a.shard, a.key FROM _alive a JOIN _groups g ON a._rank = g.node WHERE g.grp < a._rank"
-    return (
-        f"WITH RECURSIVE _alive AS ({alive}), _bands AS ({_bands(max_distance)}), _edges AS ({edges}), "
-        f"_groups(node, grp) USING KEY (node) AS ({groups}), _near AS ({dropped}) "
-        f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n.key IS NOT NULL THEN {label_sql} "
-        f"ELSE p.dropped_by END AS dropped_by) FROM {prev} p LEFT JOIN _near n ON p.shard = n.shard AND p.key = n.key"
-    )
+    groups = chain.helper(
+        f"WITH RECURSIVE _e AS (SELECT src, dst FROM {edges} UNION ALL SELECT dst, src FROM {edges}), "
+        f"_g(node, grp) USING KEY (node) AS (SELECT src, src FROM _e GROUP BY src UNION SELECT e.dst, min(w.grp) "
+        f"FROM _g w JOIN _e e ON w.node = e.src JOIN recurring._g r ON r.node = e.dst GROUP BY e.dst "
+        f"HAVING min(w.grp) < min(r.grp)) "
+        f"SELECT a.dataset, a.shard, a.key FROM {alive} a JOIN _g g ON a._rank = g.node WHERE g.grp < a._rank")
+    src = chain.source()
+    chain.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n.key IS NOT NULL THEN {label_sql} "
+              f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {groups} n "
+              f"ON p.dataset = n.dataset AND p.shard = n.shard AND p.key = n.key")
+
+
+def candidate_pairs_sql(alive: str, rows: int, max_distance: int, blocks: int | None = None) -> str:
+    """A query counting the candidate pairs the tables produce over ``alive(dataset, _h, _rank)``
+    (before the distance check; a pair found by two tables counts twice): the work near_dedup does."""
+    masks = table_masks(rows, max_distance, blocks)
+    return f"SELECT count(*) FROM ({_pairs(alive, masks, None, True)})"

@@ -43,17 +43,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curation.selection.rules import RULE_NAMES, Rule
 
+NEW_FIELD_DEFAULTS = {"scope": "dataset", "prefer_datasets": [], "blocks": None}
 STAGES = ("align", "vision_pretrain", "pretrain", "image_sft", "video_sft")
 
 
 class PolicyError(ValueError):
     """A policy that cannot run; the message names the offending field."""
+
+
+class RunOptions(BaseModel):
+    """What a selection may use (``curation.selection.runner``); not part of the policy's identity."""
+
+    model_config = ConfigDict(extra="forbid")
+    memory_limit: Optional[str] = None  # DuckDB's, e.g. "2GB" (default: a quarter of the machine, <= 4 GB)
+    temp_directory: Optional[str] = None  # where it spills (default: the system's temp folder)
+    threads: Optional[int] = Field(None, ge=1)
 
 
 class Policy(BaseModel):
@@ -63,6 +73,16 @@ class Policy(BaseModel):
     datasets: dict[str, list[Rule]] = Field(default_factory=dict)
     stages: dict[str, dict[str, float]] = Field(default_factory=dict)
     drop_errors: bool = True
+    run: Optional[RunOptions] = None
+
+    @model_validator(mode="after")
+    def _global_in_defaults(self) -> "Policy":
+        for ds, rules in self.datasets.items():
+            for i, r in enumerate(rules):
+                if getattr(r, "scope", "dataset") == "global":
+                    raise ValueError(f"datasets.{ds}[{i}]: scope: global compares samples across datasets; "
+                                     f"put the rule under defaults:")
+        return self
 
     @field_validator("stages")
     @classmethod
@@ -79,7 +99,13 @@ class Policy(BaseModel):
         return list(self.defaults) + list(self.datasets.get(dataset, []))
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        body = self.model_dump(mode="json", exclude={"run"})  # resources do not change what is selected
+        for rules in [body["defaults"], *body["datasets"].values()]:
+            for r in rules:  # fields added later, at their defaults, leave the fingerprint as it was
+                for k, default in NEW_FIELD_DEFAULTS.items():
+                    if k in r and r[k] == default:
+                        del r[k]
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_policy(path_or_dict: str | dict[str, Any]) -> Policy:
@@ -106,51 +132,62 @@ class SelectionResult:
         return sum(c["kept"] for c in self.counts.values())
 
 
-def run_selection(store: Any, policy: Policy, out: str | None = None) -> SelectionResult:
-    """Apply a policy to the score store; write the decision table (every scored sample once,
-    with ``dropped_by`` NULL when kept) to ``<work>/selection/<policy>/decisions.parquet``."""
-    import io
+class IncompleteScoresError(PolicyError):
+    """A scorer the policy reads has no score file for some input shards."""
 
+
+def incomplete_shards(store: Any, scorers: list[str]) -> list[tuple[str, str, str]]:
+    """(dataset, shard, scorer) for every input shard that one of ``scorers`` has no score file for
+    (input shards: those any scorer of the store has a score file for)."""
+    have = {s: store.shards(s) for s in store.views}
+    every = set().union(*have.values()) if have else set()
+    return sorted((ds, sh, s) for s in scorers for ds, sh in every - have.get(s, set()))
+
+
+def _refuse(missing: list[tuple[str, str, str]]) -> None:
+    by_scorer: dict[str, list[str]] = {}
+    for ds, sh, s in missing:
+        by_scorer.setdefault(s, []).append(f"{ds}/{sh}")
+    parts = [f"{s} has no scores for {len(v)} shard(s): {', '.join(v[:10])}{' ...' if len(v) > 10 else ''}"
+             for s, v in sorted(by_scorer.items())]
+    raise IncompleteScoresError("incomplete scores: " + "; ".join(parts) + ". Score those shards again (`curate score`), "
+                                "or pass --allow-incomplete to drop their samples as not_scored:<scorer>")
+
+
+def run_selection(store: Any, policy: Policy, out: str | None = None, *, allow_incomplete: bool = False,
+                  resources: Any = None) -> SelectionResult:
+    """Apply a policy to the score store; write the decision table (every scored sample once,
+    with ``dropped_by`` NULL when kept) to ``<work>/selection/<policy>/decisions.parquet``.
+
+    Out of core (``curation.selection.runner``): memory is bounded by ``resources`` (a
+    ``runner.Resources``; default: the policy's ``run:`` options, then a quarter of the machine).
+    Refused (:class:`IncompleteScoresError`, naming scorers and shards) when a scorer the rules
+    read has no score file for some input shard, unless ``allow_incomplete``: then those
+    samples are dropped as ``not_scored:<scorer>`` before any rule sees them."""
     import duckdb
-    import pyarrow.parquet as pq
 
     from curation.data import storage
-
     from curation.selection.policy_sql import compile_policy
-    from curation.selection.sqlsafe import sandbox
-
-    datasets = [r[0] for r in store.con.execute("SELECT DISTINCT dataset FROM scores ORDER BY 1").fetchall()]
-    if not datasets:
-        raise PolicyError(f"no scored samples under {store.root}")
-    compiled = compile_policy(policy, datasets, store.columns())
-    # the policy's SQL runs where it can read the scores it names and nothing else
+    from curation.selection.runner import Resources, execute
     from curation.selection.semantic_dedup import edge_tables
 
-    sql_con = sandbox(store.con, "scores", compiled.columns, edge_tables(policy, store, datasets))
-    try:
-        table = sql_con.sql(compiled.sql).to_arrow_table()
-    except duckdb.Error as e:
-        raise PolicyError(f"policy does not run against the score store: {e}") from None
-    finally:
-        sql_con.close()
+    datasets = store.datasets()
+    if not datasets:
+        raise PolicyError(f"no scored samples under {store.root}")
+    owners = store.column_owners()
+    compiled = compile_policy(policy, datasets, store.columns(), store.rows(), owners)
+    missing = incomplete_shards(store, compiled.scorers)
+    if missing and not allow_incomplete:
+        _refuse(missing)
+    if missing:
+        compiled = compile_policy(policy, datasets, store.columns(), store.rows(), owners, not_scored=True)
+    if resources is None:
+        resources = Resources(**(policy.run.model_dump() if policy.run else {}))
     fp = policy.fingerprint()
     url = out or storage.join(store.work, "selection", fp, "decisions.parquet")
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(url, buf.getvalue(), store.storage_options)
-    counts: dict[str, dict[str, Any]] = {}
-    con = duckdb.connect()
-    con.register("decisions", table)
-    rows = con.sql(
-        "SELECT dataset, any_value(kind) AS kind, count(*) AS n, count(*) FILTER (WHERE dropped_by IS NULL) AS kept "
-        "FROM decisions GROUP BY 1 ORDER BY 1"
-    ).fetchall()
-    for ds, kind, n, kept in rows:
-        counts[ds] = {"kind": kind, "scored": n, "kept": kept, "dropped": {}}
-    for ds, reason, n in con.sql(
-        "SELECT dataset, dropped_by, count(*) FROM decisions WHERE dropped_by IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
-    ).fetchall():
-        counts[ds]["dropped"][reason] = n
-    for ds, c in counts.items():
-        assert c["kept"] + sum(c["dropped"].values()) == c["scored"], ds  # nothing dropped without a reason
+    try:
+        counts = execute(store, compiled, url, resources, missing if missing else None,
+                         edge_tables(policy, store, datasets))
+    except duckdb.Error as e:
+        raise PolicyError(f"policy does not run against the score store: {e}") from None
     return SelectionResult(fp, compiled.sql, url, counts)

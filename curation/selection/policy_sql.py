@@ -1,10 +1,11 @@
-"""A selection policy compiled to one DuckDB query over the ``scores`` table.
+"""A selection policy compiled to steps over the ``scores`` columns, each step one table.
 
-Each dataset gets a chain of CTEs (``curation.selection.rules.Chain``), one step per rule, each
-marking ``dropped_by`` on the rows it drops among those still kept; every rule writes its own
-step (``curation.selection.rules``). The order within a dataset: unreadable samples first,
-then ``early`` rules (validity: they name a cause before the scorer error it produces), then
-scorer errors, then every other rule in the policy's order.
+Every rule writes its own step (``curation.selection.rules``), marking ``dropped_by`` on the rows
+it drops among those still kept; the steps run one after the other, each materialized
+(``curation.selection.runner``), so no step's plan depends on the ones before it. The order
+within a dataset: unreadable samples first, then samples a scorer has no score file for (only
+with ``allow_incomplete``), then ``early`` rules (validity: they name a cause before the scorer
+error it produces), then scorer errors, then every other rule in the policy's order.
 
 Names are always quoted identifiers and values quoted literals or numbers; the only text taken
 from the policy as SQL is a ``sql`` rule's ``keep_where``, which
@@ -23,28 +24,54 @@ from curation.selection.sqlsafe import ident as q
 from curation.selection.sqlsafe import literal as lit
 
 
-def compile_dataset(dataset: str, rules: list[Any], error_columns: list[str], prefix: str) -> Chain:
-    ch = Chain(prefix)
-    ch.ctes.append((f"{prefix}0", f"SELECT *, CAST(NULL AS VARCHAR) AS dropped_by FROM scores WHERE dataset = {lit(dataset)}"))
+def _apply(ch: Chain, rules: list[tuple[int, Any]], early: bool) -> None:
+    for i, rule in rules:
+        if rule.early == early:
+            rule.apply(ch, rule.label(i))
+
+
+def compile_steps(policy: Policy, datasets: list[str], error_columns: list[str], rows: int = 0,
+                  not_scored: bool = False) -> Chain:
+    """The steps over table ``s0`` (the score columns plus ``dropped_by``, and ``_not_scored``
+    when ``not_scored``): unreadable, not scored, early rules, scorer errors, the other rules.
+    ``defaults`` run on every dataset at once (each within its dataset unless global), then each
+    dataset's own rules on its rows; within a dataset this is the policy's order."""
+    ch = Chain(rows)
     if "basic_error" in error_columns:
         ch.mark("unreadable", "basic_error IS NOT NULL")  # unreadable input (the reader's error, as basic recorded it)
-    for i, rule in enumerate(rules):
-        if rule.early:
-            rule.apply(ch, rule.label(i))
-    for c in error_columns:
-        if c != "basic_error":
-            ch.mark(f"scorer_error:{c[: -len('_error')] if c.endswith('_error') else 'scorer'}", f"{q(c)} IS NOT NULL")
-    for i, rule in enumerate(rules):
-        if not rule.early:
-            rule.apply(ch, rule.label(i))
+    if not_scored:
+        ch.mark_sql("'not_scored:' || _not_scored", "_not_scored IS NOT NULL")
+    own = {ds: list(enumerate(policy.datasets.get(ds, []), len(policy.defaults))) for ds in sorted(datasets)}
+    defaults = list(enumerate(policy.defaults))
+    for early in (True, False):
+        if not early:
+            for c in error_columns:
+                if c != "basic_error":
+                    ch.mark(f"scorer_error:{c[: -len('_error')] if c.endswith('_error') else 'scorer'}",
+                            f"{q(c)} IS NOT NULL")
+        ch.dataset = None
+        _apply(ch, defaults, early)
+        for ds, rules in own.items():
+            ch.dataset = ds
+            _apply(ch, rules, early)
+        ch.dataset = None
+    ch.flush()
     return ch
 
 
 @dataclass
 class CompiledPolicy:
-    sql: str
+    steps: list[tuple[str, str]]  # (table, SELECT), run in order; the last step's table holds the decisions
+    final: str
     datasets: list[str]
     columns: list[str] = field(default_factory=list)  # the score columns the query reads
+    scorers: list[str] = field(default_factory=list)  # the scorers whose columns the rules read
+
+    @property
+    def sql(self) -> str:
+        """The steps as one readable script (``curate select --explain``, the manifest)."""
+        return ";\n".join(f"CREATE TABLE {name} AS\n  {body}" for name, body in self.steps) + ";\n" + \
+            f"SELECT dataset, shard, key, kind, dropped_by FROM {self.final} ORDER BY dataset, shard, key;"
 
 
 def _all_rules(policy: Policy) -> list[tuple[str, list[Any]]]:
@@ -78,15 +105,14 @@ def _needed(policy: Policy, columns: list[str], error_cols: list[str]) -> list[s
     return [c for c in columns if c in need]
 
 
-def compile_policy(policy: Policy, datasets: list[str], columns: list[str]) -> CompiledPolicy:
-    """One DuckDB query over the ``scores`` table returning (dataset, shard, key, kind, dropped_by)."""
+def compile_policy(policy: Policy, datasets: list[str], columns: list[str], rows: int = 0,
+                   owners: dict[str, str] | None = None, not_scored: bool = False) -> CompiledPolicy:
+    """The steps that turn the ``scores`` columns into decisions (dataset, shard, key, kind, dropped_by).
+    ``rows`` sizes near_dedup's index; ``owners`` maps a score column to its scorer."""
     _check_names(policy, datasets, columns)
     error_cols = [c for c in columns if c == "error" or c.endswith("_error")] if policy.drop_errors else []
-    parts, ctes = [], []
-    for j, ds in enumerate(sorted(datasets)):
-        ch = compile_dataset(ds, policy.rules_for(ds), error_cols, f"d{j}_s")
-        ctes.extend(ch.ctes)
-        parts.append(f"SELECT dataset, shard, key, kind, dropped_by FROM {ch.prev}")
-    body = ",\n".join(f"{name} AS (\n  {sql}\n)" for name, sql in ctes)
-    sql = f"WITH\n{body}\n" + "\nUNION ALL\n".join(parts) + "\nORDER BY dataset, shard, key"
-    return CompiledPolicy(sql, sorted(datasets), _needed(policy, columns, error_cols))
+    ch = compile_steps(policy, datasets, error_cols, rows, not_scored)
+    needed = _needed(policy, columns, error_cols)
+    read = {c for _, rules in _all_rules(policy) for r in rules for c in r.columns(columns)}
+    scorers = sorted({(owners or {}).get(c) for c in read} - {None})  # type: ignore[arg-type]
+    return CompiledPolicy(ch.steps, ch.prev, sorted(datasets), needed, scorers)

@@ -57,7 +57,14 @@ class InputShard:
     shard: str
     url: str
     checksum: str
-    kept: list[str] = field(default_factory=list)  # kept keys, in tar order is not required
+    kept: list[str] = field(default_factory=list)  # kept keys (any order), or read from ``decisions`` by its group
+    kept_count: int | None = None  # with ``decisions``: how many are kept
+    kept_hash: str = ""  # with ``decisions``: a fingerprint of the kept keys (curation.selection.kept)
+    decisions: str | None = None  # the decision table the group reads this shard's kept keys from
+
+    @property
+    def n_kept(self) -> int:
+        return self.kept_count if self.kept_count is not None else len(self.kept)
 
 
 @dataclass
@@ -69,7 +76,7 @@ class Group:
 
     @property
     def expected(self) -> int:
-        return sum(len(i.kept) for i in self.inputs)
+        return sum(i.n_kept for i in self.inputs)
 
 
 @dataclass
@@ -103,10 +110,10 @@ def plan_groups(inputs: list[InputShard], cfg: ReshardConfig) -> list[Group]:
         n = 0
         idx = 0
         for inp in items:
-            if not inp.kept:
+            if not inp.n_kept:
                 continue
             current.append(inp)
-            n += len(inp.kept)
+            n += inp.n_kept
             if n >= target:
                 groups.append(Group(ds, idx, current))
                 idx, current, n = idx + 1, [], 0
@@ -116,7 +123,7 @@ def plan_groups(inputs: list[InputShard], cfg: ReshardConfig) -> list[Group]:
         # workers only change how fast the plan runs, not what it writes
         layout = {k: v for k, v in asdict(cfg).items() if k != "workers"}
         g.plan_hash = _hash({"cfg": layout, "dataset": g.dataset, "index": g.index,
-                             "inputs": [(i.url, i.checksum, sorted(i.kept)) for i in g.inputs]})
+                             "inputs": [(i.url, i.checksum, i.kept_hash or sorted(i.kept)) for i in g.inputs]})
     return groups
 
 
@@ -143,6 +150,21 @@ def _load_done(out: str, g: Group, storage_options: dict | None) -> GroupResult 
                        refused=rec.get("refused", []))
 
 
+def _group_keys(g: Group, storage_options: dict | None) -> dict[str, list[str]]:
+    """Each input's kept keys: given, or read from the decision table for this group alone."""
+    keys = {i.shard: i.kept for i in g.inputs if i.decisions is None}
+    by_table: dict[str, list[str]] = {}
+    for i in g.inputs:
+        if i.decisions is not None:
+            by_table.setdefault(i.decisions, []).append(i.shard)
+    if by_table:
+        from curation.selection.kept import load_kept
+
+        for table, shards in by_table.items():
+            keys.update(load_kept(table, g.dataset, shards, storage_options))
+    return keys
+
+
 def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
                 refused: list[dict[str, str]]) -> Iterator[tuple[str, str, list[Piece]]]:
     """(input shard, key, pieces) of every kept sample, each input verified as it is read.
@@ -150,8 +172,9 @@ def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
     An input whose bytes are not the ones scored raises once it has been read to its end,
     before the group commits anything.
     """
+    kept = _group_keys(g, storage_options)
     for inp in g.inputs:
-        keep = set(inp.kept)
+        keep = set(kept[inp.shard])
         found = 0
         f = open_input(inp, storage_options)
         src = input_reader(inp, f)

@@ -33,32 +33,82 @@ def num(x: float) -> str:
 
 
 class Chain:
-    """The CTE chain of one dataset: s0 -> s1 -> ... each step marking ``dropped_by``."""
+    """The steps of a selection, each a table made from the one before (``s0`` -> ``s1`` -> ...),
+    every step marking ``dropped_by`` on rows it drops among those still kept.
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.ctes: list[tuple[str, str]] = []
+    Steps are materialized one by one (``curation.selection.runner``), so each rule's plan is the
+    plan of one statement over a table: a ranking sorts once, whatever came before it. While
+    ``dataset`` is set, a rule sees only that dataset's rows (``source()``) and ``add`` keeps the
+    other rows as they are; while it is None, a rule sees every dataset and works within each
+    (``by_dataset()``), unless it is global. Consecutive marks are fused into one step.
+    """
+
+    def __init__(self, rows: int = 0) -> None:
+        self.steps: list[tuple[str, str]] = []  # (table, SELECT): chain steps and helper tables, in order
         self.n = 0
-
-    def add(self, body: str) -> None:
-        self.n += 1
-        self.ctes.append((self.prev, body))
-
-    def mark(self, reason: str, drop_when: str) -> None:
-        """Drop kept rows for which ``drop_when`` is true (NULL counts as not dropped: callers coalesce)."""
-        self.add(f"SELECT * REPLACE (CASE WHEN dropped_by IS NULL AND ({drop_when}) THEN {lit(reason)} "
-                 f"ELSE dropped_by END AS dropped_by) FROM {self.prev}")
+        self.rows = rows  # how many rows the selection starts from (sizes near_dedup's index)
+        self.dataset: str | None = None
+        self._marks: list[tuple[str, str]] = []  # pending (reason SQL, condition)
+        self._helpers = 0
 
     @property
     def prev(self) -> str:
-        """The newest CTE: what the next step reads."""
-        return f"{self.prefix}{self.n}"
+        """The newest step's table."""
+        return f"s{self.n}"
+
+    def source(self) -> str:
+        """What the next step reads: the newest table (this dataset's rows only while one is set)."""
+        self.flush()
+        return self.prev if self.dataset is None else f"(SELECT * FROM {self.prev} WHERE dataset = {lit(self.dataset)})"
+
+    def by_dataset(self) -> list[str]:
+        """PARTITION BY columns that keep a rule within each dataset."""
+        return ["dataset"] if self.dataset is None else []
+
+    def add(self, body: str) -> None:
+        """A step whose SELECT ``body`` reads :meth:`source` (called before building ``body``)."""
+        if self.dataset is not None:
+            body = f"SELECT * FROM {self.prev} WHERE dataset <> {lit(self.dataset)} UNION ALL BY NAME {body}"
+        self.n += 1
+        self.steps.append((self.prev, body))
+
+    def helper(self, body: str) -> str:
+        """A helper table (not a step); returns its name."""
+        self.flush()
+        self._helpers += 1
+        name = f"h{self._helpers}"
+        self.steps.append((name, body))
+        return name
+
+    def mark(self, reason: str, drop_when: str) -> None:
+        """Drop kept rows for which ``drop_when`` is true (NULL counts as not dropped: callers coalesce)."""
+        self.mark_sql(lit(reason), drop_when)
+
+    def mark_sql(self, reason_sql: str, drop_when: str) -> None:
+        if self.dataset is not None:
+            drop_when = f"dataset = {lit(self.dataset)} AND ({drop_when})"
+        self._marks.append((reason_sql, drop_when))
+
+    def flush(self) -> None:
+        if not self._marks:
+            return
+        whens = " ".join(f"WHEN {cond} THEN {reason}" for reason, cond in self._marks)
+        self._marks = []
+        body = (f"SELECT * REPLACE (CASE WHEN dropped_by IS NOT NULL THEN dropped_by {whens} ELSE NULL END "
+                f"AS dropped_by) FROM {self.prev}")
+        self.n += 1
+        self.steps.append((self.prev, body))
 
 
-def rank_order(prefer: str | None) -> str:
-    """Which sample of a group is kept: the highest ``prefer`` first, then the first by (shard, key)."""
-    base = "shard, key"
-    return f"{q(prefer)} DESC NULLS LAST, {base}" if prefer else base
+def rank_order(prefer: str | None, datasets: list[str] | None = None) -> str:
+    """Which sample of a group is kept: the first of ``datasets`` (global rules), then the highest
+    ``prefer``, then the first by (dataset, shard, key)."""
+    first = ""
+    if datasets:
+        whens = " ".join(f"WHEN {lit(d)} THEN {i}" for i, d in enumerate(datasets))
+        first = f"CASE dataset {whens} ELSE {len(datasets)} END, "
+    base = "dataset, shard, key"
+    return first + (f"{q(prefer)} DESC NULLS LAST, {base}" if prefer else base)
 
 
 class SelectionRule(BaseModel):
@@ -162,33 +212,58 @@ class ValidRule(SelectionRule):
             chain.mark(f"{label}:{check}", f"NOT coalesce({keep}, false)")
 
 
+class _DedupBase(SelectionRule):
+    prefer: Optional[str] = None  # keep the duplicate with the highest value here (default: first by shard, key)
+    scope: Literal["dataset", "global"] = "dataset"  # global: one copy across datasets (in defaults only)
+    prefer_datasets: list[str] = Field(default_factory=list)  # global: keep the copy of the first of these
+
+    @model_validator(mode="after")
+    def _scope(self) -> "_DedupBase":
+        if self.prefer_datasets and self.scope != "global":
+            raise ValueError("prefer_datasets orders datasets for scope: global only")
+        return self
+
+    def order(self) -> str:
+        return rank_order(self.prefer, self.prefer_datasets if self.scope == "global" else None)
+
+    def partition(self, chain: Chain) -> list[str]:
+        return [] if self.scope == "global" else chain.by_dataset()
+
+
 @register
-class DedupRule(SelectionRule):
+class DedupRule(_DedupBase):
     rule: Literal["dedup"]
     column: str = "sha256"
-    prefer: Optional[str] = None  # keep the duplicate with the highest value here (default: first by shard, key)
 
     def apply(self, chain: Chain, label: str) -> None:
         col = q(self.column)
+        src = chain.source()
+        part = ", ".join(self.partition(chain) + ["dropped_by IS NULL", col])
         chain.add(
             f"SELECT * EXCLUDE (_rn) REPLACE (CASE WHEN dropped_by IS NULL AND _rn > 1 THEN {lit(label)} "
             f"ELSE dropped_by END AS dropped_by) FROM (SELECT *, CASE WHEN dropped_by IS NULL AND {col} "
-            f"IS NOT NULL THEN row_number() OVER (PARTITION BY dropped_by IS NULL, {col} ORDER BY "
-            f"{rank_order(self.prefer)}) END AS _rn FROM {chain.prev})"
+            f"IS NOT NULL THEN row_number() OVER (PARTITION BY {part} ORDER BY {self.order()}) END AS _rn FROM {src})"
         )
 
 
 @register
-class NearDedupRule(SelectionRule):
+class NearDedupRule(_DedupBase):
     rule: Literal["near_dedup"]
     column: str = "phash"
     max_distance: int = Field(4, ge=0, le=15)  # Hamming distance between 64-bit hashes
-    prefer: Optional[str] = None
+    blocks: Optional[int] = Field(None, ge=1, le=64)  # force the index's block count (default: sized to the pool)
+
+    @model_validator(mode="after")
+    def _blocks(self) -> "NearDedupRule":
+        if self.blocks is not None and self.blocks <= self.max_distance:
+            raise ValueError(f"blocks must be more than max_distance ({self.max_distance}), got {self.blocks}")
+        return self
 
     def apply(self, chain: Chain, label: str) -> None:
-        from curation.selection.near_dedup import near_dedup_step
+        from curation.selection.near_dedup import near_dedup_steps
 
-        chain.add(near_dedup_step(chain.prev, self.column, self.max_distance, rank_order(self.prefer), lit(label)))
+        near_dedup_steps(chain, self.column, self.max_distance, self.order(), lit(label), self.scope == "global",
+                         self.blocks)
 
 
 @register
@@ -210,7 +285,8 @@ class SemanticDedupRule(SelectionRule):
     def apply(self, chain: Chain, label: str) -> None:
         from curation.selection.semantic_dedup import semantic_dedup_step, table_name
 
-        chain.add(semantic_dedup_step(chain.prev, table_name(self), rank_order(self.prefer), lit(label)))
+        src = chain.source()  # pending marks flushed; this dataset's rows while one is set
+        chain.add(semantic_dedup_step(src, table_name(self), rank_order(self.prefer), lit(label)))
 
 
 class _RankingRule(SelectionRule):
@@ -222,11 +298,15 @@ class _RankingRule(SelectionRule):
 
     def apply(self, chain: Chain, label: str) -> None:
         direction = "ASC" if self.ascending else "DESC"
+        src = chain.source()
+        part = chain.by_dataset()
+        over = f"PARTITION BY {', '.join(part)}" if part else ""
         chain.add(
             f"SELECT * EXCLUDE (_rk, _alive) REPLACE (CASE WHEN dropped_by IS NULL AND (_rk > {self._limit()} OR "
             f"{q(self.column)} IS NULL) THEN {lit(label)} ELSE dropped_by END AS dropped_by) FROM (SELECT *, "
-            f"row_number() OVER (PARTITION BY dropped_by IS NULL ORDER BY {q(self.column)} {direction} NULLS LAST, "
-            f"shard, key) AS _rk, count(*) FILTER (WHERE dropped_by IS NULL) OVER () AS _alive FROM {chain.prev})"
+            f"row_number() OVER (PARTITION BY {', '.join(part + ['dropped_by IS NULL'])} ORDER BY {q(self.column)} "
+            f"{direction} NULLS LAST, shard, key) AS _rk, sum(CASE WHEN dropped_by IS NULL THEN 1 ELSE 0 END) OVER ({over}) "
+            f"AS _alive FROM {src})"  # not count(*) FILTER (...) OVER (): DuckDB runs that one in quadratic time
         )
 
 

@@ -96,18 +96,20 @@ def table_name(rule: Any) -> str:
 def semantic_dedup_step(prev: str, pairs_table: str, order: str, label_sql: str) -> str:
     """A CTE body over ``prev`` that marks ``dropped_by = label`` on every kept sample linked (by
     pairs whose both ends are still kept) to one ranked before it by ``order``."""
-    alive = f"SELECT shard, key, row_number() OVER (ORDER BY {order}) AS _rank FROM {prev} WHERE dropped_by IS NULL"
-    edges = (f"SELECT a._rank AS src, b._rank AS dst FROM {q(pairs_table)} e JOIN _alive a ON a.shard = e.shard_a "
-             f"AND a.key = e.key_a JOIN _alive b ON b.shard = e.shard_b AND b.key = e.key_b")
+    alive = (f"SELECT dataset, shard, key, row_number() OVER (ORDER BY {order}) AS _rank FROM {prev} "
+             f"WHERE dropped_by IS NULL")
+    edges = (f"SELECT a._rank AS src, b._rank AS dst FROM {q(pairs_table)} e JOIN _alive a ON a.dataset = e.dataset "
+             f"AND a.shard = e.shard_a AND a.key = e.key_a JOIN _alive b ON b.dataset = e.dataset "
+             f"AND b.shard = e.shard_b AND b.key = e.key_b")
     groups = ("SELECT node, node FROM _nodes UNION SELECT e.dst, min(w.grp) FROM _groups w JOIN _edges e ON "
               "w.node = e.src JOIN recurring._groups r ON r.node = e.dst GROUP BY e.dst HAVING min(w.grp) < min(r.grp)")
-    dropped = "SELECT a.shard, a.key FROM _alive a JOIN _groups g ON a._rank = g.node WHERE g.grp < a._rank"
+    dropped = "SELECT a.dataset, a.shard, a.key FROM _alive a JOIN _groups g ON a._rank = g.node WHERE g.grp < a._rank"
     return (
         f"WITH RECURSIVE _alive AS ({alive}), _one AS ({edges}), _edges AS (SELECT src, dst FROM _one UNION "
         f"SELECT dst, src FROM _one), _nodes AS (SELECT src AS node FROM _edges UNION SELECT dst FROM _edges), "
         f"_groups(node, grp) USING KEY (node) AS ({groups}), _dups AS ({dropped}) "
         f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n.key IS NOT NULL THEN {label_sql} "
-        f"ELSE p.dropped_by END AS dropped_by) FROM {prev} p LEFT JOIN _dups n ON p.shard = n.shard AND p.key = n.key"
+        f"ELSE p.dropped_by END AS dropped_by) FROM {prev} p LEFT JOIN _dups n ON p.dataset = n.dataset AND p.shard = n.shard AND p.key = n.key"
     )
 
 

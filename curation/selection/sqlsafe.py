@@ -9,9 +9,11 @@ the scores and nothing else:
   cannot step outside the parentheses it is wrapped in), and DuckDB's own parser must read
   ``SELECT * FROM scores WHERE (<text>)`` as one plain SELECT whose condition holds no
   subquery (so no ``read_text(...)``, no other table).
-- :func:`sandbox` (at run): selection runs on a fresh in-memory DuckDB connection holding
-  only the score columns the policy needs, with external access disabled (no files, no
-  network, no extensions) and the configuration locked, so nothing can turn it back on.
+- :func:`sandbox` (at run): selection runs on a DuckDB connection of its own that first copies
+  only the score columns the policy needs into a table (out of core: past ``memory_limit``
+  DuckDB spills to its temp directory), then has external access disabled (no files but the
+  one result file it writes, no network, no extensions) and its configuration locked, so
+  nothing can turn it back on.
 """
 
 from __future__ import annotations
@@ -102,11 +104,34 @@ def check_predicate(expr: str) -> set[str] | None:
     return columns
 
 
-def sandbox(source: duckdb.DuckDBPyConnection, view: str, columns: list[str],
-            tables: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
-    """A locked-down connection holding ``columns`` of ``view`` (read through ``source``, which
-    may reach files and S3) as its in-memory table of the same name, and the Arrow ``tables``
-    (rules' precomputed inputs, e.g. semantic_dedup's pairs) under their names."""
+def engine(settings: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory connection that can load no extension; ``settings`` (``memory_limit``,
+    ``temp_directory``, ``threads``) bound its memory: past the limit DuckDB spills its tables to
+    the temp directory. Files stay reachable until :func:`sandbox` locks it."""
+    config = {k: v for k, v in SANDBOX_CONFIG.items() if k != "enable_external_access"}
+    con = duckdb.connect(":memory:", config={**config, **(settings or {})})
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def sandbox(con: duckdb.DuckDBPyConnection, allowed_paths: list[str] = ()) -> duckdb.DuckDBPyConnection:
+    """Lock ``con`` down: from now on it reaches no file but ``allowed_paths`` (the one file the
+    engine writes its result to), no network and no extension, and its configuration is locked,
+    so nothing can turn them back on. What it loaded before (the score columns a policy needs)
+    stays in its memory, or spilled to its temp directory, which DuckDB itself owns."""
+    if allowed_paths:
+        con.execute(f"SET allowed_paths = [{', '.join(literal(p) for p in allowed_paths)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def sandboxed_copy(source: duckdb.DuckDBPyConnection, view: str, columns: list[str],
+                   tables: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """A locked-down in-memory connection holding ``columns`` of ``view`` (read through
+    ``source``, which may reach files and S3) as its table of the same name, and the Arrow
+    ``tables`` under their names: for small interactive queries (``curate explore``'s query box);
+    selection runs out of core through :func:`engine` + :func:`sandbox` instead."""
     con = duckdb.connect(config=SANDBOX_CONFIG)
     rel = source.sql(f"SELECT {', '.join(ident(c) for c in columns)} FROM {ident(view)}")
     reader = rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()  # duckdb < 1.4

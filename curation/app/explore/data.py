@@ -16,7 +16,7 @@ from curation.app.explore.fetch import Location, SampleNotFound
 from curation.data import storage
 from curation.scoring.scorefile import score_file_url
 from curation.scoring.store import ScoreStore
-from curation.selection.sqlsafe import check_predicate, ident, literal, sandbox
+from curation.selection.sqlsafe import check_predicate, ident, literal, sandboxed_copy
 
 PAGE = 48
 BINS = 30
@@ -168,7 +168,7 @@ class Explorer:
             raise QueryError(f"unknown column {col!r}")
         need = self.columns if names is None else [
             c for c in self.columns if c in names or c in ("dataset", "shard", "key", "kind", "dropped_by", col)]
-        con = sandbox(self.con.cursor(), "explore", need)
+        con = sandboxed_copy(self.con.cursor(), "explore", need)
         try:
             return self._page(con, f"({expr})", [], col, page, desc)
         except Exception as e:  # noqa: BLE001 - DuckDB's message says what is wrong with the expression

@@ -1,0 +1,159 @@
+"""A compiled policy run out of core: scores -> a sandboxed DuckDB file -> ``decisions.parquet``.
+
+One DuckDB connection of its own (:func:`curation.selection.sqlsafe.engine`), in three acts:
+
+1. with the store's views (it reaches the score files, local or S3) it copies the columns the
+   policy reads into table ``s0`` (with ``dropped_by``, and ``_not_scored`` when incomplete
+   scores are allowed), then drops the views;
+2. :func:`curation.selection.sqlsafe.sandbox` locks it: no file but the result's temp name, no
+   network, no extension, the configuration locked; it runs the steps, each ``CREATE TABLE``
+   from the one before (tables a step no longer needs are dropped: about two copies live);
+3. it writes the decision table with ``COPY`` (sorted by dataset, shard, key: a reader of one
+   shard's keys reads few row groups) to a temp name beside the result, renamed into place
+   (on S3: in the temp folder, then one upload).
+
+Memory is bounded by DuckDB's ``memory_limit``: past it DuckDB spills its tables to a temp folder
+of this run (removed at the end); no step passes rows through Python.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from curation.data import storage
+from curation.selection.sqlsafe import ident as q
+from curation.selection.sqlsafe import literal as lit
+from curation.selection.sqlsafe import engine, sandbox
+
+DECISION_COLUMNS = "dataset, shard, key, kind, dropped_by"
+
+
+def default_memory_limit() -> str:
+    """A quarter of the machine's memory, between 256 MB and 4 GB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return f"{max(256, min(4096, total // 4 >> 20))}MB"
+
+
+@dataclass
+class Resources:
+    """What one selection may use: DuckDB's memory limit, where it spills, its threads."""
+
+    memory_limit: str | None = None  # e.g. "2GB"; default: default_memory_limit()
+    temp_directory: str | None = None  # default: the system's temp folder
+    threads: int | None = None  # default: DuckDB's (every core)
+
+    def settings(self, spill: str) -> dict[str, Any]:
+        s: dict[str, Any] = {"memory_limit": self.memory_limit or default_memory_limit(), "temp_directory": spill}
+        if self.threads:
+            s["threads"] = int(self.threads)
+        return s
+
+
+def _load(store: Any, con: duckdb.DuckDBPyConnection, columns: list[str],
+          missing: list[tuple[str, str, str]] | None) -> None:
+    """Table ``s0``: the columns the policy reads, ``dropped_by`` and (with ``missing``) ``_not_scored``."""
+    view = type(store)(store.work, store.storage_options, con=con)  # the store's views, on this connection
+    cols = ", ".join(f"s.{q(c)}" for c in columns)
+    if missing is None:
+        con.execute(f"CREATE TABLE s0 AS SELECT {cols}, CAST(NULL AS VARCHAR) AS dropped_by FROM scores s")
+    else:
+        import pyarrow as pa
+
+        m = pa.table({"dataset": [x[0] for x in missing], "shard": [x[1] for x in missing],
+                      "scorer": [x[2] for x in missing]}, schema=pa.schema([(n, pa.string()) for n in
+                                                                            ("dataset", "shard", "scorer")]))
+        con.register("_missing_in", m)
+        con.execute(f"CREATE TABLE s0 AS SELECT {cols}, CAST(NULL AS VARCHAR) AS dropped_by, m.scorer AS _not_scored "
+                    f"FROM scores s LEFT JOIN (SELECT dataset, shard, string_agg(scorer, ',' ORDER BY scorer) AS scorer "
+                    f"FROM _missing_in GROUP BY ALL) m ON s.dataset = m.dataset AND s.shard = m.shard")
+        con.unregister("_missing_in")
+    for name in ["scores", *view.views]:
+        con.execute(f"DROP VIEW IF EXISTS {q(name)}")
+
+
+def _run_steps(con: duckdb.DuckDBPyConnection, steps: list[tuple[str, str]]) -> None:
+    made: list[str] = ["s0"]
+    for name, body in steps:
+        con.execute(f"CREATE TABLE {name} AS {body}")
+        if name.startswith("s"):  # a step: nothing before it is read again
+            for old in made:
+                con.execute(f"DROP TABLE {old}")
+            made = []
+        made.append(name)
+
+
+def _counts(con: duckdb.DuckDBPyConnection, final: str) -> dict[str, dict[str, Any]]:
+    counts: dict[str, dict[str, Any]] = {}
+    for ds, kind, n, kept in con.execute(
+            f"SELECT dataset, any_value(kind), count(*), count(*) FILTER (WHERE dropped_by IS NULL) FROM {final} "
+            f"GROUP BY 1 ORDER BY 1").fetchall():
+        counts[ds] = {"kind": kind, "scored": n, "kept": kept, "dropped": {}}
+    for ds, reason, n in con.execute(
+            f"SELECT dataset, dropped_by, count(*) FROM {final} WHERE dropped_by IS NOT NULL GROUP BY 1, 2 "
+            f"ORDER BY 1, 3 DESC, 2").fetchall():
+        counts[ds]["dropped"][reason] = n
+    for ds, c in counts.items():
+        assert c["kept"] + sum(c["dropped"].values()) == c["scored"], ds  # nothing dropped without a reason
+    return counts
+
+
+def _target(url: str, tmp: str, storage_options: dict | None) -> str:
+    """Where COPY writes: a temp name beside ``url`` (renamed into place), or in ``tmp`` (uploaded)."""
+    if storage.is_remote(url):
+        return os.path.join(tmp, "decisions.parquet")
+    _, path = storage.get_fs(url, storage_options)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _publish(target: str, url: str, storage_options: dict | None) -> None:
+    if storage.is_remote(url):
+        with open(target, "rb") as src, storage.atomic_write(url, storage_options) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+    else:
+        os.replace(target, storage.get_fs(url, storage_options)[1])
+
+
+def execute(store: Any, compiled: Any, url: str, resources: Resources | None = None,
+            missing: list[tuple[str, str, str]] | None = None,
+            tables: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``compiled`` (``curation.selection.policy_sql.CompiledPolicy``) on ``store``; write the
+    decisions to ``url``; return the counts per dataset. ``missing``: (dataset, shard, scorer)
+    whose samples are dropped as ``not_scored:<scorer>`` (the steps must have been compiled for it).
+    ``tables``: Arrow tables the steps read by name (rules' precomputed inputs, e.g. semantic_dedup's
+    pairs), loaded before the connection is locked.
+    Raises ``duckdb.Error`` when a step does not run (the caller names the policy)."""
+    res = resources or Resources()
+    root = res.temp_directory or tempfile.gettempdir()
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="curate-select-", dir=root)
+    target = _target(url, tmp, store.storage_options)
+    try:
+        with engine(res.settings(os.path.join(tmp, "spill"))) as con:
+            _load(store, con, compiled.columns, missing)
+            for name, data in (tables or {}).items():
+                con.register("_incoming", data)
+                con.execute(f"CREATE TABLE {q(name)} AS SELECT * FROM _incoming")
+                con.unregister("_incoming")
+            sandbox(con, [target])
+            _run_steps(con, compiled.steps)
+            counts = _counts(con, compiled.final)
+            con.execute(f"COPY (SELECT {DECISION_COLUMNS} FROM {compiled.final} ORDER BY dataset, shard, key) TO "
+                        f"{lit(target)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
+        _publish(target, url, store.storage_options)
+        return counts
+    finally:
+        if os.path.exists(target):
+            os.unlink(target)
+        shutil.rmtree(tmp, ignore_errors=True)
