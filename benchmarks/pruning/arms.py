@@ -1,7 +1,8 @@
 """Scoring the pool with the real pipeline and the arms' selection policies.
 
 Filter and proxies train on the trusted set only (``curation.scoring.dfn``,
-``training_hooks.proxies``); the pool is scored shard by shard by the scoring engine
+``training_hooks.proxies``: a small and a ~9x larger proxy, both to convergence); the CLIP
+threshold is calibrated on the calibration set, which the filter never saw; the pool is scored shard by shard by the scoring engine
 (``score_local``: the same code path the Ray actors run) into a score store; every arm is a
 policy that ``curation.selection.curate.curate`` compiles to SQL, reshards byte for byte and
 records in a manifest. DeltaLoss modes score into separate stores (one ``deltaloss`` scorer
