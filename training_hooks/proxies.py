@@ -198,7 +198,8 @@ def _train_to_convergence(run: Callable[[str, str], dict[str, Any]], init: str, 
             if since_best > patience:
                 break
     res = _summary(best, os.path.join(out, name), time.time() - t0, steps)
-    res.update(heldout_by_round=rounds, steps_of_best=best_steps)
+    # stopped_early False: the round limit came first, so the model may not have converged
+    res.update(heldout_by_round=rounds, steps_of_best=best_steps, stopped_early=since_best > patience)
     return res
 
 

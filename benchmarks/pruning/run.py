@@ -185,7 +185,8 @@ def bar_chart(summary: dict[str, Any], path: str, title: str) -> str:
 def proxies_record(preps: list[dict[str, Any]]) -> dict[str, Any]:
     """Each proxy's held-out loss (on the trainer's held-out slice of the trusted data), steps,
     parameters and seconds, per seed, and the mean held-out loss per proxy."""
-    per_seed = [{m: {n: {k: r[k] for k in ("heldout_loss", "steps", "parameters", "seconds")} for n, r in res.items()}
+    keys = ("heldout_loss", "steps", "parameters", "seconds", "heldout_by_round", "stopped_early")
+    per_seed = [{m: {n: {k: r.get(k) for k in keys} for n, r in res.items()}
                  for m, res in p["models"]["proxies"].items()} for p in preps]
     means = {m: {n: _mean([s[m][n]["heldout_loss"] for s in per_seed]) for n in res} for m, res in per_seed[0].items()}
     return {"heldout_loss_mean": means, "per_seed": per_seed}
