@@ -45,7 +45,7 @@ QUICK = {"pool": 300, "trusted": 120, "calib": 60, "heldout": 60, "pretrain_pair
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from benchmarks.pruning.model import EPOCHS, PRETRAIN_PAIRS, PRETRAIN_STEPS
+    from benchmarks.pruning.model import CURVE, EPOCHS, PRETRAIN_PAIRS, PRETRAIN_STEPS
     from training_hooks.proxies import DEFAULT_MODE
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", choices=["epochs", "steps"], default="epochs",
                     help="epochs: every arm the same passes over its own kept data; steps: every arm full data's steps")
     ap.add_argument("--epochs", type=float, default=None, help=f"passes over the kept data (default {EPOCHS:g})")
+    ap.add_argument("--curve", type=float, nargs="+", default=None,
+                    help="full data's learning curve, in multiples of --epochs (default 0.5 1 2)")
     ap.add_argument("--quick", action="store_true", help="small sets and budgets: checks the whole path in a few minutes")
     ap.add_argument("--pool", type=int, default=None, help="pairs in the pool (60 %% sft_a, 40 %% sft_b; default 1200)")
     ap.add_argument("--noise-rate", type=float, default=0.25, help="share of injected noise in the pool")
@@ -75,10 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in (QUICK if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.curve = sorted(set(args.curve or CURVE))
     if not 0 <= args.noise_rate <= 0.9:
         ap.error("--noise-rate must be in [0, 0.9]")
-    if args.epochs <= 0 or args.pool < 20 or min(args.trusted, args.calib, args.heldout) < 8:
-        ap.error("--epochs must be > 0, --pool >= 20, --trusted, --calib and --heldout >= 8")
+    if args.epochs <= 0 or min(args.curve) <= 0 or args.pool < 20 or min(args.trusted, args.calib, args.heldout) < 8:
+        ap.error("--epochs and --curve must be > 0, --pool >= 20, --trusted, --calib and --heldout >= 8")
     return args
 
 

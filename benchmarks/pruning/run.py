@@ -90,7 +90,7 @@ def run_seed(root: str, prep: dict[str, Any], arms: dict[str, tuple[str, str]], 
         say(f"  seed {seed} {name:<26} kept {r['kept']:5d}  steps {r['optimizer_steps']:4d}  noise "
             f"{r['noise_share_of_kept']:.1%}  head {r['head_share_of_kept']:.1%}  accuracy {r['accuracy']:.3f}  "
             f"all right {r['all_right']:.3f}  held-out loss {r['heldout_loss']:.4f}  (train {r['train_seconds']:.0f} s)")
-    for mult in CURVE:
+    for mult in getattr(args, "curve", None) or CURVE:
         epochs = args.epochs * mult
         if mult == 1.0:
             r = out["arms"]["full"]
