@@ -7,9 +7,11 @@ saves them where the DeltaLoss scorer loads them. The models start from random w
 they train at ``lr`` (1e-3, not the 1.5e-5 that fine-tunes a pretrained NVILA).
 
 - ``capability`` (NVILA's DeltaLoss): ``<out>/small`` and ``<out>/large``, both on the trusted
-  data. DeltaLoss is only a signal when the large proxy is clearly stronger than the small one,
-  so the small proxy gets ``steps`` per stage (a weak reference), while the large one (``small``
-  config, about 9x the parameters) trains to convergence (below).
+  data. DeltaLoss is only a signal when the large proxy is clearly stronger than the small one.
+  The large one (``small`` config, about 9x the parameters) trains to convergence (below); the
+  small one gets ``steps`` per stage, or with ``converge_small=True`` it too trains to
+  convergence, so the gap between them is capacity alone, not training (NVILA's setting; the
+  pruning benchmark uses it: otherwise ``delta_loss`` is close to a constant minus ``loss_large``).
 - ``reference`` (RHO-LOSS / CoLoR-Filter): ``<out>/pool``, trained on the pool to be pruned,
   and ``<out>/reference``, the same initialization trained on the trusted data, both to
   convergence; the scorer's ``delta_loss`` is then ``loss_pool - loss_reference``.
@@ -63,10 +65,12 @@ DEFAULT_MODE = "capability"  # ranked better in benchmarks/pruning_quality.py (R
 def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_size: int = 8, max_length: int = 512,
                   seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
                   round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
-                  lr: float = 1e-3, mode: str = DEFAULT_MODE, pool: str | list[str] | None = None) -> dict[str, Any]:
+                  lr: float = 1e-3, mode: str = DEFAULT_MODE, pool: str | list[str] | None = None,
+                  converge_small: bool = False) -> dict[str, Any]:
     """Train the DeltaLoss scorer's two models under ``out`` and record them in ``proxies.json``.
 
-    ``mode="capability"``: ``small`` and ``large`` on the trusted data (NVILA's DeltaLoss).
+    ``mode="capability"``: ``small`` and ``large`` on the trusted data (NVILA's DeltaLoss); the
+    small one ``steps`` per stage, or to convergence too with ``converge_small``.
     ``mode="reference"``: ``pool`` (a model trained on the ``pool`` shards being pruned) and
     ``reference`` (the same architecture trained on the trusted data), both to convergence."""
     if mode not in MODES:
@@ -82,7 +86,7 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
     stop = dict(max_rounds=max_rounds, patience=patience, min_delta=min_delta, info=info)
     rounds = round_steps or max(steps, 25)
     if mode == "capability":
-        results = _capability(manifest_url, out, steps, rounds, settings, stop)
+        results = _capability(manifest_url, out, steps, rounds, settings, stop, converge_small)
     else:
         pool = [pool] if isinstance(pool, str) else list(pool or [])
         pool_url = seed_manifest(pool, os.path.join(out, "pool-work"), os.path.join(out, "pool-curated"))
@@ -111,8 +115,8 @@ def _runner(manifest_url: str, n: int, s: dict[str, Any]) -> Callable[[str, str]
 
 
 def _capability(manifest_url: str, out: str, steps: int, rounds: int, s: dict[str, Any],
-                stop: dict[str, Any]) -> dict[str, Any]:
-    """A weak small proxy (``steps`` per stage) and a ~9x larger one trained to convergence."""
+                stop: dict[str, Any], converge_small: bool = False) -> dict[str, Any]:
+    """A small proxy (``steps`` per stage, or to convergence) and a ~9x larger one trained to convergence."""
     from curation.selection.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
@@ -121,7 +125,9 @@ def _capability(manifest_url: str, out: str, steps: int, rounds: int, s: dict[st
     # one tokenizer for both proxies: the large one is built with the small one's vocabulary
     large_init = init_tiny_model(m, os.path.join(out, "init-large"), size="small", seed=s["seed"])
     _share_tokenizer(small_init, large_init)
-    results = {"small": _train_small(_runner(manifest_url, steps, s), small_init, out),
+    small = (_train_to_convergence(_runner(manifest_url, rounds, s), small_init, out, "small", **stop) if converge_small
+             else _train_small(_runner(manifest_url, steps, s), small_init, out))
+    results = {"small": small,
                "large": _train_to_convergence(_runner(manifest_url, rounds, s), large_init, out, "large", **stop)}
     for name, init in (("small", small_init), ("large", large_init)):
         results[name]["parameters"] = _parameters(init)
@@ -192,7 +198,8 @@ def _train_to_convergence(run: Callable[[str, str], dict[str, Any]], init: str, 
             if since_best > patience:
                 break
     res = _summary(best, os.path.join(out, name), time.time() - t0, steps)
-    res.update(heldout_by_round=rounds, steps_of_best=best_steps)
+    # stopped_early False: the round limit came first, so the model may not have converged
+    res.update(heldout_by_round=rounds, steps_of_best=best_steps, stopped_early=since_best > patience)
     return res
 
 

@@ -1,7 +1,8 @@
 """Scoring the pool with the real pipeline and the arms' selection policies.
 
 Filter and proxies train on the trusted set only (``curation.scoring.dfn``,
-``training_hooks.proxies``); the pool is scored shard by shard by the scoring engine
+``training_hooks.proxies``: a small and a ~9x larger proxy, both to convergence); the CLIP
+threshold is calibrated on the calibration set, which the filter never saw; the pool is scored shard by shard by the scoring engine
 (``score_local``: the same code path the Ray actors run) into a score store; every arm is a
 policy that ``curation.selection.curate.curate`` compiles to SQL, reshards byte for byte and
 records in a manifest. DeltaLoss modes score into separate stores (one ``deltaloss`` scorer
@@ -17,12 +18,13 @@ from typing import Any
 
 from curation.data.shards import dataset_of, list_shards
 
-ARMS = ("full", "random_50", "clip_50", "deltaloss_50", "clip_then_deltaloss_50")
+ARMS = ("full", "random_50", "clip_50", "likelihood_50", "deltaloss_50", "clip_then_deltaloss_50")
 
 
 def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list[str],
                          proxy_steps: int, max_rounds: int) -> dict[str, Any]:
-    """The DFN filter and, per DeltaLoss mode, the proxies; with their cost in seconds."""
+    """The DFN filter and, per DeltaLoss mode, the proxies (capability: both trained to
+    convergence, so they differ in capacity only); with their cost in seconds."""
     from curation.scoring.dfn import FilterTrainConfig, train_filter
     from training_hooks.proxies import train_proxies
 
@@ -33,7 +35,7 @@ def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list
     for mode in modes:
         res = train_proxies(sets["trusted"], f"{root}/proxies-{mode}", steps=proxy_steps, batch_size=8, seed=seed,
                             mode=mode, pool=list(sets["pool"].values()) if mode == "reference" else None,
-                            max_rounds=max_rounds, info=lambda t: None)
+                            max_rounds=max_rounds, info=lambda t: None, converge_small=mode == "capability")
         out["proxies"][mode] = res
     return out
 
@@ -66,13 +68,28 @@ def _check(report: Any) -> None:
         raise RuntimeError(f"scoring failed: {report.failed}")
 
 
-def clip_threshold(trusted: str, dfn: str) -> float:
-    """The CLIP threshold, calibrated on the trusted set's scores (``curation.selection.calibrate``)."""
+def clip_threshold(calib: str, dfn: str) -> float:
+    """The CLIP threshold, calibrated (``curation.selection.calibrate``) on the calibration set's
+    scores: clean pairs drawn like the trusted set's, which the filter never trained on."""
     from curation.selection.calibrate import DEFAULT_QUANTILE, quantile_threshold, score_trusted
     from scorers import build_scorer
 
-    scores = score_trusted([trusted], [build_scorer("clip", model=dfn)])
+    scores = score_trusted([calib], [build_scorer("clip", model=dfn)])
     return quantile_threshold(scores["clip_score"], DEFAULT_QUANTILE)[0]
+
+
+def spearman_delta_vs_likelihood(work: str) -> float:
+    """Spearman's rank correlation of ``delta_loss`` with ``-loss_large`` over the scored pool:
+    near 1, DeltaLoss ranks like the large proxy's likelihood alone."""
+    from scipy.stats import spearmanr
+
+    from curation.scoring.store import ScoreStore
+
+    rows = ScoreStore(work).con.execute(
+        "SELECT delta_loss, loss_large FROM deltaloss WHERE delta_loss IS NOT NULL AND loss_large IS NOT NULL").fetchall()
+    if len(rows) < 3:
+        return float("nan")
+    return round(float(spearmanr([r[0] for r in rows], [-r[1] for r in rows]).statistic), 4)
 
 
 def arm_policy(arm: str, sizes: dict[str, int], seed: int, clip_min: float) -> dict[str, Any]:
@@ -83,6 +100,8 @@ def arm_policy(arm: str, sizes: dict[str, int], seed: int, clip_min: float) -> d
         # a different random half per seed (about 50 %: a hash of the key and the seed)
         "random_50": [{"rule": "sql", "keep_where": f"hash(key || '-{seed}') % 2 = 0", "name": "random_half"}],
         "clip_50": [{**half, "column": "clip_score"}],
+        # the large proxy's likelihood alone: what DeltaLoss would be if the small proxy were a constant
+        "likelihood_50": [{**half, "column": "loss_large", "ascending": True}],
         "deltaloss_50": [{**half, "column": "delta_loss"}],
     }
     datasets = {ds: list(per_arm.get(arm, [])) for ds in sizes}

@@ -1,50 +1,64 @@
 """THE model and training budget every arm uses: the one place to switch them.
 
-``benchmark_model`` builds the NVILA every arm starts from (one initialization per seed, the
-same for every arm), ``training_recipe`` the budget (same steps, batch and learning rate for
-every arm). To measure pruning with another model or budget, change these two functions and
-nothing else.
+``benchmark_model`` builds the NVILA every arm of a seed starts from (one initialization per
+seed, the same for every arm), ``training_recipe`` one arm's run (same batch, learning rate and
+schedule for every arm), ``arm_steps`` its optimizer steps under the budget:
+
+- ``epochs`` (default): every arm makes ``epochs`` passes over its own kept data, so an arm that
+  keeps half the pool takes half the optimizer steps (NVILA's claim: the same accuracy for about
+  half the training compute);
+- ``steps``: every arm takes the steps full data takes at ``epochs`` (a 50 % arm then sees its
+  data twice as often).
+
+The trainer holds out the same share of every arm's data for its held-out loss, so the epoch
+counts are nominal (over the kept samples) and the same for every arm.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # The demo's NVILA (training_hooks/bootstrap.py DEMO: 8-pixel patches, Dynamic-S2 at 32 and 64
 # pixels) with its vision tower pretrained on clean pairs of its own before any arm trains
 # (training_hooks/vision_pretrain.py), as the demo does: caption-word classification (objective
-# "words"), 20000 pairs, 6000 steps; the stand-in for starting from a pretrained SigLIP. (With
-# SigLIP's sigmoid loss the shape stayed at chance in every arm; figures in the README.) The
-# pretrained tower trains at VISION_LR_RATIO of the LR, as in the demo.
+# "words"); the stand-in for starting from a pretrained SigLIP. Its pairs (benchmarks/pruning/pool.py)
+# never show the held-out (shape, colour) pairs. The pretrained tower trains at VISION_LR_RATIO
+# of the LR, as in the demo.
 IMAGE_MODE = "dynamic_s2"
 PRETRAIN_PAIRS = 20000
 PRETRAIN_STEPS = 6000
 
-STEPS = 300
+EPOCHS = 4.0  # passes over an arm's kept data (budget "epochs")
+CURVE = (0.5, 1.0, 2.0)  # full data's learning curve, in multiples of EPOCHS
 BATCH = 16
 LR = 2e-3
 VISION_LR_RATIO = 0.02
 
 
-def benchmark_model(manifest: Any, out_dir: str, seed: int) -> str:
+def benchmark_model(manifest: Any, out_dir: str, seed: int, pairs_dir: str, pairs: int = PRETRAIN_PAIRS,
+                    steps: int = PRETRAIN_STEPS) -> str:
     """Build, pretrain, save and return the directory of the NVILA all arms of ``seed`` start from.
-    The tokenizer is trained on ``manifest``'s captions (pass the same manifest for every seed's
-    arms: the full pool's, so no arm's vocabulary depends on its selection)."""
-    import os
-
+    The tokenizer is trained on ``manifest``'s captions (pass the full pool's, so no arm's
+    vocabulary depends on its selection); the tower pretrains on ``pairs_dir``'s pairs
+    (``<pairs_dir>/pretrain_pairs``, written by ``build_sets``)."""
     from training_hooks.bootstrap import init_pretrained_model
 
-    # one clean set of uniformly random scenes for every seed; like SigLIP's data it may show the
-    # held-out set's combinations, and every arm of a seed starts from the same pretrained tower
-    pairs = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "pretrain-pairs")
-    init_pretrained_model(manifest, out_dir, pairs, pairs=PRETRAIN_PAIRS, steps=PRETRAIN_STEPS, seed=seed, pairs_seed=9000,
+    init_pretrained_model(manifest, out_dir, pairs_dir, pairs=pairs, steps=steps, seed=seed, pairs_seed=seed,
                           objective="words",
                           image_mode=IMAGE_MODE, prompts=("Describe the image.", "What is in this picture?", "Write a short caption."))
     return out_dir
 
 
-def training_recipe(init: str, output: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
-    """The ``curate train`` recipe of one arm: the same budget for every arm."""
+def arm_steps(budget: str, kept: int, full_kept: int, epochs: float = EPOCHS) -> int:
+    """Optimizer steps of an arm that kept ``kept`` samples (full data: ``full_kept``)."""
+    if budget not in ("epochs", "steps"):
+        raise ValueError(f"unknown budget {budget!r}: epochs or steps")
+    return max(1, math.ceil(epochs * (kept if budget == "epochs" else full_kept) / BATCH))
+
+
+def training_recipe(init: str, output: str, seed: int, steps: int) -> dict[str, Any]:
+    """The ``curate train`` recipe of one arm: ``steps`` (``arm_steps``), all else the same for every arm."""
     return {"init": init, "output": output, "seed": seed, "ray": {"enabled": False},
-            "defaults": {"batch_size": BATCH, "max_length": 256, "save_every": steps, "warmup_steps": 20},
+            "defaults": {"batch_size": BATCH, "max_length": 256, "save_every": steps, "warmup_steps": min(20, max(1, steps // 10))},
             "stages": {"image_sft": {"steps": steps, "lr": LR, "vision_lr_ratio": VISION_LR_RATIO}}}

@@ -114,10 +114,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_shape_polygon(shape, cx, cy, r), fill=fill)
 
 
-def render_scene(
-    scene: Scene, width: int, height: int, rng: np.random.Generator, jitter: tuple[float, float] = (0.0, 0.0)
-) -> Image.Image:
-    bg = np.array(COLORS[scene.bg], dtype=np.float32)
+def render_background(base: np.ndarray, width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """``base`` (an RGB colour, or a ``(height, width, 3)`` array) with the shading and grain every
+    rendered scene has: what a scene looks like before its shape is drawn."""
     # low-frequency shading (like lighting in a photo) makes every image's layout its own,
     # so perceptual hashes of distinct images differ; fine grain keeps them from compressing
     # to nothing
@@ -126,8 +125,14 @@ def render_scene(
     for _ in range(3):
         fx, fy = rng.uniform(-2.0, 2.0, size=2)
         field += np.sin(2 * np.pi * (fx * xx / width + fy * yy / height) + rng.uniform(0, 2 * np.pi))
-    pix = bg + 24.0 * field[..., None] + rng.normal(0, 6, size=(height, width, 3)).astype(np.float32)
-    im = Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8), "RGB")
+    pix = np.asarray(base, np.float32) + 24.0 * field[..., None] + rng.normal(0, 6, size=(height, width, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8), "RGB")
+
+
+def render_scene(
+    scene: Scene, width: int, height: int, rng: np.random.Generator, jitter: tuple[float, float] = (0.0, 0.0)
+) -> Image.Image:
+    im = render_background(np.array(COLORS[scene.bg], dtype=np.float32), width, height, rng)
     d = ImageDraw.Draw(im)
     fx, fy = POSITIONS[scene.pos]
     r = min(width, height) * float(rng.uniform(0.16, 0.22))

@@ -1,0 +1,140 @@
+"""The pruning benchmark's arm logic (benchmarks/pruning): each arm's policy on a hand-written
+score store (real Parquet, real DuckDB, the real selection engine), the budgets, and the sets'
+held-out combinations and noise (real rendering, tiny sizes)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from benchmarks.pruning import arms as A
+from benchmarks.pruning import draw as D
+from benchmarks.pruning.model import arm_steps
+from benchmarks.pruning.pool import PoolSpec, build_sets
+from curation.scoring.store import ScoreStore
+from curation.selection.policy import load_policy, run_selection
+
+
+def _store(tmp_path, rows: list[dict], scorer: str = "basic") -> ScoreStore:
+    """One scorer's files holding every column the arms read, one file per dataset."""
+    for ds in sorted({r["dataset"] for r in rows}):
+        out = tmp_path / "work" / "scores" / scorer / f"dataset={ds}"
+        out.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist([r for r in rows if r["dataset"] == ds]), out / "00000.parquet")
+    return ScoreStore(str(tmp_path / "work"))
+
+
+def _row(ds: str, i: int, delta: float, loss_large: float, clip: float) -> dict:
+    return {"dataset": ds, "shard": "00000", "key": f"{i:04d}", "kind": "pair", "error": None, "clip_score": clip,
+            "delta_loss": delta, "loss_large": loss_large}
+
+
+def _kept(store: ScoreStore, policy: dict) -> dict[str, set[str]]:
+    res = run_selection(store, load_policy(policy))
+    out: dict[str, set[str]] = {}
+    for r in pq.read_table(res.decisions_url, columns=["dataset", "key", "dropped_by"]).to_pylist():
+        if r["dropped_by"] is None:
+            out.setdefault(r["dataset"], set()).add(r["key"])
+    return out
+
+
+@pytest.fixture
+def skewed(tmp_path):
+    """Sub-dataset ``big`` (10 rows) scores far above ``small`` (6) on every column: a global top
+    half would take ``big`` alone; the arms must take half of each."""
+    rows = [_row("big", i, delta=100 + i, loss_large=0.1 * i, clip=0.9 + 0.001 * i) for i in range(10)]
+    rows += [_row("small", i, delta=float(i), loss_large=5 + i, clip=0.1 + 0.01 * i) for i in range(6)]
+    return _store(tmp_path, rows), {"big": 10, "small": 6}
+
+
+def test_each_ranked_arm_keeps_the_top_half_of_each_sub_dataset(skewed):
+    store, sizes = skewed
+    want = {"deltaloss_50": {"big": {"0005", "0006", "0007", "0008", "0009"}, "small": {"0003", "0004", "0005"}},
+            # the large proxy's likelihood: the lowest loss_large
+            "likelihood_50": {"big": {"0000", "0001", "0002", "0003", "0004"}, "small": {"0000", "0001", "0002"}},
+            "clip_50": {"big": {"0005", "0006", "0007", "0008", "0009"}, "small": {"0003", "0004", "0005"}}}
+    for arm, kept in want.items():
+        assert _kept(store, A.arm_policy(arm, sizes, seed=0, clip_min=0.0)) == kept, arm
+    assert {ds: len(k) for ds, k in _kept(store, A.arm_policy("full", sizes, 0, 0.0)).items()} == sizes
+
+
+def test_clip_then_deltaloss_filters_then_takes_half_of_each_sub_dataset(skewed):
+    store, sizes = skewed
+    # CLIP >= 0.12 drops small's 0000 and 0001; DeltaLoss then takes n // 2 of what is left
+    kept = _kept(store, A.arm_policy("clip_then_deltaloss_50", sizes, seed=0, clip_min=0.12))
+    assert kept == {"big": {"0005", "0006", "0007", "0008", "0009"}, "small": {"0003", "0004", "0005"}}
+    kept = _kept(store, A.arm_policy("clip_then_deltaloss_50", sizes, seed=0, clip_min=0.135))
+    assert kept["small"] == {"0004", "0005"}  # fewer than half pass the filter: all of them, no more
+
+
+def test_random_half_changes_with_the_seed(tmp_path):
+    store = _store(tmp_path, [_row("d", i, 0.0, 0.0, 0.5) for i in range(400)])
+    halves = [_kept(store, A.arm_policy("random_50", {"d": 400}, seed, 0.0))["d"] for seed in (0, 1, 0)]
+    assert halves[0] == halves[2]  # reproducible by seed
+    assert halves[0] != halves[1]
+    assert all(150 <= len(h) <= 250 for h in halves)
+    assert len(halves[0] & halves[1]) < 0.75 * len(halves[0])  # not the same half shifted slightly
+
+
+def test_budgets():
+    # epochs: a half arm takes half the optimizer steps; steps: every arm takes full data's
+    assert arm_steps("epochs", 600, 1200, 4) == 150 and arm_steps("epochs", 1200, 1200, 4) == 300
+    assert arm_steps("steps", 600, 1200, 4) == 300
+    with pytest.raises(ValueError, match="unknown budget"):
+        arm_steps("tokens", 1, 1)
+
+
+def test_spearman_of_delta_against_the_likelihood(tmp_path):
+    # delta_loss = 5 - loss_large ranks exactly as the likelihood; an unrelated order does not
+    same = _store(tmp_path / "a", [_row("d", i, 5 - 0.1 * i, 0.1 * i, 0.5) for i in range(8)], "deltaloss")
+    assert A.spearman_delta_vs_likelihood(same.work) == pytest.approx(1.0)
+    other = _store(tmp_path / "b", [_row("d", i, float((3 * i) % 8), 0.1 * i, 0.5) for i in range(8)], "deltaloss")
+    assert abs(A.spearman_delta_vs_likelihood(other.work)) < 0.5
+
+
+def _truth(root: str) -> list[dict]:
+    return pq.read_table(f"{root}/ground_truth.parquet").to_pylist()
+
+
+def test_heldout_is_disjoint_by_combination_and_the_sets_change_with_the_seed(tmp_path):
+    spec = PoolSpec(samples=60, seed=3, per_shard=30)
+    sets = build_sets(str(tmp_path / "s"), spec, trusted=20, calib=10, heldout=20, pretrain=40)
+    held = set(map(tuple, sets["held"]))
+    assert len(held) == D.HELDOUT_PAIRS
+    heldout = [json.loads(r["detail"]) for r in _truth(str(tmp_path / "s" / "heldout"))]
+    assert heldout and all((d["shape"], d["color"]) in held for d in heldout)
+    for part in ("pool", "trusted", "calib", "pretrain"):
+        for r in _truth(str(tmp_path / "s" / part)):
+            d = json.loads(r["detail"])
+            assert (d["shape"], d["color"]) not in held, (part, d)
+            said = d.get("caption_describes")
+            assert said is None or tuple(said[:2]) not in held
+    other = build_sets(str(tmp_path / "t"), PoolSpec(samples=60, seed=4, per_shard=30), trusted=20, calib=10, heldout=20)
+    assert set(map(tuple, other["held"])) != held
+    assert [r["detail"] for r in other["truth"]] != [r["detail"] for r in sets["truth"]]
+
+
+def test_pool_noise_has_no_size_or_letter_tells(tmp_path):
+    from curation.data.shards import list_shards, read_shard
+
+    sets = build_sets(str(tmp_path / "s"), PoolSpec(samples=200, seed=1, per_shard=100), trusted=8, calib=8, heldout=8)
+    truth = {(r["dataset"], r["key"]): r for r in sets["truth"]}
+    lo, hi = D.SIZE_RANGE
+    for ds, folder in sets["pool"].items():
+        for url in list_shards(folder):
+            for s in read_shard(url, kind="pair"):
+                r = truth[(ds, s.key)]
+                im = s.image if isinstance(s.image, Image.Image) else Image.open(io.BytesIO(s.image))
+                assert lo <= im.width <= hi and lo <= im.height <= hi
+                d = json.loads(r["detail"])
+                if r["noise"] == "one_attribute_wrong":
+                    said = dict(zip(("shape", "color", "bg", "pos"), d["caption_describes"]))
+                    assert sum(said[a] != d[a] for a in said) == 1
+                    assert said[d["wrong"]] in s.caption
+                if r["noise"] == "word_salad_caption":
+                    assert set(s.caption.split()) <= set(D.VOCABULARY)
