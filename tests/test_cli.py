@@ -116,8 +116,8 @@ def test_score_summary_keeps_bracketed_hash(capsys):
 
 
 def test_demo_report_renders_bold_and_code_escaped():
-    from flows.demo_parts import _md_to_html
+    from flows.demo_report import md_to_html
 
-    html = _md_to_html("- kept **97.0%** of `x`\ntop-1 0.0% -> **78.1%** <b>raw</b>")
-    assert "<li>kept <b>97.0%</b> of <code>x</code></li>" in html
-    assert "<p>top-1 0.0% -&gt; <b>78.1%</b> &lt;b&gt;raw&lt;/b&gt;</p>" in html and "**" not in html
+    html = md_to_html("- kept **97.0%** of `x`\n\ntop-1 0.0% -> **78.1%** <b>raw</b>")
+    assert "<li>kept <strong>97.0%</strong> of <code>x</code></li>" in html
+    assert "<p>top-1 0.0% -&gt; <strong>78.1%</strong> &lt;b&gt;raw&lt;/b&gt;</p>" in html and "**" not in html
