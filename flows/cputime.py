@@ -67,3 +67,46 @@ def tree_cpu_seconds(root: int | None = None, keep: Callable[[str], bool] | None
         r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
     return sum((own if keep is None or keep(cmd) else 0.0) + reaped for cmd, own, reaped in tree.values())
+
+
+class TreeCpuMeter:
+    """CPU seconds of this process and its descendants over a span, processes that end within it
+    included (to within ``interval`` each): the tree is sampled on a thread, and each process
+    counts its own time from when the span began (or it started) to when it was last seen.
+    Snapshots alone miss processes that end in the span and are not waited for by a process in
+    the tree (a Ray Train worker group, stopped with its raylet, for one). A process that leaves
+    the tree (orphaned, adopted by init) counts only while it was in it.
+
+        with TreeCpuMeter() as m:
+            ...
+        m.seconds
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        self.interval, self.seconds = interval, 0.0
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-cpu-meter", daemon=True)
+
+    def _sample(self, start: bool = False) -> None:
+        for pid, (_, own, _) in process_tree().items():
+            self._first.setdefault(pid, own if start else 0.0)
+            self._last[pid] = own
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "TreeCpuMeter":
+        self._sample(start=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = sum(self._last[p] - self._first[p] for p in self._last)
