@@ -34,46 +34,136 @@ from flows.tasks import (
 
 DEMO_TRAIN_RECIPE = os.path.join(os.path.dirname(__file__), "recipes", "demo_train.yaml")
 HELDOUT_IMAGES = 200  # fresh clean pairs the caption accuracy is measured on
+CACHE_KEY = "demo_cache_key.json"  # in each part reused across runs: the seed and size it was built for
 
 
-def _train_and_evaluate(out: str, manifest: Any, manifest_path: str, seed: int, size: str) -> tuple[dict, dict]:
-    """Train the demo's NVILA through its stages (flows/recipes/demo_train.yaml, budgets in epochs
-    over the curated mixture), then ``curate eval`` the image_sft checkpoint on fresh clean images
-    that no stage trained on (a seed of their own): caption accuracy and a gallery."""
-    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+def _cached(path: str, marker: str, key: dict[str, Any]) -> bool:
+    """Whether ``path`` holds ``marker`` built for ``key`` (seed, size); a part built for another
+    key is removed, so it is rebuilt rather than reused."""
+    import shutil
+
+    stamp = os.path.join(path, CACHE_KEY)
+    if os.path.isfile(os.path.join(path, marker)) and os.path.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f) == key:
+                return True
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    return False
+
+
+def _stamp(path: str, key: dict[str, Any]) -> None:
+    with open(os.path.join(path, CACHE_KEY), "w") as f:
+        json.dump(key, f)
+
+
+def _pretrained_init(out: str, manifest: Any, seed: int, size: str) -> tuple[str, dict[str, Any]]:
+    """The NVILA both runs start from: built for the manifest, its vision tower pretrained on clean
+    pairs of its own (NVILA starts from a pretrained SigLIP); reused when built for this seed and size."""
     from flows import demo_parts as d
     from training_hooks.bootstrap import init_pretrained_model
     from training_hooks.vision_pretrain import REPORT
 
-    init = os.path.join(out, "models", "nvila-demo")
-    if not os.path.isfile(os.path.join(init, REPORT)):
-        # NVILA starts from a pretrained SigLIP; this one is pretrained here, on clean pairs of its own
+    init, pairs, key = os.path.join(out, "models", "nvila-demo"), os.path.join(out, "pretrain-pairs"), {"seed": seed, "size": size}
+    if not _cached(init, REPORT, key):
         n_pairs, steps = d.vision_pretrain_for(size)
-        init_pretrained_model(manifest, init, os.path.join(out, "pretrain-pairs"), pairs=n_pairs, steps=steps, seed=seed,
-                              pairs_seed=seed + 4000, info=print)
+        fresh_pairs = not _cached(pairs, "ground_truth.parquet", key)  # (synthesized by init_pretrained_model)
+        init_pretrained_model(manifest, init, pairs, pairs=n_pairs, steps=steps, seed=seed, pairs_seed=seed + 4000, info=print)
+        if fresh_pairs:
+            _stamp(pairs, key)
+        _stamp(init, key)
     with open(os.path.join(init, REPORT)) as f:
         vision = json.load(f)
-    with open(DEMO_TRAIN_RECIPE) as f:
-        recipe = dict(yaml.safe_load(f), init=init, output="train", seed=seed)
-    train_path = os.path.join(out, "train.yaml")
-    with open(train_path, "w") as f:
-        yaml.safe_dump(recipe, f, sort_keys=False)
-    training = run_train(manifest_path, train_path)
-    training_report(training)
-    heldout = os.path.join(out, "heldout")
-    if not os.path.isfile(os.path.join(heldout, "ground_truth.parquet")):
+    return init, {k: v for k, v in vision.items() if k != "curve"}
+
+
+def _heldout(out: str, seed: int, size: str) -> str:
+    """Fresh clean pairs (a seed of their own) that no stage trains on, for caption accuracy."""
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+
+    heldout, key = os.path.join(out, "heldout"), {"seed": seed, "size": size}
+    if not _cached(heldout, "ground_truth.parquet", key):
         synthesize(heldout, SynthConfig(seed=seed + 3000, datasets=[DatasetSpec("heldout_pairs", "pair", HELDOUT_IMAGES, {}, 200)]))
+        _stamp(heldout, key)
+    return os.path.join(heldout, "heldout_pairs")
+
+
+def _train(out: str, manifest_path: str, init: str, seed: int, name: str,
+           steps: dict[str, int] | None = None) -> dict[str, Any]:
+    """The demo's NVILA trained from ``manifest_path`` (flows/recipes/demo_train.yaml; budgets in
+    epochs over the curated mixture; or with ``steps``: those stages only, each that many steps,
+    without Ray)."""
+    with open(DEMO_TRAIN_RECIPE) as f:
+        recipe = dict(yaml.safe_load(f), init=init, output=name, seed=seed)
+    if steps is not None:
+        recipe["stages"] = {st: {**{k: v for k, v in cfg.items() if k != "epochs"}, "steps": steps[st]}
+                            for st, cfg in recipe["stages"].items() if st in steps}
+        # the baseline trains in this process: the same arithmetic on the same cores as the one Ray
+        # Train worker, without a worker group started per stage
+        recipe["ray"] = {"enabled": False}
+    path = os.path.join(out, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    training = run_train(manifest_path, path)
+    training_report(training)
+    return training
+
+
+def _evaluate(training: dict[str, Any], heldout: str, out_dir: str) -> dict[str, Any]:
+    """``curate eval`` of the image_sft checkpoint: caption accuracy and a gallery."""
     sft = next((s["final"] for s in training["stages"] if s["stage"] == "image_sft"), training["final_checkpoint"])
-    evaluation = evaluate_task(sft, os.path.join(heldout, "heldout_pairs"), os.path.join(out, "eval"), HELDOUT_IMAGES)
-    training["vision_pretrain"] = {k: v for k, v in vision.items() if k != "curve"}
-    return training, {k: v for k, v in evaluation.items() if k != "captions"} | {"checkpoint_stage": "image_sft"}
+    evaluation = evaluate_task(sft, heldout, out_dir, HELDOUT_IMAGES)
+    return {k: v for k, v in evaluation.items() if k != "captions"} | {"checkpoint_stage": "image_sft"}
+
+
+def _uncurated(out: str, seed: int) -> dict[str, Any]:
+    """The same corpus with no selection at all (every readable sample, the same stage mixture),
+    resharded into a manifest the trainer reads like the curated one."""
+    from flows import demo_parts as d
+
+    policy_path = os.path.join(out, "policy-uncurated.yaml")
+    with open(policy_path, "w") as f:
+        yaml.safe_dump(d.UNCURATED_POLICY, f, sort_keys=False)
+    return run_curate(os.path.join(out, "work"), policy_path, os.path.join(out, "uncurated"), 256, seed)
+
+
+def _train_both(out: str, curated: dict[str, Any], seed: int, size: str, timings: dict[str, Any]) -> dict[str, Any]:
+    """The curated NVILA through its five stages, evaluated; then the same NVILA on the uncurated
+    corpus with the same steps per stage up to image_sft, evaluated on the same held-out images."""
+    from curation.selection.manifest import load_manifest
+
+    with _timed(timings, "vision_pretrain"):
+        init, vision = _pretrained_init(out, load_manifest(curated["manifest"]), seed, size)
+        heldout = _heldout(out, seed, size)
+    with _timed(timings, "train_curated"):
+        training = _train(out, curated["manifest"], init, seed, "train")
+    with _timed(timings, "eval_curated"):
+        evaluation = _evaluate(training, heldout, os.path.join(out, "eval"))
+    with _timed(timings, "reshard_uncurated"):
+        uncurated = _uncurated(out, seed)
+    steps = {s["stage"]: s["steps"] for s in training["stages"]}
+    order = list(steps)
+    steps = {st: steps[st] for st in (order[: order.index("image_sft") + 1] if "image_sft" in order else order)}
+    with _timed(timings, "train_uncurated"):
+        training_u = _train(out, uncurated["manifest"], init, seed, "train-uncurated", steps)
+    with _timed(timings, "eval_uncurated"):
+        evaluation_u = _evaluate(training_u, heldout, os.path.join(out, "eval-uncurated"))
+    training["vision_pretrain"] = vision
+    return {"training": training, "caption_eval": evaluation,
+            "uncurated": {"manifest": {"id": uncurated["id"], "path": uncurated["manifest"]},
+                          "samples": {ds: sel["kept"] for ds, sel in uncurated["selection"].items()},
+                          "training": training_u, "caption_eval": evaluation_u}}
 
 
 @contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+def _timed(timings: dict[str, dict[str, float]], name: str) -> Iterator[None]:
+    """Wall and CPU seconds of a phase (CPU: this process and every process it started, Ray's included)."""
+    from flows.cputime import TreeCpuMeter
+
     t0 = time.time()
-    yield
-    timings[name] = round(time.time() - t0, 1)
+    with TreeCpuMeter() as cpu:
+        yield
+    timings[name] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(cpu.seconds, 1)}
 
 
 def _synthesize(out: str, size: str, seed: int, log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -114,7 +204,9 @@ def _curate(out: str, size: str, seed: int, filter_dir: str, scores: list[dict[s
     policy_path = os.path.join(out, "policy.yaml")
     datasets = {spec.name: spec.kind for spec in SynthConfig.preset(size, seed=seed).datasets}
     with open(policy_path, "w") as f:
-        yaml.safe_dump(d.calibrated_policy(out, seed, filter_dir, datasets), f, sort_keys=False)
+        yaml.safe_dump(d.calibrated_policy(out, seed, filter_dir, datasets, reuse=lambda root: _cached(
+            root, "ground_truth.parquet", {"seed": seed, "size": size}), built=lambda root: _stamp(
+            root, {"seed": seed, "size": size})), f, sort_keys=False)
     work = os.path.join(out, "work")
     curated = run_curate(work, policy_path, os.path.join(out, "curated"), 256, seed,
                          _scores=[s["config_hash"] for s in scores])
@@ -126,13 +218,16 @@ def _curate(out: str, size: str, seed: int, filter_dir: str, scores: list[dict[s
 def _report(out: str, report: dict[str, Any], manifest: Any, curated: dict[str, Any], log: Any) -> dict[str, Any]:
     """Ground-truth analysis, plots, ``demo_report.{md,html,json}``."""
     from flows import demo_parts as d
+    from flows.demo_report import write_report
 
     analysis = d.analyze(os.path.join(out, "work"), os.path.join(out, "corpus"), curated["decisions"])
     report.update(analysis)
     plots = d.make_plots(out, analysis, manifest, report["training"])
     if report["caption_eval"]:
         plots["caption_gallery"] = report["caption_eval"]["gallery"]["png"]
-    md, html = d.write_report(out, report, plots)
+    if (report.get("uncurated") or {}).get("caption_eval"):
+        plots["caption_gallery_uncurated"] = report["uncurated"]["caption_eval"]["gallery"]["png"]
+    md, html = write_report(out, report, plots)
     report["report"] = {"markdown": md, "html": html}
     d.save_json(os.path.join(out, "demo_report.json"), report)
     log.info("injected noise dropped %.1f%%, clean kept %.1f%%; manifest %s; report %s",
@@ -145,13 +240,12 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     from curation.corpus.synth import SynthConfig
     from curation.selection.manifest import load_manifest
     from flows import demo_parts as d
-
     log = get_run_logger()
     SynthConfig.preset(size)  # a bad size fails the run now, naming it
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     filter_steps, proxy_steps = d.steps_for(size)
-    timings: dict[str, float] = {}
+    timings: dict[str, dict[str, float]] = {}
     t_all = time.time()
     with _timed(timings, "synthesize"):
         corpus, check = _synthesize(out, size, seed, log)
@@ -164,13 +258,12 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     with _timed(timings, "curate"):
         curated = _curate(out, size, seed, filt["dir"], scores)
     manifest = load_manifest(curated["manifest"])
-    training, evaluation = None, None
-    if train:
-        with _timed(timings, "train_and_eval"):
-            training, evaluation = _train_and_evaluate(out, manifest, curated["manifest"], seed, size)
-    timings["total"] = round(time.time() - t_all, 1)
+    trained = _train_both(out, curated, seed, size, timings) if train else {"training": None, "caption_eval": None}
+    # the phases cover the run: its CPU seconds are theirs, summed
+    timings["total"] = {"wall_s": round(time.time() - t_all, 1), "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1)}
     report = {"out": out, "size": size, "seed": seed, "corpus": corpus,
               "read_check": {**check, "disagreements": len(check["disagreements"])},
               "scoring": scores, "manifest": {"id": curated["id"], "path": curated["manifest"]},
-              "training": training, "caption_eval": evaluation, "timings_s": timings}
+              "curated_samples": {ds: sel["kept"] for ds, sel in curated["selection"].items()},
+              **trained, "timings": timings}
     return _report(out, report, manifest, curated, log)

@@ -7,11 +7,10 @@ with plots).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from curation.scoring.dfn import roc_auc
 from curation.data.shards import list_shards, read_shard
@@ -45,14 +44,20 @@ DEFAULT_POLICY: dict[str, Any] = {
     },
 }
 
+# the uncurated baseline the demo trains beside the curated model: no filter, no dedup, every
+# readable sample (unreadable ones are dropped: no trainer can read them), the same stage mixture
+UNCURATED_POLICY: dict[str, Any] = {"defaults": [], "datasets": {}, "stages": DEFAULT_POLICY["stages"]}
+
 # trusted calibration sets: fresh clean samples of each kind (not the ones the filter trained on)
 CALIBRATION_SETS = {"pair": ("trusted_pairs", 600), "interleaved": ("trusted_docs", 200), "video": ("trusted_clips", 200)}
 
 
 def calibrated_policy(out: str, seed: int, filter_dir: str, datasets: dict[str, str],
-                      quantile: float | None = None) -> dict[str, Any]:
+                      quantile: float | None = None, reuse: Callable[[str], bool] = os.path.isdir,
+                      built: Callable[[str], None] = lambda root: None) -> dict[str, Any]:
     """DEFAULT_POLICY with every threshold read off trusted data (``datasets``: name -> kind):
-    synthesize a clean calibration set per kind under ``<out>/calibration``, score it with the
+    synthesize a clean calibration set per kind under ``<out>/calibration`` (unless ``reuse`` of
+    that folder says the one there fits; ``built`` is called on a new one), score it with the
     same scorers and settings as the corpus, and take the ``quantile`` per dataset and column."""
     from curation.selection.calibrate import DEFAULT_QUANTILE, TrustedColumn, calibrate_policy, score_trusted
     from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
@@ -62,8 +67,9 @@ def calibrated_policy(out: str, seed: int, filter_dir: str, datasets: dict[str, 
     root = os.path.join(out, "calibration")
     kinds = sorted(set(datasets.values()))
     specs = [DatasetSpec(CALIBRATION_SETS[k][0], k, CALIBRATION_SETS[k][1], {}, 100) for k in kinds]
-    if not os.path.isfile(os.path.join(root, "ground_truth.parquet")):
+    if not reuse(root) or not os.path.isfile(os.path.join(root, "ground_truth.parquet")):
         synthesize(root, SynthConfig(seed=seed + 2000, datasets=specs))
+        built(root)
     scorers = [BasicScorer(), ClipScorer(model=filter_dir, num_frames=4, batch_size=64)]
     by_kind = {}
     for spec in specs:
@@ -243,97 +249,6 @@ def _deltaloss_vs_clip(rows: list[dict[str, Any]], folder: str) -> str | None:
     ax.set_ylabel("DeltaLoss (small proxy loss - large proxy loss)")
     ax.legend(fontsize=6, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5))
     return _save(fig, os.path.join(folder, "deltaloss_vs_clip.png"))
-
-
-def write_report(out: str, report: dict[str, Any], plots: dict[str, str]) -> tuple[str, str]:
-    """``demo_report.md`` and a self-contained ``demo_report.html`` (plots embedded)."""
-    lines = ["# Curation demo report", "",
-             f"Manifest `{report['manifest']['id']}` at `{report['manifest']['path']}`", "",
-             f"- injected noise dropped: **{report['noise_dropped_fraction']:.1%}**; clean samples kept: "
-             f"**{report['clean_kept_fraction']:.1%}**",
-             f"- CLIP filter ROC AUC, clean vs mismatched: {report['clip_auc_clean_vs_mismatched']}",
-             f"- readers vs ground truth: {report['read_check']['samples']} samples, "
-             f"{report['read_check']['disagreements']} disagreements",
-             f"- timings (s): {report['timings_s']}", "",
-             "## Noise caught vs ground truth", "", "| dataset | noise | samples | kept | main reason |", "|---|---|---|---|---|"]
-    for r in report["noise_caught"]:
-        lines.append(f"| {r['dataset']} | {r['noise']} | {r['samples']} | {r['kept']} | {r['main_reason'] or '-'} |")
-    if report.get("training"):
-        lines += ["", "## Training (NVILA, stage by stage)", "", "| stage | epochs | steps | first loss | last loss | held-out |",
-                  "|---|---|---|---|---|---|"]
-        for s in report["training"]["stages"]:
-            lines.append(f"| {s['stage']} | {s.get('epochs') or '-'} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['heldout_loss']} |")
-        vp = report["training"].get("vision_pretrain")
-        if vp:
-            from training_hooks.vision_pretrain import describe
-
-            lines += ["", f"Before the stages, {describe(vp)}."]
-    ev = report.get("caption_eval")
-    if ev:
-        lines += ["", "## Caption accuracy (curate eval)", "",
-                  f"- the {ev['checkpoint_stage']} checkpoint on {ev['images']} fresh clean images no stage trained on: "
-                  f"caption accuracy **{ev['caption_accuracy']:.1%}** (greedy captions; attributes right / judged)",
-                  f"- per attribute: {ev['per_attribute']}; position stated in {ev['position_stated']:.0%} of captions; "
-                  f"held-out loss {ev['heldout_loss']}"]
-    for name, path in plots.items():
-        lines += ["", f"## {name.replace('_', ' ')}", "", f"![{name}]({os.path.relpath(path, out)})"]
-    md = "\n".join(lines) + "\n"
-    md_path = os.path.join(out, "demo_report.md")
-    with open(md_path, "w") as f:
-        f.write(md)
-    html = md
-    for name, path in plots.items():
-        with open(path, "rb") as f:
-            uri = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-        html = html.replace(f"({os.path.relpath(path, out)})", f"({uri})")
-    html_path = os.path.join(out, "demo_report.html")
-    with open(html_path, "w") as f:
-        f.write(_md_to_html(html))
-    return md_path, html_path
-
-
-def _md_to_html(md: str) -> str:
-    """A tiny markdown renderer for the report (headings, lists, tables, images)."""
-    import html as h
-    import re
-
-    out, in_table = [], False
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= {"-"} for c in cells):
-                continue
-            if not in_table:
-                out.append("<table border=1 cellspacing=0 cellpadding=3>")
-                in_table = True
-            out.append("<tr>" + "".join(f"<td>{h.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        m = re.match(r"!\[(.*)\]\((.*)\)", line)
-        if m:
-            out.append(f'<img alt="{h.escape(m.group(1))}" src="{m.group(2)}" style="max-width:100%">')
-        elif line.startswith("## "):
-            out.append(f"<h2>{h.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            out.append(f"<h1>{h.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            out.append(f"<li>{_inline(line[2:])}</li>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    return "<!doctype html><html><head><meta charset='utf-8'><title>Curation demo</title></head><body>" + "\n".join(out) + "</body></html>"
-
-
-def _inline(text: str) -> str:
-    """Escaped text with markdown's **bold** and `code`."""
-    import html as h
-    import re
-
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", h.escape(text))
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
 def save_json(path: str, data: Any) -> None:

@@ -44,11 +44,21 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert all(s["epochs"] and s["steps"] >= 1 for s in report["training"]["stages"])  # budgets in epochs
     # curate eval of the image_sft checkpoint on fresh clean images: accuracy and a gallery
     ev = report["caption_eval"]
-    assert ev["checkpoint_stage"] == "image_sft" and ev["images"] == 200 and 0 <= ev["caption_accuracy"] <= 1
+    assert ev["checkpoint_stage"] == "image_sft" and ev["images"] == 200 and os.path.isfile(ev["gallery"]["png"])
+    # beside it, the same NVILA trained on the uncurated corpus with the same steps up to image_sft,
+    # captioning the same held-out images (tests/test_learning.py checks that training teaches)
+    un = report["uncurated"]
+    steps = {s["stage"]: s["steps"] for s in report["training"]["stages"]}
+    assert [(s["stage"], s["steps"]) for s in un["training"]["stages"]] == [(st, steps[st]) for st in list(steps)[:4]]
+    assert un["caption_eval"]["images"] == ev["images"] and sum(un["samples"].values()) > sum(report["curated_samples"].values())
+    assert set(report["timings"]) >= {"synthesize", "score", "train_curated", "train_uncurated", "total"}
+    assert all(t["cpu_s"] >= 0 and t["wall_s"] >= 0 for t in report["timings"].values())
     html = (tmp_path / "demo" / "demo_report.html").read_text()
-    assert "Caption accuracy" in html and os.path.isfile(ev["gallery"]["png"])
-    # score distributions, kept/dropped, noise caught, loss curves, caption gallery
-    assert html.count("data:image/png;base64,") >= 5
+    assert "Caption accuracy" in html and "What curation buys" in html and "<style>" in html
+    md = (tmp_path / "demo" / "demo_report.md").read_text()
+    assert "{'" not in md and "': " not in md  # figures as tables and text, not Python reprs
+    # score distributions, kept/dropped, noise caught, loss curves, both caption galleries
+    assert html.count("data:image/png;base64,") >= 6
 
 
 def test_inspect_counts_and_errors(noisy_corpus):
@@ -116,8 +126,8 @@ def test_score_summary_keeps_bracketed_hash(capsys):
 
 
 def test_demo_report_renders_bold_and_code_escaped():
-    from flows.demo_parts import _md_to_html
+    from flows.demo_report import md_to_html
 
-    html = _md_to_html("- kept **97.0%** of `x`\ntop-1 0.0% -> **78.1%** <b>raw</b>")
-    assert "<li>kept <b>97.0%</b> of <code>x</code></li>" in html
-    assert "<p>top-1 0.0% -&gt; <b>78.1%</b> &lt;b&gt;raw&lt;/b&gt;</p>" in html and "**" not in html
+    html = md_to_html("- kept **97.0%** of `x`\n\ntop-1 0.0% -> **78.1%** <b>raw</b>")
+    assert "<li>kept <strong>97.0%</strong> of <code>x</code></li>" in html
+    assert "<p>top-1 0.0% -&gt; <strong>78.1%</strong> &lt;b&gt;raw&lt;/b&gt;</p>" in html and "**" not in html

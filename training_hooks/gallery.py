@@ -20,6 +20,10 @@ def _marks(judged: dict[str, bool | None] | None) -> str:
     return " ".join(f"{a}{sign[v]}" for a, v in judged.items())
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def write_gallery(rows: Sequence[dict[str, Any]], out_dir: str, report: dict[str, Any], cols: int = 4) -> dict[str, str]:
     """``gallery.png`` (images with the generated caption, green when every judged attribute is
     right, red otherwise, and the truth) and ``gallery.md`` (the grid and a table) in ``out_dir``."""
@@ -50,10 +54,14 @@ def write_gallery(rows: Sequence[dict[str, Any]], out_dir: str, report: dict[str
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
+    per = report.get("per_attribute") or {}
+    loss = report.get("heldout_loss") or {}
     lines = ["# Caption gallery", "",
-             f"Checkpoint `{report.get('checkpoint', '')}`; held-out loss {report.get('heldout_loss')}; "
-             f"caption accuracy {acc if acc is not None else 'n/a'} over {report.get('images', len(rows))} images "
-             f"(per attribute {report.get('per_attribute')}; position stated in {report.get('position_stated')}).",
+             f"Checkpoint `{report.get('checkpoint', '')}`: caption accuracy "
+             f"{_pct(acc)} over {report.get('images', len(rows))} images ("
+             f"{', '.join(f'{a} {_pct(v)}' for a, v in per.items()) or 'no attribute judged'}), every attribute right on "
+             f"{_pct(report.get('all_right'))}; a position stated in {_pct(report.get('position_stated'))} of captions; "
+             f"held-out loss {', '.join(f'{k} {v:.3f}' for k, v in sorted(loss.items())) or 'n/a'}.", "",
              "", "![gallery](gallery.png)", "", "| key | generated | truth | judged |", "|---|---|---|---|"]
     for r in rows:
         gen = (r["generated"] or "").replace("|", "/")
