@@ -286,7 +286,8 @@ class SemanticDedupRule(SelectionRule):
         from curation.selection.semantic_dedup import semantic_dedup_step, table_name
 
         src = chain.source()  # pending marks flushed; this dataset's rows while one is set
-        chain.add(semantic_dedup_step(src, table_name(self), rank_order(self.prefer), lit(label)))
+        step = semantic_dedup_step(src, table_name(self), rank_order(self.prefer), lit(label))
+        chain.add(f"SELECT * FROM ({step})")  # a WITH query: a subquery where add() unions it with other datasets
 
 
 class _RankingRule(SelectionRule):
