@@ -182,5 +182,15 @@ def demo(
     if report.get("training"):
         out_console.print("training: " + ", ".join(f"{s['stage']} {s['first_loss']:.2f}->{s['last_loss']:.2f}"
                                                    for s in report["training"]["stages"]))
-    out_console.print(f"timings (s): {report['timings_s']}")
+    cur, unc = report.get("caption_eval") or {}, (report.get("uncurated") or {}).get("caption_eval") or {}
+    if cur.get("caption_accuracy") is not None and unc.get("caption_accuracy") is not None:
+        out_console.print(f"caption accuracy on held-out images: curated {cur['caption_accuracy']:.1%} "
+                          f"(all attributes right {cur.get('all_right') or 0:.1%}), uncurated "
+                          f"{unc['caption_accuracy']:.1%} (all right {unc.get('all_right') or 0:.1%}), same steps")
+    tt = Table(title="time per phase")
+    for col in ("phase", "wall s", "CPU s"):
+        tt.add_column(col, justify="right" if col != "phase" else "left")
+    for phase, t_ in report["timings"].items():
+        tt.add_row(phase, f"{t_['wall_s']:.1f}", f"{t_['cpu_s']:.1f}")
+    out_console.print(tt)
     out_console.print(f"report: {report['report']['html']} (and {report['report']['markdown']})")
