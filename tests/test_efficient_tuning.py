@@ -19,17 +19,11 @@ LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]}  # all but down_proj
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, one_thread):
+def setup(tmp_path_factory, one_torch_thread):
     root = tmp_path_factory.mktemp("eff")
     manifest, url, corpus = small_manifest(str(root))
     # one tile per image (resize): the stage is about the LLM and the tower's norms, not the tiling

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from curation.corpus.synth import synthesize
 from curation.data.shards import list_shards, read_shard
@@ -17,13 +16,7 @@ TEXTS = ["a red circle on a blue background", "a purple star on a yellow backgro
          "Describe the video.", "Write the document.", "User: Assistant:", "the quick brown fox"] * 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

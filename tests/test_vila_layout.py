@@ -21,13 +21,7 @@ TEXTS = ["a red circle on a blue background", "a purple star on a yellow backgro
 PROJECTORS = [("mlp_downsample", 2), ("mlp_downsample_2x2_fix", 2), ("mlp_downsample_3x3_fix", 3)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
