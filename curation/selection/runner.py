@@ -6,8 +6,9 @@ One DuckDB connection of its own (:func:`curation.selection.sqlsafe.engine`), in
    policy reads into table ``s0`` (with ``dropped_by``, and ``_not_scored`` when incomplete
    scores are allowed), then drops the views;
 2. :func:`curation.selection.sqlsafe.sandbox` locks it: no file but the result's temp name, no
-   network, no extension, the configuration locked; it runs the steps, each ``CREATE TABLE``
-   from the one before (tables a step no longer needs are dropped: about two copies live);
+   network, no extension, the configuration locked; it runs the steps: the score columns are
+   stored once, and each step stores only its ``dropped_by`` column (``_run_steps``), so a rule
+   reads and sorts only the columns it names;
 3. it writes the decision table with ``COPY`` (sorted by dataset, shard, key: a reader of one
    shard's keys reads few row groups) to a temp name beside the result, renamed into place
    (on S3: in the temp folder, then one upload).
@@ -81,15 +82,34 @@ def _load(store: Any, con: duckdb.DuckDBPyConnection, columns: list[str],
         con.execute(f"DROP VIEW IF EXISTS {q(name)}")
 
 
+def _view(step: str, decisions: str | None) -> str:
+    """Step ``step`` as a view: the base columns with ``dropped_by`` from ``decisions`` (one value
+    per base row, in the base's row order, zipped on by POSITIONAL JOIN) and the row id ``_rid``."""
+    if decisions is None:
+        return f"CREATE VIEW {step} AS SELECT *, rowid AS _rid FROM _base"
+    return (f"CREATE VIEW {step} AS SELECT b.* REPLACE (d.dropped_by AS dropped_by), b.rowid AS _rid "
+            f"FROM _base b POSITIONAL JOIN {decisions} d")
+
+
 def _run_steps(con: duckdb.DuckDBPyConnection, steps: list[tuple[str, str]]) -> None:
-    made: list[str] = ["s0"]
+    """Run the steps over ``s0``. The score columns are stored once (``_base``); a step stores only
+    its ``dropped_by`` column, ordered by row id, and ``s<k>`` is a view of the base with it, so a
+    rule reads (and sorts) only the columns it names, and no step copies the pool's columns."""
+    con.execute("ALTER TABLE s0 RENAME TO _base")
+    con.execute(_view("s0", None))
+    made: list[str] = []  # what the newest step's view and the helpers after it hold
     for name, body in steps:
-        con.execute(f"CREATE TABLE {name} AS {body}")
-        if name.startswith("s"):  # a step: nothing before it is read again
-            for old in made:
-                con.execute(f"DROP TABLE {old}")
-            made = []
-        made.append(name)
+        if not name.startswith("s"):
+            con.execute(f"CREATE TABLE {name} AS {body}")
+            made.append(f"TABLE {name}")
+            continue
+        con.execute(f"CREATE TABLE _d{name} AS SELECT dropped_by FROM ({body}) ORDER BY _rid")
+        rows = con.execute(f"SELECT (SELECT count(*) FROM _d{name}) = (SELECT count(*) FROM _base)").fetchall()[0][0]
+        assert rows, f"step {name} changed the number of rows"  # every step marks, none adds or removes
+        con.execute(_view(name, f"_d{name}"))
+        for old in reversed(made):  # a step: nothing before it is read again
+            con.execute(f"DROP {old}")
+        made = [f"VIEW {name}", f"TABLE _d{name}"]
 
 
 def _counts(con: duckdb.DuckDBPyConnection, final: str) -> dict[str, dict[str, Any]]:
