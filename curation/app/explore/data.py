@@ -287,8 +287,9 @@ class Explorer:
         return loc
 
     def locate(self, dataset: str, shard: str, key: str) -> Location:
-        if (dataset, shard, key) in self._locs:
-            return self._locs[(dataset, shard, key)]
+        known = self._locs.get((dataset, shard, key))
+        if known is not None:
+            return known
         url = self.shard_url(dataset, shard)
         f = score_file_url(self.work, "basic", dataset, shard)
         off = size = None
