@@ -148,7 +148,8 @@ def bench_store(rows: int, tmp: str, real: str, members: list) -> dict:
         yaml.safe_dump(policy(), f)
     sel = [sys.executable, "-m", "curation.app.cli", "select", "--policy", pol, "--work", work]
     t0 = time.perf_counter()  # `curate select` in its own process: this one's peak RSS stays the explorer's
-    done = subprocess.run(["/usr/bin/time", "-f", "%U %S", *sel], capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(HERE), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(["/usr/bin/time", "-f", "%U %S", *sel], capture_output=True, text=True, check=True, env=env)
     sw, sc = round(time.perf_counter() - t0, 2), round(sum(map(float, done.stderr.split()[-2:])), 2)
     ex, ew, ec = _timed(lambda: Explorer(work, policy=pol, cache=os.path.join(tmp, f"cache{rows}")))
     assert ex.reused, "the explorer ran the selection again"

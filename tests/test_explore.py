@@ -112,6 +112,26 @@ def test_query_is_checked_and_sandboxed_and_pages_are_bounded(explored):
     assert not os.path.exists(os.path.join(explored["work"], "selection"))
 
 
+def test_overview_histogram_and_rule_page_agree_with_the_joined_view(explored):
+    """Counted once at startup and read from one scorer's files, they equal the same questions
+    asked of the joined view of every score and decision."""
+    ex = explored["ex"]
+    con = ex.con.cursor()
+    for r in ex.overview():
+        assert (r["scored"], r["kept"]) == con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE dropped_by IS NULL) FROM explore WHERE dataset = ?",
+            [r["dataset"]]).fetchone()
+        h = ex.histogram(r["dataset"], "caption_words")
+        lo, hi, n = con.execute("SELECT min(caption_words), max(caption_words), count(caption_words) FROM explore "
+                                "WHERE dataset = ?", [r["dataset"]]).fetchone()
+        assert (h["lo"], h["hi"], sum(h["bins"])) == (lo, hi, n)
+    label = "threshold:caption_words>=8"
+    cards, total, col = ex.rule_page("coyo_synth", label, 0, True)
+    want = con.execute("SELECT key, caption_words FROM explore WHERE dataset = 'coyo_synth' AND dropped_by = ? "
+                       "ORDER BY caption_words DESC, shard, key", [label]).fetchall()
+    assert col == "caption_words" and total == len(want) > 0 and [(c["key"], c["value"]) for c in cards] == want[:48]
+
+
 def _tree(folder: str) -> dict[str, tuple[int, int]]:
     return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
             for d, _, files in os.walk(folder) for f in files}
