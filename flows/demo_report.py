@@ -133,7 +133,9 @@ def _timings(timings: dict[str, dict[str, float]]) -> list[str]:
 def report_markdown(report: dict[str, Any], plots: dict[str, str], out: str) -> str:
     lines = ["# Curation demo report", "",
              f"Manifest `{report['manifest']['id']}` at `{report['manifest']['path']}` "
-             f"(size {report['size']}, seed {report['seed']}).", ""]
+             f"(size {report['size']}, seed {report['seed']}).", "",
+             f"See what each rule dropped: `curate explore --work {os.path.join(out, 'work')} "
+             f"--manifest {report['manifest']['path']}` (then open http://127.0.0.1:8765/).", ""]
     lines += _summary(report) + [""] + _curated_vs_uncurated(report) + [""] + _caption_eval(report.get("caption_eval"))
     auc = report["clip_auc_clean_vs_mismatched"]
     lines += ["", "## CLIP filter", ""] + table(["dataset", "ROC AUC, clean vs mismatched"],

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+import duckdb
 import pytest
 
 from conftest import noisy_config
@@ -101,8 +102,34 @@ def test_query_is_checked_and_sandboxed_and_pages_are_bounded(explored):
     for bad in ("1; DROP TABLE scores", "key IN (SELECT key FROM basic)", "read_text('/etc/passwd') IS NOT NULL"):
         with pytest.raises(QueryError):
             ex.query(bad, 0)
+    # the expression ran on the explorer's own locked connection, over the score files in place (no
+    # table was copied into it), and that connection reaches no other file and cannot be unlocked
+    assert ex.con.cursor().execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0] == 0
+    for stmt in ("SELECT * FROM read_text('/etc/passwd')", "SET enable_external_access = true", "INSTALL httpfs"):
+        with pytest.raises(duckdb.Error):
+            ex.con.cursor().execute(stmt)
     # the store is unchanged: the explorer wrote its decisions to its cache, not under the work folder
     assert not os.path.exists(os.path.join(explored["work"], "selection"))
+
+
+def test_overview_histogram_and_rule_page_agree_with_the_joined_view(explored):
+    """Counted once at startup and read from one scorer's files, they equal the same questions
+    asked of the joined view of every score and decision."""
+    ex = explored["ex"]
+    con = ex.con.cursor()
+    for r in ex.overview():
+        assert (r["scored"], r["kept"]) == con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE dropped_by IS NULL) FROM explore WHERE dataset = ?",
+            [r["dataset"]]).fetchone()
+        h = ex.histogram(r["dataset"], "caption_words")
+        lo, hi, n = con.execute("SELECT min(caption_words), max(caption_words), count(caption_words) FROM explore "
+                                "WHERE dataset = ?", [r["dataset"]]).fetchone()
+        assert (h["lo"], h["hi"], sum(h["bins"])) == (lo, hi, n)
+    label = "threshold:caption_words>=8"
+    cards, total, col = ex.rule_page("coyo_synth", label, 0, True)
+    want = con.execute("SELECT key, caption_words FROM explore WHERE dataset = 'coyo_synth' AND dropped_by = ? "
+                       "ORDER BY caption_words DESC, shard, key", [label]).fetchall()
+    assert col == "caption_words" and total == len(want) > 0 and [(c["key"], c["value"]) for c in cards] == want[:48]
 
 
 def _tree(folder: str) -> dict[str, tuple[int, int]]:
@@ -287,6 +314,16 @@ def test_a_manifest_gives_its_policy_decisions_and_stage_mixture(explored, tmp_p
     _, url = curate(work, str(explored["root"] / "policy.yaml"), str(tmp_path / "out"), use_ray=False)
     ex = Explorer(work, manifest=url, cache=str(tmp_path / "c"))
     assert ex.has_decisions and ex.overview() == explored["ex"].overview()
+    # --policy reuses the decisions `curate select` wrote for this policy and these score files ...
+    policy = str(explored["root"] / "policy.yaml")
+    again = Explorer(work, policy=policy, cache=str(tmp_path / "c2"))
+    assert again.reused == ex.manifest["decisions"] and not os.path.exists(tmp_path / "c2")
+    assert again.overview() == ex.overview()
+    # ... and not once a score file changed since (it selects again, into its cache)
+    f = next(p for p in _tree(os.path.join(work, "scores", "basic")) if p.endswith("00000.parquet"))
+    os.utime(f, ns=(time.time_ns(), time.time_ns()))
+    fresh = Explorer(work, policy=policy, cache=str(tmp_path / "c3"))
+    assert fresh.reused is None and os.listdir(tmp_path / "c3") and fresh.overview() == ex.overview()
     assert ex.thresholds("coyo_synth", "caption_words") == explored["ex"].thresholds("coyo_synth", "caption_words") != []
     page = TestClient(create_app(ex)).get("/").text
     assert "Stage mixture" in page and "align" in page

@@ -20,7 +20,7 @@ def default_cache(work: str) -> str:
 @app.command()
 def explore(
     work: str = typer.Option(..., "--work", help="Score store root (local folder or s3://)"),
-    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Selection policy (YAML): decisions computed into the cache"),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Selection policy (YAML): reuses the decisions `curate select` made from these score files, else selects into the cache"),
     decisions: Optional[str] = typer.Option(None, "--decisions", help="A decisions.parquet written by `curate select`"),
     compare: Optional[str] = typer.Option(None, "--compare", help="A second policy (YAML) or decisions file: what it keeps that the first drops"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="A curated manifest.json: its stage mixture; its policy and decisions unless --policy/--decisions"),
@@ -45,5 +45,7 @@ def explore(
         fail(str(e))
     if not ex.store.views:
         fail(f"no score files under {ex.store.root}; run `curate score` first")
+    if ex.reused:
+        console.print(f"decisions reused (same policy and score files): {ex.reused}")
     console.print(f"curate explore: http://{host}:{port}/  (cache {cache})")
     uvicorn.run(create_app(ex), host=host, port=port, log_level="warning")

@@ -144,6 +144,20 @@ class ScoreStore:
         return {(f"{n}_{c}" if (c == "error" or counts[c] > 1) else c): n
                 for n, cols in self.views.items() for c in cols if c not in IDENTITY and c != "kind"}
 
+    def fingerprint(self) -> str:
+        """A key of the score files present now, from the catalogs: each scorer's files with their
+        rows, size and version (mtime locally, ETag on S3). Selection records it in its decision
+        file, so a later reader can tell decisions made from these very files."""
+        import hashlib
+        import json
+
+        h = hashlib.sha256()
+        for s in sorted(self.views):
+            t = self.catalog(s)
+            rows = sorted(zip(*[t.column(c).to_pylist() for c in ("path", "rows", "file_size", "file_version")]))
+            h.update(json.dumps([s, rows], default=str).encode())
+        return h.hexdigest()[:16]
+
     # ---- provenance
     def file_metadata(self) -> list[dict[str, str]]:
         """The ``curation.*`` metadata of every score file (one dict per file, with ``file``), from the catalogs."""

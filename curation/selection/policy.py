@@ -187,7 +187,24 @@ def run_selection(store: Any, policy: Policy, out: str | None = None, *, allow_i
     url = out or storage.join(store.work, "selection", fp, "decisions.parquet")
     try:
         counts = execute(store, compiled, url, resources, missing if missing else None,
-                         edge_tables(policy, store, datasets))
+                         edge_tables(policy, store, datasets),
+                         {"curation.policy_fingerprint": fp, "curation.inputs_fingerprint": store.fingerprint()})
     except duckdb.Error as e:
         raise PolicyError(f"policy does not run against the score store: {e}") from None
     return SelectionResult(fp, compiled.sql, url, counts)
+
+
+def recorded_fingerprints(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """The ``policy_fingerprint`` and ``inputs_fingerprint`` (:meth:`ScoreStore.fingerprint`) that
+    :func:`run_selection` recorded in a decision file's footer; {} when there is no such file or record."""
+    import pyarrow.parquet as pq
+
+    from curation.data import storage
+
+    fs, path = storage.get_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            md = pq.read_metadata(f).metadata or {}
+    except (OSError, ValueError):  # missing, unreadable or not Parquet: nothing to reuse
+        return {}
+    return {k.decode()[len("curation."):]: v.decode() for k, v in md.items() if k.startswith(b"curation.")}

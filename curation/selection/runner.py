@@ -145,14 +145,19 @@ def _publish(target: str, url: str, storage_options: dict | None) -> None:
         os.replace(target, storage.get_fs(url, storage_options)[1])
 
 
+def _kv(metadata: dict[str, str] | None) -> str:
+    return f", KV_METADATA {{{', '.join(f'{lit(k)}: {lit(v)}' for k, v in metadata.items())}}}" if metadata else ""
+
+
 def execute(store: Any, compiled: Any, url: str, resources: Resources | None = None,
             missing: list[tuple[str, str, str]] | None = None,
-            tables: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+            tables: dict[str, Any] | None = None, metadata: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Run ``compiled`` (``curation.selection.policy_sql.CompiledPolicy``) on ``store``; write the
     decisions to ``url``; return the counts per dataset. ``missing``: (dataset, shard, scorer)
     whose samples are dropped as ``not_scored:<scorer>`` (the steps must have been compiled for it).
     ``tables``: Arrow tables the steps read by name (rules' precomputed inputs, e.g. semantic_dedup's
-    pairs), loaded before the connection is locked.
+    pairs), loaded before the connection is locked. ``metadata``: key-value pairs for the decision
+    file's Parquet footer (the policy and inputs fingerprints).
     Raises ``duckdb.Error`` when a step does not run (the caller names the policy)."""
     res = resources or Resources()
     root = res.temp_directory or tempfile.gettempdir()
@@ -170,7 +175,7 @@ def execute(store: Any, compiled: Any, url: str, resources: Resources | None = N
             _run_steps(con, compiled.steps)
             counts = _counts(con, compiled.final)
             con.execute(f"COPY (SELECT {DECISION_COLUMNS} FROM {compiled.final} ORDER BY dataset, shard, key) TO "
-                        f"{lit(target)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
+                        f"{lit(target)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880{_kv(metadata)})")
         _publish(target, url, store.storage_options)
         return counts
     finally:

@@ -13,7 +13,9 @@ the scores and nothing else:
   only the score columns the policy needs into a table (out of core: past ``memory_limit``
   DuckDB spills to its temp directory), then has external access disabled (no files but the
   one result file it writes, no network, no extensions) and its configuration locked, so
-  nothing can turn it back on.
+  nothing can turn it back on. ``curate explore`` locks its one connection the same way once
+  its views exist, reading only the store's score files and the decision files in place (no
+  copy per query): its query box runs on that connection.
 """
 
 from __future__ import annotations
@@ -114,30 +116,17 @@ def engine(settings: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def sandbox(con: duckdb.DuckDBPyConnection, allowed_paths: list[str] = ()) -> duckdb.DuckDBPyConnection:
+def sandbox(con: duckdb.DuckDBPyConnection, allowed_paths: list[str] = (),
+            directories: list[str] = ()) -> duckdb.DuckDBPyConnection:
     """Lock ``con`` down: from now on it reaches no file but ``allowed_paths`` (the one file the
-    engine writes its result to), no network and no extension, and its configuration is locked,
+    engine writes its result to) and those under ``directories`` (``curate explore``: the score
+    files it reads in place), no network and no extension, and its configuration is locked,
     so nothing can turn them back on. What it loaded before (the score columns a policy needs)
     stays in its memory, or spilled to its temp directory, which DuckDB itself owns."""
     if allowed_paths:
         con.execute(f"SET allowed_paths = [{', '.join(literal(p) for p in allowed_paths)}]")
+    if directories:
+        con.execute(f"SET allowed_directories = [{', '.join(literal(d.rstrip('/') + '/') for d in directories)}]")
     con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    return con
-
-
-def sandboxed_copy(source: duckdb.DuckDBPyConnection, view: str, columns: list[str],
-                   tables: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
-    """A locked-down in-memory connection holding ``columns`` of ``view`` (read through
-    ``source``, which may reach files and S3) as its table of the same name, and the Arrow
-    ``tables`` under their names: for small interactive queries (``curate explore``'s query box);
-    selection runs out of core through :func:`engine` + :func:`sandbox` instead."""
-    con = duckdb.connect(config=SANDBOX_CONFIG)
-    rel = source.sql(f"SELECT {', '.join(ident(c) for c in columns)} FROM {ident(view)}")
-    reader = rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()  # duckdb < 1.4
-    for name, data in [(view, reader), *(tables or {}).items()]:
-        con.register("_incoming", data)
-        con.execute(f"CREATE TABLE {ident(name)} AS SELECT * FROM _incoming")
-        con.unregister("_incoming")
     con.execute("SET lock_configuration = true")
     return con

@@ -59,6 +59,7 @@ class _Ctx:
             except Exception as e:  # noqa: BLE001 - one unreadable sample shows its error, not a broken page
                 c["caption"] = f"(unreadable: {e})"
             return c
+        self.ex.locate_many(cards)
         return list(self.pool.map(one, cards))
 
     def grid(self, request: Request, title: str, cards: list[dict], total: int, col: str | None, page_no: int,
