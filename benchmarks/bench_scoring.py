@@ -186,7 +186,27 @@ def decodes_arm(corpus: str, work: str) -> dict:
             score_local_pass(tasks, [spec], f"{work}/alone")
     images = sum(s.rows for s in reports[0].scored)
     return {"images": images, "decodes_fused": fused.n, "decodes_one_at_a_time": alone.n,
-            "decodes_per_image": fused.n / images, "decodes_per_image_one_at_a_time": alone.n / images}
+            "decodes_per_image": fused.n / images, "decodes_per_image_one_at_a_time": alone.n / images,
+            **_video_decodes(specs, work)}
+
+
+def _video_decodes(specs: list, work: str) -> dict:
+    """PyAV opens per clip in one fused pass (24 synthetic clips): basic + deltaloss use the frames
+    verification kept; the clip scorer still decodes each clip itself (``scorers/clip.py``)."""
+    from curation.common.counters import count_decodes
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+    from curation.data.shards import list_shards
+    from curation.scoring.engine import ShardTask, score_local_pass
+
+    synthesize(f"{work}/clips", SynthConfig(seed=1, datasets=[DatasetSpec("clips", "video", 24, {}, 12)]))
+    tasks = [ShardTask(u, "clips", "video") for u in list_shards(f"{work}/clips/clips")]
+    out = {}
+    for label, names in (("basic_deltaloss", ("basic", "deltaloss")), ("basic_clip_deltaloss", ("basic", "clip", "deltaloss"))):
+        with count_decodes() as c:
+            reports = score_local_pass(tasks, [s for s in specs if s.name in names], f"{work}/clips-{label}")
+        clips = sum(r.rows for r in reports[0].scored)
+        out[f"decodes_per_video_{label}"] = c.videos / clips
+    return out
 
 
 def _tiny_deltaloss_models(root: str) -> tuple[str, str]:
@@ -346,6 +366,8 @@ def _print(r: dict) -> None:
           f"{r['driver_read_bytes']} of {r['pool_bytes']} bytes, {r['driver_read_bytes_per_shard']:.0f} per shard)")
     print(f"  decodes per image, basic+clip+deltaloss: {r['decodes_per_image']:.3f} fused, "
           f"{r['decodes_per_image_one_at_a_time']:.3f} one scorer at a time   (target <= 1.0)")
+    print(f"  decodes per clip, fused: basic+deltaloss {r['decodes_per_video_basic_deltaloss']:.3f}, "
+          f"basic+clip+deltaloss {r['decodes_per_video_basic_clip_deltaloss']:.3f}")
     for name in ("worker", "driver"):
         if f"{name}_rss_ratio" in r:
             small, large = r["memory"]

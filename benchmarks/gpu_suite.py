@@ -16,7 +16,8 @@ What it measures (each arm in this process, one after the other):
      (batched nvJPEG ``decode_jpeg`` on the device, Pillow fallback);
    - ``end_to_end_vs_model_only`` for each.
 2. DeltaLoss: samples/s of the fused pass with a small and a large NVILA (random weights; the
-   large one's LLM at the Qwen2-0.5B config below) on the device.
+   large one's LLM at the Qwen2-0.5B config below) on the device, under the scorer's
+   ``precision`` (bf16 autocast on CUDA, fp32 on the CPU).
 3. An NVILA training step (LLM at Qwen2-0.5B's config: hidden 896, 24 layers, 14 heads, 2 KV
    heads, MLP 4864, vocab 151936; a SigLIP-B-sized tower at 448 px), bf16 autocast vs torchao
    float8 (tensorwise), both ``torch.compile``d: tokens/s and peak memory at an equal batch, and
@@ -152,12 +153,14 @@ def deltaloss_arm(args: argparse.Namespace, tasks: list, device: str, d: str) ->
         m, tok = _nvila({k: v for k, v in llm.items() if k != "vocab_size"}, TINY_VISION if args.smoke else SIGLIP_B)
         m.save_pretrained(f"{d}/{name}", tok)
         paths.append(f"{d}/{name}")
-    spec = ScorerSpec("deltaloss", {"small": paths[0], "large": paths[1], "device": device, "batch_size": args.batch},
+    precision = "bf16" if device.startswith("cuda") else "fp32"  # the scorer's own default (auto) on each device
+    spec = ScorerSpec("deltaloss", {"small": paths[0], "large": paths[1], "device": device, "batch_size": args.batch,
+                                    "precision": precision},
                       batch_size=args.batch, decode_workers=args.decode_workers)
     reports = score_local_pass(tasks[: args.deltaloss_shards], [spec], f"{d}/work")
     assert not reports[0].failed, reports[0].failed
     return {"samples_per_s": round(_window_rate(reports), 2), "large_llm": "tiny" if args.smoke else "Qwen2-0.5B config",
-            "precision": "fp32 (the scorer's own)"}
+            "precision": precision}
 
 
 def _train_rate(m, tok, batch: int, steps: int, device: str, compile_: bool) -> dict:

@@ -37,9 +37,10 @@ def _file_sha(url: str) -> str:
 
 
 def score_key(context: Any, params: dict[str, Any]) -> str:
-    """Recipe bytes, every input shard's version, the scorer's config hash (weights included):
+    """Recipe bytes, every input shard's version, each scorer's config hash (weights included):
     ``ScoringPlan.fingerprint``."""
-    return params["plan"].fingerprint(params["scorer"])
+    scorers = params["scorers"]
+    return params["plan"].fingerprint(*([scorers] if isinstance(scorers, str) else scorers))
 
 
 def curate_key(context: Any, params: dict[str, Any]) -> str:

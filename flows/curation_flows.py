@@ -7,14 +7,14 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from flows.tasks import curation_report, run_curate, run_score, scoring_plan, select_task, selection_table
+from flows.tasks import curation_report, run_curate, run_scores, scoring_plan, select_task, selection_table
 
 
 @flow(name="score", log_prints=True)
 def score_flow(recipe: str) -> list[dict[str, Any]]:
-    """Score every shard of the recipe's sources with each of its scorers (Ray inside the tasks)."""
+    """Score every shard of the recipe's sources with its scorers: one task per fused pass (Ray inside)."""
     plan = scoring_plan(recipe)
-    return [run_score(plan, name) for name in plan.scorer_names]
+    return run_scores(plan)
 
 
 @flow(name="select", log_prints=True)
@@ -46,7 +46,7 @@ def curate_flow(score_recipe: str, policy: str, out: str, max_samples: int = 100
     if not os.path.exists(policy):
         raise FileNotFoundError(f"policy not found: {policy}")
     plan = scoring_plan(score_recipe)
-    scores = [run_score(plan, name) for name in plan.scorer_names]
+    scores = run_scores(plan)
     work = plan.work
     curated = run_curate(work, policy, out, max_samples, shuffle_seed, _scores=[s["config_hash"] for s in scores],
                          allow_incomplete=allow_incomplete)

@@ -22,7 +22,7 @@ from flows.tasks import (
     curation_report,
     run_curate,
     evaluate_task,
-    run_score,
+    run_scores,
     run_train,
     scoring_plan,
     selection_table,
@@ -193,7 +193,7 @@ def _score(out: str, size: str, seed: int, filter_dir: str, proxies: dict[str, s
     with open(recipe_path, "w") as f:
         yaml.safe_dump(d.score_recipe(SynthConfig.preset(size, seed=seed).datasets, filter_dir, proxies), f, sort_keys=False)
     plan = scoring_plan(recipe_path)
-    return [run_score(plan, name) for name in plan.scorer_names]
+    return run_scores(plan)
 
 
 def _curate(out: str, size: str, seed: int, filter_dir: str, scores: list[dict[str, Any]]) -> dict[str, Any]:

@@ -59,21 +59,74 @@ def train_proxies_task(trusted: str, out: str, steps: int = 20, seed: int = 0) -
     return {k: v["dir"] for k, v in res.items()}
 
 
-@task(name="score", retries=2, retry_delay_seconds=5, task_run_name="score-{scorer}",
+def _names(scorers: str | list[str]) -> list[str]:
+    return [scorers] if isinstance(scorers, str) else list(scorers)
+
+
+def _pass_run_name(parameters: dict[str, Any]) -> str:
+    """``score-basic+clip+deltaloss``: the scorers that share the pass's one read and decode."""
+    return "score-" + "+".join(_names(parameters["scorers"]))
+
+
+class PassProgress:
+    """A fused pass's progress in Prefect: a progress artifact (shard results done over shard
+    results to do, every scorer counted) updated at most every ``every`` seconds, a log line per
+    scorer at each tenth of its shards, and every failed shard logged as it comes."""
+
+    def __init__(self, names: list[str], shards: int, log: Any, every: float = 2.0) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.names, self.shards, self.log, self.every = names, shards, log, every
+        self.total = max(1, shards * len(names))
+        self.count, self.rows = 0, {n: 0 for n in names}
+        self.last = 0.0
+        self.artifact = create_progress_artifact(0.0, description=f"{_pass_run_name({'scorers': names})}: "
+                                                 f"{shards} shard(s), one read and one decode each")
+
+    def __call__(self, result: Any, done: int, total: int) -> None:
+        import time
+
+        from prefect.artifacts import update_progress_artifact
+
+        self.count += 1
+        self.rows[result.scorer] += result.rows if not (result.skipped or result.failed) else 0
+        if result.failed:
+            self.log.warning("[%s] %s FAILED: %s", result.scorer, result.url, result.failed)
+        step = max(1, total // 10)
+        if done % step == 0 or done == total:
+            self.log.info("[%s] %d/%d shards (%d rows scored, last: %s%s)", result.scorer, done, total,
+                          self.rows[result.scorer], result.url, ", already done" if result.skipped else "")
+        now = time.monotonic()
+        if now - self.last >= self.every or self.count == self.total:
+            self.last = now
+            update_progress_artifact(self.artifact, 100.0 * self.count / self.total)
+
+
+def _pass_reads(reports: list[Any]) -> dict[str, Any]:
+    """How often the pass read each shard it scored: results of one read share its worker's pid and
+    start time (1.0 when every scorer was fed from one read of each shard)."""
+    scored = [r for rep in reports for r in rep.scored]
+    reads = {(r.url, r.pid, r.started_at) for r in scored}
+    shards = {r.url for r in scored}
+    return {"scorers": [rep.scorer for rep in reports], "shard_reads": len(reads),
+            "reads_per_shard": round(len(reads) / len(shards), 3) if shards else None}
+
+
+@task(name="score", retries=2, retry_delay_seconds=5, task_run_name=_pass_run_name,
       cache_policy=ByContent(content=score_key, exclude=["plan"]), cache_expiration=CACHE_TTL, persist_result=True)
-def score_task(plan: ScoringPlan, scorer: str) -> dict[str, Any]:
-    """One scorer of a resolved scoring plan over all its shards, on Ray."""
-    log = get_run_logger()
-
-    def progress(result, done, total):
-        state = "skipped (done)" if result.skipped else ("FAILED: " + result.failed if result.failed else f"{result.rows} rows")
-        log.info("[%s] %d/%d %s: %s", scorer, done, total, result.url, state)
-
-    report = plan.run(scorer, progress)
-    summary = report.summary()
-    if report.failed:
-        raise RuntimeError(f"{scorer}: {len(report.failed)} shard(s) failed: {summary['failed'][:3]}")
-    return summary
+def score_task(plan: ScoringPlan, scorers: str | list[str]) -> list[dict[str, Any]]:
+    """One fused pass of a resolved scoring plan (``ScoringPlan.passes``: the scorers that run on
+    one kind of device) over all its shards, on Ray: each shard read and decoded once for all of
+    them, each scorer writing its own score files, as ``curate score`` does. One summary per
+    scorer, in order, each with the pass's ``shard_reads``."""
+    names = _names(scorers)
+    reports = plan.run_pass(names, PassProgress(names, len(plan.tasks), get_run_logger()))
+    reads = _pass_reads(reports)
+    summaries = [{**r.summary(), "pass": reads} for r in reports]
+    failed = {s["scorer"]: s["failed"] for s in summaries if s["failed"]}
+    if failed:
+        raise RuntimeError("; ".join(f"{n}: {len(f)} shard(s) failed: {f[:3]}" for n, f in failed.items()))
+    return summaries
 
 
 @task(name="select-reshard-manifest", retries=1, 
@@ -130,9 +183,15 @@ def scoring_plan(recipe_path: str) -> ScoringPlan:
     return ScoringPlan.resolve(_check_file(recipe_path, "scoring recipe"))
 
 
-def run_score(plan: ScoringPlan, scorer: str) -> dict[str, Any]:
-    """``score_task``, forced to run (and re-cache) when any score file it writes is missing."""
-    return fresh_unless(score_task, plan.outputs_present(scorer))(plan, scorer)
+def run_scores(plan: ScoringPlan) -> list[dict[str, Any]]:
+    """Every scorer of the plan, one ``score_task`` per fused pass (``plan.passes()``, in order; a
+    pass is forced to run, and re-cache, when any score file it writes is missing); one summary
+    per scorer, in the recipe's order."""
+    done: dict[str, dict[str, Any]] = {}
+    for names in plan.passes():
+        for summary in fresh_unless(score_task, plan.outputs_present(*names))(plan, names):
+            done[summary["scorer"]] = summary
+    return [done[n] for n in plan.scorer_names]
 
 
 def run_curate(work: str, policy_path: str, out: str, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class ExampleBuilder:
                 if not sample.caption or not sample.caption.strip():
                     self.skipped["no_caption"] += 1
                     return None
-                media = [self.model.preprocess_video(sample.video)]
+                media = [self.model.preprocess_video(_kept(getattr(sample, "pixels", None) or None, sample.video))]
                 ex = build_chat(self.tokenizer, [
                     {"role": "user", "content": f"<vila/video>\n{self.video_prompts[pick % len(self.video_prompts)]}"},
                     {"role": "assistant", "content": sample.caption.strip()}], media,

@@ -116,6 +116,25 @@ def decoded_image(sample: Any, name: str | None = None) -> Any:
     return pixels if pixels is not None else Image.open(io.BytesIO(data))
 
 
+def decoded_frames(sample: Any) -> list[Any]:
+    """A clip's frames as RGB PIL images: those the reader's verification decoded when it kept them
+    (``sample.pixels``; one decode per pass), else decoded from the bytes here. Raises ValueError
+    for a clip with no decodable frame."""
+    kept = getattr(sample, "pixels", None)
+    if kept:
+        return list(kept)
+    import av
+
+    try:
+        with av.open(io.BytesIO(sample.video)) as c:
+            frames = [f.to_image() for f in c.decode(video=0)]
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types
+        raise ValueError(f"video cannot be decoded: {e}") from None
+    if not frames:
+        raise ValueError("video has no decodable frames")
+    return frames
+
+
 def file_sha256(path: str, _cache: dict[tuple[str, int, float], str] = {}) -> str:  # noqa: B006 - memo
     """SHA-256 of a local file, memoized on (path, size, mtime)."""
     st = os.stat(path)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from scorers.base import Prepared, Scorer, decoded_image
+from scorers.base import Prepared, Scorer, decoded_frames, decoded_image
 
 
 def phash_hex(image_bytes: bytes | None = None, pil_image: Any = None) -> str | None:
@@ -152,24 +152,18 @@ class BasicScorer(Scorer):
             if s.video is not None:
                 row["sha256"] = hashlib.sha256(s.video).hexdigest()
                 if s.error is None:
-                    row["phash"], row["motion"] = _video_facts(s.video)
+                    row["phash"], row["motion"] = _video_facts(s)
         row["width"], row["height"] = w, h
         if w and h:
             row["aspect_ratio"] = max(w, h) / min(w, h)
         return row
 
 
-def _video_facts(video: bytes) -> tuple[str | None, float | None]:
-    """First frame's perceptual hash and the clip's motion score (None where it cannot decode)."""
-    import av
-
+def _video_facts(s: Any) -> tuple[str | None, float | None]:
+    """First frame's perceptual hash and the clip's motion score (None where it cannot decode),
+    from the frames the reader decoded when it kept them (``decoded_frames``)."""
     try:
-        with av.open(io.BytesIO(video)) as c:
-            frames = [frame.to_ndarray(format="rgb24") for frame in c.decode(video=0)]
-    except Exception:  # noqa: BLE001 - an undecodable clip simply has neither
+        frames = decoded_frames(s)
+    except ValueError:  # an undecodable clip simply has neither
         return None, None
-    if not frames:
-        return None, None
-    from PIL import Image
-
-    return phash_hex(pil_image=Image.fromarray(frames[0])), motion_score(frames)
+    return phash_hex(pil_image=frames[0]), motion_score(frames)

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from scorers.base import Prepared, Scorer, dir_sha256
+from scorers.clip_pixels import PRECISIONS, autocast, effective_precision
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,13 @@ class DeltaLossScorer(Scorer):
     def __init__(self, small: str | None = None, large: str | None = None, *, pool: str | None = None,
                  reference: str | None = None, device: str = "cpu", batch_size: int = 16, max_length: int = 1024,
                  separate_tokenization: bool = False, prompts: Sequence[str] = ("Describe the image.",),
-                 video_prompts: Sequence[str] = ("Describe the video.",), token_budget: int = 8192) -> None:
+                 video_prompts: Sequence[str] = ("Describe the video.",), token_budget: int = 8192,
+                 precision: str = "auto") -> None:
         self.mode = _mode(small, large, pool, reference)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # auto: bf16 autocast on CUDA, fp32 on a CPU (as the clip scorer); the losses are taken in fp32
+        self.precision = effective_precision(precision, device)
         if self.mode == "reference":
             small, large = pool, reference
         assert small is not None and large is not None  # _mode checked
@@ -155,6 +161,8 @@ class DeltaLossScorer(Scorer):
             cfg["mode"] = "reference"
         if self.small.vlm is not None or self.large.vlm is not None:  # likewise
             cfg["token_budget"] = self.token_budget
+        if self.precision != "fp32":  # reduced precision moves the losses a little: its own config hash
+            cfg["precision"] = self.precision
         return cfg
 
     def model_id(self) -> str:
@@ -252,12 +260,13 @@ class DeltaLossScorer(Scorer):
         from model.conversation import collate
 
         if side.vlm is not None:
-            return side.vlm.losses(items)
+            with autocast(self.precision, self.device):
+                return side.vlm.losses(items)
         idx = [i for i, x in enumerate(items) if x is not None]
         res: list[tuple[float, int] | None] = [None] * len(items)
         for j in range(0, len(idx), self.batch_size):
             chunk = idx[j: j + self.batch_size]
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(self.precision, self.device):
                 if side.nvila:
                     b = collate([items[i] for i in chunk], side.tokenizer.pad_token_id)
                     embeds, mask, labels = side.model.build_inputs(b["input_ids"], b["attention_mask"], b["labels"], b["media"])

@@ -237,3 +237,19 @@ def test_train_proxies_reference_mode(tmp_path):
     sc = DeltaLossScorer(pool=res["pool"]["dir"], reference=res["reference"]["dir"])
     cols = sc.score([s for s in read_shard(list_shards(str(tmp_path / "p" / "pool"))[0]) if s.error is None][:4])
     assert all(d is not None for d in cols["delta_loss"])
+
+
+def test_precision_option_bf16_autocast_close_to_fp32_with_its_own_hash(models):
+    """``precision``: fp32 on a CPU by default (auto), bf16 autocast when asked (on CUDA by default);
+    bf16 moves the losses only a little and gets its own config hash; a typo is refused."""
+    fp32 = DeltaLossScorer(models["small"], models["large"])
+    bf16 = DeltaLossScorer(models["small"], models["large"], precision="bf16")
+    assert fp32.precision == "fp32" and DeltaLossScorer(models["small"], models["large"], device="cuda").precision == "bf16"
+    assert fp32.config_hash() != bf16.config_hash()
+    samples = [_pair("a", A, 5), _pair("b", B, 6)]
+    a, b = fp32.score(samples), bf16.score(samples)
+    assert a["loss_small"] != b["loss_small"]  # autocast really ran in bf16
+    np.testing.assert_allclose(b["delta_loss"], a["delta_loss"], atol=0.1)
+    assert b["delta_loss"][0] > b["delta_loss"][1]  # the same ranking
+    with pytest.raises(ValueError, match="precision must be one of"):
+        DeltaLossScorer(models["small"], models["large"], precision="int8")

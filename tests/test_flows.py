@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+from scoring_fixture import tiny_models  # noqa: F401 - a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,3 +270,42 @@ def test_cache_keys_follow_content_not_names(harness, tmp_path):
     assert once()[0] == "Completed"
     policy.write_text(yaml.safe_dump({"defaults": [{"rule": "valid", "min_caption_words": 2}]}))
     assert once()[1] == "Completed"
+
+
+def _task_runs_and_progress(flow_run_id) -> tuple[list[str], list]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as c:
+            runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return [r.name for r in runs], [a.data for a in arts if a.type == "progress"]
+
+    return asyncio.run(read())
+
+
+def test_score_flow_runs_each_fused_pass_as_one_task(harness, tmp_path, tiny_models):
+    """basic + clip + deltaloss through the Prefect flow score as ``curate score`` does: one task for
+    their pass, named by its scorers, each shard read once for all three (each read decodes each
+    image once: test_scoring_pass.py), every scorer's files written, its progress artifact at 100 %."""
+    from flows.curation_flows import score_flow
+
+    synthesize(str(tmp_path / "corpus"), SynthConfig(seed=3, datasets=[DatasetSpec("pairs", "pair", 12, {}, 6)]))
+    recipe = tmp_path / "score.yaml"
+    recipe.write_text(yaml.safe_dump({"work": str(tmp_path / "work"), "ray": {"num_cpus": 2},
+                                      "sources": [{"shards": str(tmp_path / "corpus" / "pairs"), "kind": "pair"}],
+                                      "scorers": [{"name": "basic", "batch_size": 6},
+                                                  {"name": "clip", "params": {"model": tiny_models["clip"]}, "batch_size": 6},
+                                                  {"name": "deltaloss", "batch_size": 6, "params": {
+                                                      "small": tiny_models["small"], "large": tiny_models["large"]}}]}))
+    state = score_flow(str(recipe), return_state=True)
+    assert state.is_completed(), state
+    summaries = state.result()
+    assert [(s["scorer"], s["scored"], s["rows"]) for s in summaries] == [(n, 2, 12) for n in ("basic", "clip", "deltaloss")]
+    assert summaries[0]["pass"] == {"scorers": ["basic", "clip", "deltaloss"], "shard_reads": 2, "reads_per_shard": 1.0}
+    names, progress = _task_runs_and_progress(state.state_details.flow_run_id)
+    assert names == ["score-basic+clip+deltaloss"] and progress == [100.0]
+

@@ -24,6 +24,7 @@ from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
 from curation.data.shards import list_shards
 from curation.data.writer import ShardWriter
 from curation.scoring.engine import ScorerSpec, ShardTask, read_score_metadata, run_pass, score_file_url, score_local_pass
+from scoring_fixture import tiny_models  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope="module")
@@ -32,34 +33,6 @@ def pairs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pass"))
     synthesize(out, SynthConfig(seed=5, datasets=[DatasetSpec("pairs", "pair", 24, {"corrupt_image": 0.1}, 12)]))
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """A tiny CLIP and two tiny NVILAs (random weights), saved in their real layouts."""
-    import open_clip
-    import torch
-
-    from model import NVILAConfig, NVILAForCausalLM
-    from model.tokenizer import train_bpe_tokenizer
-    from scorers.clip import register_configs, save_open_clip_dir
-
-    root = tmp_path_factory.mktemp("models")
-    register_configs()
-    torch.manual_seed(0)
-    clip = str(root / "clip")
-    save_open_clip_dir(open_clip.create_model("tiny-clip"), open_clip.get_model_config("tiny-clip"), clip, {"size": 64})
-    tok = train_bpe_tokenizer(["a red circle on a blue background", "Describe the image."] * 10, vocab_size=300)
-    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-    lc = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True)
-    paths = {"clip": clip}
-    for name in ("small", "large"):
-        m = NVILAForCausalLM(NVILAConfig(vision_config=vc, llm_config=lc, image_mode="resize"))
-        m.attach_tokenizer(tok)
-        paths[name] = str(root / name)
-        m.save_pretrained(paths[name], tok)
-    return paths
 
 
 def _specs(models: dict, decode_workers: int = 1) -> list[ScorerSpec]:
@@ -99,6 +72,27 @@ def test_fused_pass_decodes_each_image_once_and_scores_as_alone(pairs, tiny_mode
                     assert v == pytest.approx(b[k], rel=1e-4, abs=1e-5) if isinstance(v, float) else v == b[k], (name, k)
     errors = [r for t in tasks for r in _table(alone, "clip", t.url) if r["error"]]
     assert errors and all("corrupt image" in r["error"] for r in errors)
+
+
+def test_fused_pass_decodes_each_clip_once(tiny_models, tmp_path):
+    """Clips: verification decodes each once and keeps its frames; basic (phash, motion) and
+    DeltaLoss (NVILA's frames) use them, and score as from the clip's own bytes."""
+    from curation.data.shards import read_shard
+    from scorers.basic import BasicScorer
+
+    out = str(tmp_path / "c")
+    synthesize(out, SynthConfig(seed=2, datasets=[DatasetSpec("clips", "video", 6, {"corrupt_video": 0.2}, 6)]))
+    tasks = [ShardTask(u, "clips", "video") for u in list_shards(f"{out}/clips")]
+    specs = [s for s in _specs(tiny_models) if s.name != "clip"]
+    with count_decodes() as decodes:
+        reports = score_local_pass(tasks, specs, str(tmp_path / "w"))
+    assert not any(r.failed for r in reports) and reports[1].scored[0].rows == 6
+    assert decodes.videos == 6, f"{decodes.videos} clip decodes for 6 clips"  # corrupt ones too, once
+    fused = pq.read_table(score_file_url(str(tmp_path / "w"), "basic", "clips", "00000")).to_pylist()
+    own = BasicScorer().score(list(read_shard(tasks[0].url, kind="video")))  # frames decoded from the bytes
+    assert [r["phash"] for r in fused] == own["phash"]
+    assert [r["motion"] for r in fused] == [None if m is None else pytest.approx(m, rel=1e-6) for m in own["motion"]]
+    assert sum(r["motion"] is not None for r in fused) >= 4
 
 
 def test_score_files_carry_the_checksum_the_worker_hashed(pairs, tmp_path):

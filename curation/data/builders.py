@@ -36,6 +36,9 @@ class ReadOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     keep_pixels: bool = False  # keep the images verification decoded on the samples (one decode per pass)
+    # a clip's decoded frames are kept (keep_pixels) up to this many bytes; a longer clip's are
+    # dropped and each scorer that needs them decodes the clip itself
+    max_kept_video_bytes: int = 32 << 20
 
     def __post_init__(self) -> None:
         if self.kind not in (*KINDS, "auto"):
@@ -82,8 +85,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool =
         raise MediaError(f"corrupt image: {e}") from None
 
 
-def check_video(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Probe a clip with PyAV; return width/height/frames/duration or raise ValueError."""
+def check_video(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_bytes: int = 0) -> dict[str, Any]:
+    """Decode a clip with PyAV; return width/height/num_frames/duration or raise ValueError.
+    ``keep_bytes``: also return its ``frames`` (RGB PIL images) when they fit in that many bytes
+    (``frames`` is None when they do not)."""
     import av
 
     if not data:
@@ -96,11 +101,17 @@ def check_video(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, 
             w, h = stream.codec_context.width, stream.codec_context.height
             if w * h > max_pixels:
                 raise MediaError(f"video frame is {w}x{h}, above the {max_pixels}-pixel limit")
-            n = sum(1 for _ in container.decode(stream))
+            n, kept = 0, [] if keep_bytes > 0 else None
+            for frame in container.decode(stream):
+                n += 1
+                if kept is not None and n * frame.width * frame.height * 3 <= keep_bytes:
+                    kept.append(frame.to_image())
+                else:
+                    kept = None
             if n == 0:
                 raise MediaError("corrupt video: no decodable frames")
             duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
-            return {"width": w, "height": h, "num_frames": n, "duration": duration}
+            return {"width": w, "height": h, "num_frames": n, "duration": duration, "frames": kept}
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001 - PyAV raises many types; all mean "unusable clip"
@@ -258,9 +269,10 @@ def build_video(raw: RawSample, base: dict[str, Any], opts: ReadOptions) -> Vide
         s.video, s.video_ext = raw.members[vid], vid
         if opts.verify:
             try:
-                info = check_video(s.video, opts.max_pixels)
+                info = check_video(s.video, opts.max_pixels, opts.max_kept_video_bytes if opts.keep_pixels else 0)
                 s.width, s.height = info["width"], info["height"]
                 s.num_frames, s.duration = info["num_frames"], info["duration"]
+                s.pixels = info["frames"]  # one decode per pass for every scorer that needs frames
             except ValueError as e:
                 errors.append(str(e))
     _caption(raw, s, errors)

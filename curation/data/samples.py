@@ -105,6 +105,8 @@ class VideoSample(Sample):
     height: int | None = None
     num_frames: int | None = None
     duration: float | None = None
+    # the frames verification decoded (PIL images), kept for the scorers (ReadOptions.keep_pixels)
+    pixels: Any = field(default=None, repr=False, compare=False)
 
 
 AnySample = Union[PairSample, InterleavedSample, VideoSample]

@@ -88,8 +88,10 @@ def _light_batches(task: ShardTask, batch_size: int, digest: ShardDigest,
         yield batch
 
 
-def needs_media(scorers: list[Scorer]) -> bool:
-    """Whether any scorer of a pass reads media (only then is the shard read whole and decoded)."""
+def needs_media(scorers: list[Any]) -> bool:
+    """Whether any scorer of a pass reads media (only then is the shard read whole and decoded).
+    Scorers or scorer classes: ``needs_media`` is a class attribute (``False``: shipped metadata,
+    captions), so the planner groups passes by it before any scorer is built."""
     return any(getattr(s, "needs_media", True) for s in scorers)
 
 

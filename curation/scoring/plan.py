@@ -4,9 +4,9 @@ Both the ``curate score`` command and the Prefect flows (``flows/tasks.py``) sco
 :class:`ScoringPlan`: the recipe is read, validated and checked (shards listed, scorers built)
 once, in :meth:`ScoringPlan.resolve`; after that, nothing re-reads it by path.
 
-:meth:`ScoringPlan.fingerprint` is the content key of scoring with one scorer: the recipe's
+:meth:`ScoringPlan.fingerprint` is the content key of scoring with some scorers: the recipe's
 bytes, every input shard's version (size and mtime locally, the ETag on S3: metadata only, no
-data read) and the scorer's config hash (which covers its weights' checksum). A new, changed or
+data read) and each scorer's config hash (which covers its weights' checksum). A new, changed or
 removed shard, an edited recipe or retrained weights give a new key, which is what the flows'
 cache keys on.
 """
@@ -63,32 +63,35 @@ class ScoringPlan:
         """The same plan with only these scorers (each must be in the recipe)."""
         return replace(self, specs=tuple(self.spec(n) for n in scorers))
 
-    def fingerprint(self, scorer: str) -> str:
-        """The content key of scoring this plan's shards with ``scorer`` (module docstring)."""
+    def fingerprint(self, *scorers: str) -> str:
+        """The content key of scoring this plan's shards with ``scorers`` (module docstring)."""
         blob = {"recipe": self.recipe_sha256, "shards": [v for t in self.tasks for v in storage.versions(t.url)],
-                "scorer": self.spec(scorer).build().config_hash(), "work": self.work}
+                "scorers": [self.spec(n).build().config_hash() for n in scorers], "work": self.work}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
     def score_files(self, scorer: str) -> list[str]:
         return [score_file_url(self.work, scorer, t.dataset, shard_name(t.url)) for t in self.tasks]
 
-    def outputs_present(self, scorer: str) -> bool:
-        """Whether every score file that scoring with ``scorer`` writes exists (one listing)."""
-        listed = storage.versions(storage.join(self.work, "scores", scorer))
-        present = {u for u, v in listed if v != "missing"}
-        return all(storage.to_url(*storage.get_fs(u)) in present for u in self.score_files(scorer))
+    def outputs_present(self, *scorers: str) -> bool:
+        """Whether every score file that scoring with ``scorers`` writes exists (one listing each)."""
+        for scorer in scorers:
+            listed = storage.versions(storage.join(self.work, "scores", scorer))
+            present = {u for u, v in listed if v != "missing"}
+            if not all(storage.to_url(*storage.get_fs(u)) in present for u in self.score_files(scorer)):
+                return False
+        return True
 
     def passes(self) -> list[list[str]]:
         """The scorers grouped into fused passes: one per kind of device (and apart, those that read
         no media), in recipe order."""
+        from curation.scoring.fused import needs_media
         from scorers import scorer_class
 
         groups: dict[tuple[str, bool], list[str]] = {}
         for s in self.specs:
             gpu = s.num_gpus > 0 or str(s.params.get("device", "cpu")).startswith("cuda")
-            # scorers that decode nothing (needs_media = False) read only headers and text members
-            media = getattr(scorer_class(s.name), "needs_media", True)
-            groups.setdefault(("gpu" if gpu else "cpu", media), []).append(s.name)
+            # scorers that decode nothing read only headers and text members: a pass of their own
+            groups.setdefault(("gpu" if gpu else "cpu", needs_media([scorer_class(s.name)])), []).append(s.name)
         return list(groups.values())
 
     def run_pass(self, scorers: list[str], progress: ProgressFn | None = None) -> list[RunReport]:
