@@ -118,3 +118,24 @@ def test_bad_heads_fail_the_recipe_check_naming_the_head(setup, head, message):
     assert message in str(e.value) and repr(head["name"]) in str(e.value)
     if "768" in message:
         assert "gives 64-d" in str(e.value)
+
+
+def test_h14_nsfw_layout_loads_and_matches_its_module(tmp_path):
+    """clip-retrieval's H/14 NSFW MLP layout (ReLU + dropout after the first five linears), from a .pth."""
+    import torch
+
+    from scorers.clip_heads import load_head
+
+    nn = torch.nn
+    dims = [DIM, 1024, 2048, 1024, 256, 128, 16, 1]
+    mods = []
+    for j in range(7):
+        mods.append(nn.Linear(dims[j], dims[j + 1]))
+        if j < 5:
+            mods += [nn.ReLU(), nn.Dropout(0.2)]
+    net = nn.Sequential(*mods).eval()
+    torch.save(net.state_dict(), tmp_path / "h14_nsfw.pth")
+    head = load_head({"name": "nsfw", "path": str(tmp_path / "h14_nsfw.pth"), "format": "laion_nsfw_h14"})
+    emb = torch.nn.functional.normalize(torch.randn(5, DIM), dim=-1)
+    with torch.inference_mode():
+        np.testing.assert_allclose(head(emb).numpy(), net(emb)[:, 0].numpy(), rtol=1e-4, atol=1e-6)
