@@ -274,15 +274,6 @@ def _finish(key: str, exts: set[str], members: dict[str, bytes], errors: list[st
     return s
 
 
-def _split(name: str) -> tuple[str, str] | None:
-    """``split_key``, with a shortcut for the usual flat ``key.ext`` names."""
-    if "/" not in name:
-        key, dot, ext = name.partition(".")
-        if key and dot:
-            return key, ext
-    return split_key(name)
-
-
 def read_light(url: str, kind: str = "auto", dataset: str | None = None,
                storage_options: dict[str, Any] | None = None) -> Iterator[Sample]:
     """One sample per key of the shard, with its non-media members and caption, no media read
@@ -298,8 +289,11 @@ def read_light(url: str, kind: str = "auto", dataset: str | None = None,
         fast = _fast_members(storage.get_fs(url, storage_options)[1])
     with (contextlib.nullcontext() if fast is not None else open_shard(url, storage_options)) as f:
         for name, body, error in (fast if fast is not None else _members(f)):
-            parts = _split(name) if name else None
-            k, ext = parts if parts else (name, None)
+            if "/" not in name and (dot := name.find(".")) > 0:  # the usual flat "key.ext"
+                k, ext = name[:dot], name[dot + 1:]
+            else:
+                parts = split_key(name) if name else None
+                k, ext = parts if parts else (name, None)
             fatal = error is not None and error.startswith("truncated or corrupt tar")
             if name and k != key:
                 if k in seen and not fatal:
