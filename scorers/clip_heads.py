@@ -142,7 +142,9 @@ def _sequential(state: dict[str, Any], name: str, path: str) -> list[tuple[int, 
     found = []
     for k, w in state.items():
         m = re.fullmatch(r"(?:.*\.)?(\d+)\.weight", k)
-        if m and w.dim() == 2:
+        if m and w.dim() != 2:  # a norm or conv layer: not a chain of linear layers, refuse it rather than skip it
+            raise HeadError(f"clip head {name!r}: {path} has {k} of shape {tuple(w.shape)}; heads are linear layers only")
+        if m:
             found.append((int(m[1]), w, state.get(k[: -len("weight")] + "bias")))
     if not found:
         raise HeadError(f"clip head {name!r}: {path} has no '<i>.weight' linear layers (keys: {sorted(state)[:8]})")

@@ -114,8 +114,14 @@ def _fast_members(path: str) -> list[tuple[str, bytes | None, str | None]] | Non
 
 # name, size, typeflag and the first byte of the ustar prefix of a header block, in one call
 _HEAD = struct.Struct("100s24x12s20xc188xc")
-# one PAX record that names neither path nor size (webdataset writes "NN mtime=...\n" per member)
-_ONE_PAX = re.compile(rb"([0-9]{1,20}) ([^=\n]+)=[^\n]*\n")
+
+
+def _one_record(n: int) -> tuple[Any, int, int]:
+    """A matcher of a PAX body of ``n`` bytes that is one record naming neither path nor size
+    (webdataset writes "NN mtime=...\\n" before every member), ``n``, and the header + body length."""
+    if not 0 < n <= ts.MAX_EXTENDED_HEADER:
+        return None, n, 0
+    return re.compile(b"%d (?!path=|size=)[^=\n]+=[^\n]*\n" % n).fullmatch, n, 512 + ((n + 511) & ~511)
 
 
 def _size_of(field: bytes) -> int:
@@ -133,7 +139,8 @@ def _walk(mm: Any, size: int, np: Any) -> list[tuple[str, bytes | None, str | No
     out: list[tuple[str, bytes | None, str | None]] = []
     heads: list[int] = []
     pending: dict[str, Any] = {}  # what PAX ("x") and GNU long-name ("L") headers say of the next member
-    off, zero, unpack, one_pax = 0, ts.ZERO_BLOCK, _HEAD.unpack_from, _ONE_PAX.fullmatch
+    off, zero, unpack = 0, ts.ZERO_BLOCK, _HEAD.unpack_from
+    one_pax: dict[bytes, tuple[Any, int, int]] = {}  # PAX size field -> its one-record matcher, header + body length
     sizes: dict[bytes, int] = {}  # size field -> size: a shard repeats a few (PAX headers, same-size bodies)
     media_of: dict[str, bool] = {}  # extension -> is media
     append, head = out.append, heads.append
@@ -143,13 +150,13 @@ def _walk(mm: Any, size: int, np: Any) -> list[tuple[str, bytes | None, str | No
         if not mm[off] and mm[off:off + ts.BLOCK] == zero:  # a header's name is never empty: the end
             return None if pending else _checked(mm, heads, out, np)
         if mm[off + 156] == 120 and not mm[off + 345]:  # "x": a PAX header; webdataset's says only mtime
-            n = sizes.get(sz := mm[off + 124:off + 136])
-            if n is None:
-                n = sizes[sz] = _size_of(sz)
-            m = one_pax(mm[off + 512:off + 512 + n]) if 0 <= n <= ts.MAX_EXTENDED_HEADER else None
-            if m is not None and int(m[1]) == n and m[2] not in (b"path", b"size"):
+            sz = mm[off + 124:off + 136]
+            if sz not in one_pax:
+                one_pax[sz] = _one_record(_size_of(sz)) if len(one_pax) < 256 else (None, 0, 0)  # few in a shard
+            match, n, end = one_pax[sz]
+            if match is not None and match(mm[off + 512:off + 512 + n]) is not None:
                 head(off)
-                off += 512 + ((n + 511) & ~511)  # nothing in it for the member
+                off += end  # nothing in it for the member
                 if off > size:
                     return None
                 continue
