@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from scorers import clip_heads
 from scorers.base import Prepared, Scorer, decoded_image, dir_sha256, file_sha256
 from scorers.clip_pixels import DECODES, PRECISIONS, autocast, effective_precision, is_jpeg
 
@@ -99,6 +100,7 @@ class ClipScorer(Scorer):
         seed: int = 0,
         precision: str = "auto",
         decode: str = "cpu",
+        heads: list[dict[str, Any]] | None = None,
     ) -> None:
         for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -127,6 +129,9 @@ class ClipScorer(Scorer):
         self.preprocess = None
         self.tokenizer = None
         self._check_paths()
+        self.heads = clip_heads.load_heads(heads)  # columns from the image embeddings (clip_heads.py)
+        if self.heads:
+            clip_heads.check_dims(self.heads, clip_heads.embed_dim_of(self.model_name), self.model_name)
 
     def _check_paths(self) -> None:
         """Fail at construction (before any work) on a model that cannot load."""
@@ -165,6 +170,8 @@ class ClipScorer(Scorer):
             cfg["precision"] = self.precision
         if self.decode != "cpu":  # so does the device's JPEG decoder and tensor resize
             cfg["decode"] = self.decode
+        if self.heads:  # their weights' checksums too: new head weights, new scores
+            cfg["heads"] = [h.identity() for h in self.heads]
         return cfg
 
     def model_id(self) -> str:
@@ -194,6 +201,7 @@ class ClipScorer(Scorer):
         ]
         if self.keep_embedding:
             fields.append(("clip_image_emb", pa.list_(pa.float32())))
+        fields += [(h.name, pa.float32()) for h in self.heads]
         return pa.schema(fields)
 
     # ---- model
@@ -211,6 +219,9 @@ class ClipScorer(Scorer):
         model.eval()
         self.model, self.preprocess = model, preprocess
         self.tokenizer = open_clip.get_tokenizer(self.model_name)
+        if self.heads:
+            clip_heads.check_dims(self.heads, getattr(model.visual, "output_dim", None), self.model_name)
+            self.heads = [h.to(self.device) for h in self.heads]
 
     def _ensure(self) -> None:
         if self.model is None:
@@ -328,6 +339,7 @@ class ClipScorer(Scorer):
             img = torch.nn.functional.normalize(img.float(), dim=-1)
             txt = torch.nn.functional.normalize(txt.float(), dim=-1)
         img_np, txt_np = img.cpu().numpy(), txt.cpu().numpy()
+        clip_heads.fill_columns(self.heads, img, prepared.extra["spans"], cols)  # same embeddings, same pass
         for i, (s, span) in enumerate(zip(prepared.samples, prepared.extra["spans"])):
             if span is None:
                 continue

@@ -146,21 +146,30 @@ def _json_of(s: Any) -> tuple[dict[str, Any] | None, str | None]:
 
 
 class ParquetLookup:
-    """One shard's metadata parquet: the wanted columns, and each key's row."""
+    """One shard's metadata parquet: the wanted columns, typed once, and each key's row."""
 
     def __init__(self, url: str, table: pa.Table, scorer: MetaScorer) -> None:
+        import pyarrow.compute as pc
+
         self.url, self.scorer = url, scorer
-        keys = table.column(scorer.key_column).cast(pa.string()).to_pylist()
-        ok = table.column("status").to_pylist() if "status" in table.column_names else None
-        self.index: dict[str, int] = {}
+        keys = table.column(scorer.key_column).cast(pa.string())
+        rows = pa.array(range(table.num_rows), pa.int64())
+        if "status" in table.column_names:  # img2dataset's rows for URLs it failed to download: no sample has them
+            ok = pc.fill_null(pc.equal(table.column("status"), "success"), False)
+            keys, rows = keys.filter(ok), rows.filter(ok)
+        key_list = keys.to_pylist()
+        self.index: dict[str, int] = dict(zip(key_list, rows.to_pylist()))
         self.ambiguous: set[str] = set()
-        for i, k in enumerate(keys):
-            if ok is not None and ok[i] != "success":
-                continue  # img2dataset's row for a URL it failed to download: no sample has it
-            if k in self.index:
-                self.ambiguous.add(k)
-            self.index[k] = i
-        self.table = table
+        if len(self.index) < len(key_list):
+            seen: set[str] = set()
+            self.ambiguous = {k for k in key_list if k in seen or seen.add(k)}
+        self.columns: dict[str, pa.Array] = {}  # store column -> the whole column, cast once
+        for src, (store, typ, _) in scorer.columns.items():
+            if src in table.column_names:
+                try:
+                    self.columns[store] = table.column(src).cast(TYPES[typ]).combine_chunks()
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                    raise ValueError(f"meta: column {src!r} of {url} cannot be read as {typ}: {e}") from None
 
     @classmethod
     def open(cls, shard_url: str, scorer: MetaScorer) -> "ParquetLookup | None":
@@ -185,25 +194,16 @@ class ParquetLookup:
         return cls(url, table, scorer)
 
     def columns_for(self, samples: Sequence[Any], errors: list[str | None]) -> dict[str, Any]:
-        rows: list[int | None] = []
-        for i, s in enumerate(samples):
-            row = self.index.get(s.key)
-            why = None
-            if row is None:
-                why = f"no metadata row for key {s.key!r} in {self.url}"
-            elif s.key in self.ambiguous:
-                why, row = f"key {s.key!r} has more than one row in {self.url}", None
-            if why:
-                errors[i] = f"{errors[i]}; {why}" if errors[i] else why
-            rows.append(row)
+        rows = list(map(self.index.get, [s.key for s in samples]))
+        if self.ambiguous or None in rows:
+            for i, s in enumerate(samples):
+                why = None
+                if rows[i] is None:
+                    why = f"no metadata row for key {s.key!r} in {self.url}"
+                elif s.key in self.ambiguous:
+                    why, rows[i] = f"key {s.key!r} has more than one row in {self.url}", None
+                if why:
+                    errors[i] = f"{errors[i]}; {why}" if errors[i] else why
         take = pa.array(rows, type=pa.int64())
-        out: dict[str, Any] = {}
-        for src, (store, typ, _) in self.scorer.columns.items():
-            if src in self.table.column_names:
-                try:
-                    out[store] = self.table.column(src).take(take).cast(TYPES[typ]).combine_chunks()
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                    raise ValueError(f"meta: column {src!r} of {self.url} cannot be read as {typ}: {e}") from None
-            else:
-                out[store] = pa.nulls(len(samples), TYPES[typ])
-        return out
+        return {store: self.columns[store].take(take) if store in self.columns else pa.nulls(len(samples), TYPES[typ])
+                for store, typ, _ in self.scorer.columns.values()}

@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import struct
 from functools import lru_cache
 from typing import Any, Iterator
 
@@ -110,45 +112,88 @@ def _fast_members(path: str) -> list[tuple[str, bytes | None, str | None]] | Non
             return _walk(mm, size, np)
 
 
+# name, size, typeflag and the first byte of the ustar prefix of a header block, in one call
+_HEAD = struct.Struct("100s24x12s20xc188xc")
+
+
+def _one_record(n: int) -> tuple[Any, int, int]:
+    """A matcher of a PAX body of ``n`` bytes that is one record naming neither path nor size
+    (webdataset writes "NN mtime=...\\n" before every member), ``n``, and the header + body length."""
+    if not 0 < n <= ts.MAX_EXTENDED_HEADER:
+        return None, n, 0
+    return re.compile(b"%d (?!path=|size=)[^=\n]+=[^\n]*\n" % n).fullmatch, n, 512 + ((n + 511) & ~511)
+
+
+def _size_of(field: bytes) -> int:
+    """A header's size field as tarstream reads it (up to a NUL, spaces stripped, octal); -1 if not."""
+    sz = field.split(b"\0", 1)[0].strip(b" ")
+    if not sz.isdigit():
+        return -1
+    try:
+        return int(sz, 8)
+    except ValueError:  # an 8 or a 9
+        return -1
+
+
 def _walk(mm: Any, size: int, np: Any) -> list[tuple[str, bytes | None, str | None]] | None:
     out: list[tuple[str, bytes | None, str | None]] = []
     heads: list[int] = []
     pending: dict[str, Any] = {}  # what PAX ("x") and GNU long-name ("L") headers say of the next member
-    off, zero = 0, ts.ZERO_BLOCK
+    off, zero, unpack = 0, ts.ZERO_BLOCK, _HEAD.unpack_from
+    one_pax: dict[bytes, tuple[Any, int, int]] = {}  # PAX size field -> its one-record matcher, header + body length
+    sizes: dict[bytes, int] = {}  # size field -> size: a shard repeats a few (PAX headers, same-size bodies)
+    media_of: dict[str, bool] = {}  # extension -> is media
+    append, head = out.append, heads.append
     while True:
         if off + ts.BLOCK > size:
             return None if mm[off:size].strip(b"\0") or pending else _checked(mm, heads, out, np)
         if not mm[off] and mm[off:off + ts.BLOCK] == zero:  # a header's name is never empty: the end
             return None if pending else _checked(mm, heads, out, np)
-        sz, tf = mm[off + 124:off + 136].split(b"\0", 1)[0].strip(b" "), mm[off + 156:off + 157]
-        if not sz.isdigit() or mm[off + 345]:
+        if mm[off + 156] == 120 and not mm[off + 345]:  # "x": a PAX header; webdataset's says only mtime
+            sz = mm[off + 124:off + 136]
+            if sz not in one_pax:
+                one_pax[sz] = _one_record(_size_of(sz)) if len(one_pax) < 256 else (None, 0, 0)  # few in a shard
+            match, n, end = one_pax[sz]
+            if match is not None and match(mm[off + 512:off + 512 + n]) is not None:
+                head(off)
+                off += end  # nothing in it for the member
+                if off > size:
+                    return None
+                continue
+        raw_name, sz, tf, prefix = unpack(mm, off)
+        n = sizes.get(sz)
+        if n is None:
+            n = sizes[sz] = _size_of(sz)
+        if n < 0 or prefix != b"\0":
             return None
-        try:
-            n = int(sz, 8)
-        except ValueError:  # an 8 or a 9
-            return None
-        heads.append(off)
+        head(off)
         if tf in (b"x", b"g", b"L"):
             off = _extended(mm, off, n, tf, size, pending)
             if off < 0:
                 return None
             continue
-        if tf not in (b"0", b"\0"):
+        if tf != b"0" and tf != b"\0":
             return None
-        name = pending.get("path") or pending.get("long") or \
-            mm[off:off + 100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if pending:
+            name = pending.get("path") or pending.get("long") or \
+                raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             n = pending.get("size", n)
             pending.clear()
+        else:
+            name = raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         end = off + 1024 + ((n - 1) & ~511) if n else off + 512  # header + data padded to blocks
         if not name or end > size:
             return None
-        media = _is_media(name.rpartition("/")[2].partition(".")[2])
-        if media or n > MAX_TEXT_MEMBER:
-            error = None if media else f"member {name!r} is {n} bytes, above the {MAX_TEXT_MEMBER}-byte limit"
-            out.append((name, None, error))
+        ext = name.rpartition("/")[2].partition(".")[2]
+        media = media_of.get(ext)
+        if media is None:
+            media = media_of[ext] = _is_media(ext)
+        if media:
+            append((name, None, None))
+        elif n > MAX_TEXT_MEMBER:
+            append((name, None, f"member {name!r} is {n} bytes, above the {MAX_TEXT_MEMBER}-byte limit"))
         else:
-            out.append((name, mm[off + 512:off + 512 + n], None))
+            append((name, mm[off + 512:off + 512 + n], None))
         off = end
 
 
@@ -236,15 +281,6 @@ def _finish(key: str, exts: set[str], members: dict[str, bytes], errors: list[st
     return s
 
 
-def _split(name: str) -> tuple[str, str] | None:
-    """``split_key``, with a shortcut for the usual flat ``key.ext`` names."""
-    if "/" not in name:
-        key, dot, ext = name.partition(".")
-        if key and dot:
-            return key, ext
-    return split_key(name)
-
-
 def read_light(url: str, kind: str = "auto", dataset: str | None = None,
                storage_options: dict[str, Any] | None = None) -> Iterator[Sample]:
     """One sample per key of the shard, with its non-media members and caption, no media read
@@ -260,8 +296,11 @@ def read_light(url: str, kind: str = "auto", dataset: str | None = None,
         fast = _fast_members(storage.get_fs(url, storage_options)[1])
     with (contextlib.nullcontext() if fast is not None else open_shard(url, storage_options)) as f:
         for name, body, error in (fast if fast is not None else _members(f)):
-            parts = _split(name) if name else None
-            k, ext = parts if parts else (name, None)
+            if "/" not in name and (dot := name.find(".")) > 0:  # the usual flat "key.ext"
+                k, ext = name[:dot], name[dot + 1:]
+            else:
+                parts = split_key(name) if name else None
+                k, ext = parts if parts else (name, None)
             fatal = error is not None and error.startswith("truncated or corrupt tar")
             if name and k != key:
                 if k in seen and not fatal:

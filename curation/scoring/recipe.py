@@ -117,6 +117,9 @@ def load_score_recipe(path_or_dict: str | dict[str, Any], base_dir: str | None =
             if isinstance(v, str) and looks_local and not v.startswith("hf-hub:"):
                 prefix = "local-dir:" if v.startswith("local-dir:") else ""
                 sc.params[key] = prefix + _resolve(v[len(prefix):], base)
+        for head in sc.params.get("heads") or []:  # clip heads' weights files (scorers/clip_heads.py)
+            if isinstance(head, dict) and isinstance(head.get("path"), str):
+                head["path"] = _resolve(head["path"], base)
     return recipe
 
 
