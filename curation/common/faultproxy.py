@@ -6,8 +6,10 @@ one with a fault instead:
 
 ``slowdown``      503 with S3's ``SlowDown`` XML error body; the request is not forwarded.
 ``internal``      500 with S3's ``InternalError`` XML error body; not forwarded.
-``reset_before``  the connection is reset (RST) before any byte of the answer; not forwarded.
-``reset_after``   forwarded (the store applied it), status line and headers sent, then reset.
+``reset_before``  forwarded (the store applied it), then the connection is reset (RST) before
+                  any byte of the answer: the client cannot tell whether its request took effect.
+``reset_after``   forwarded, status line and headers sent, then reset (harmless to an answer
+                  with an empty body, which is complete once its headers are).
 ``cut``           forwarded, headers sent with the full ``Content-Length``, then half of the
                   body and the connection closed: a body cut short (a request whose answer has
                   no body gets ``reset_after`` instead, logged as such).
@@ -172,13 +174,13 @@ class _Handler(BaseHTTPRequestHandler):
         if kind in _ERRORS:
             self.owner.record(kind, method, path)
             return self._error(kind, path)
-        if kind == "reset_before":
-            self.owner.record(kind, method, path)
-            return self._reset()
         if kind == "delay":
             self.owner.record(kind, method, path)
             time.sleep(self.owner.delay_s)
         status, reason, headers, payload = self._forward(body)
+        if kind == "reset_before":
+            self.owner.record(kind, method, path)
+            return self._reset()
         if kind in ("reset_after", "cut"):
             if kind == "cut" and (method == "HEAD" or len(payload) < 2):
                 kind = "reset_after"

@@ -17,6 +17,29 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
+# Retries against object stores, set here and nowhere else (README, "Faults"). botocore retries
+# what it can see as a failed request (5xx, throttling such as 503 SlowDown, connection errors
+# and timeouts), with backoff; s3fs retries around it what botocore cannot see: a body cut in
+# the middle of a read (it asks again for the same byte range) and SlowDown answers that
+# outlived botocore's attempts. Overrides, in order of precedence: ``storage_options``
+# (``config_kwargs={"retries": {...}}``, ``retries=``), then the environment: botocore's own
+# ``AWS_RETRY_MODE`` and ``AWS_MAX_ATTEMPTS``, and ``CURATION_S3FS_RETRIES`` for s3fs.
+S3_RETRY_MODE = "standard"  # botocore: "standard", "adaptive" (adds client-side rate limiting) or "legacy"
+S3_MAX_ATTEMPTS = 5  # botocore: attempts per request, the first one included
+S3FS_RETRIES = 5  # s3fs: attempts per call around botocore's (ranged reads included)
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 30
+
+
+def s3_retry_settings() -> dict[str, Any]:
+    """The retry settings S3 clients get when ``storage_options`` say nothing about them."""
+    return {
+        "mode": os.environ.get("AWS_RETRY_MODE") or S3_RETRY_MODE,
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS),
+        "s3fs_retries": int(os.environ.get("CURATION_S3FS_RETRIES") or S3FS_RETRIES),
+    }
+
+
 def _s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     opts = dict(storage_options or {})
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -24,6 +47,14 @@ def _s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
         client_kwargs = dict(opts.get("client_kwargs") or {})
         client_kwargs.setdefault("endpoint_url", endpoint)
         opts["client_kwargs"] = client_kwargs
+    retry = s3_retry_settings()
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("retries", {"mode": retry["mode"], "max_attempts": retry["max_attempts"]})
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    config.setdefault("read_timeout", S3_READ_TIMEOUT_S)
+    opts["config_kwargs"] = config
+    # s3fs takes its retry count as an attribute, not a constructor argument (see get_fs)
+    opts.setdefault("retries", retry["s3fs_retries"])
     return opts
 
 
@@ -32,8 +63,13 @@ def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fss
     if url.startswith("file://"):
         url = url[len("file://"):]
     if is_remote(url):
-        opts = _s3_options(storage_options) if url.startswith(("s3://", "s3a://")) else dict(storage_options or {})
-        return url_to_fs(url, **opts)
+        if not url.startswith(("s3://", "s3a://")):
+            return url_to_fs(url, **dict(storage_options or {}))
+        opts = _s3_options(storage_options)
+        retries = int(opts.pop("retries"))
+        fs, path = url_to_fs(url, **opts)
+        fs.retries = retries
+        return fs, path
     fs, path = url_to_fs(os.path.abspath(os.path.expanduser(url)))
     return fs, path
 
