@@ -17,7 +17,7 @@ one with a fault instead:
 
 Each fault is logged (logger ``curation.faultproxy``, INFO) and recorded in
 :attr:`FaultProxy.injected` as ``(kind, method, path)``; :attr:`FaultProxy.requests` counts the
-requests seen. ``rate=1.0`` is a store that fails persistently; ``rate`` and ``only`` may be
+requests seen and :attr:`FaultProxy.history` lists them as ``(method, path, Range header)``. ``rate=1.0`` is a store that fails persistently; ``rate`` and ``only`` may be
 changed while the proxy runs (``p.rate = 0`` heals the store). The draws come from one
 ``random.Random(seed)``: with one client thread the same run injects the same faults; with
 concurrent clients the rate holds but which request gets which fault depends on their order.
@@ -100,6 +100,7 @@ class FaultProxy:
         self.rate, self.kinds, self.delay_s, self.only = rate, kinds, delay_s, only
         self.requests = 0
         self.injected: list[Fault] = []
+        self.history: list[tuple[str, str, str | None]] = []  # (method, path, Range header) of every request
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -135,10 +136,11 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def draw(self, method: str, path: str) -> str | None:
+    def draw(self, method: str, path: str, range_: str | None = None) -> str | None:
         """Count one request and decide its fault (None: forward it untouched)."""
         with self._lock:
             self.requests += 1
+            self.history.append((method, path, range_))
             if self.only is not None and not self.only(method, path):
                 return None
             if self.rate <= 0 or self._rng.random() >= self.rate:
@@ -170,7 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _any(self) -> None:
         body = self._read_body()
         method, path = self.command, self.path
-        kind = self.owner.draw(method, path)
+        kind = self.owner.draw(method, path, self.headers.get("Range"))
         if kind in _ERRORS:
             self.owner.record(kind, method, path)
             return self._error(kind, path)

@@ -78,6 +78,62 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+def named_error(e: OSError, url: str) -> OSError:
+    """``e`` with the object's URL and the store's last answer in its message (s3fs's message alone,
+    e.g. "Please reduce your request rate.", names neither the object nor the call)."""
+    if url in str(e):
+        return e
+    cause = e.__cause__ or e.__context__
+    msg = e.strerror or str(e)
+    last = str(cause) if cause is not None and msg in str(cause) else msg  # botocore's: code, call, retries
+    err = OSError(e.errno, f"{url}: {last}") if e.errno is not None else OSError(f"{url}: {last}")
+    err.__cause__ = e
+    return err
+
+
+@contextmanager
+def naming(url: str) -> Iterator[None]:
+    """Raise an object store's I/O errors inside the block named after ``url`` (see
+    :func:`named_error`); "not found" and "already exists" are answers, not faults: left as they are."""
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError):
+        raise
+    except OSError as e:
+        if not is_remote(url):
+            raise
+        raise named_error(e, url) from e
+
+
+class NamedReader:
+    """A binary file open for reading whose I/O errors name its URL (what :func:`open_url` gives
+    for a remote object). Everything else is the wrapped file's."""
+
+    def __init__(self, f: Any, url: str) -> None:
+        self._f, self.url = f, url
+
+    def read(self, n: int = -1) -> bytes:
+        with naming(self.url):
+            return self._f.read(n)
+
+    def readinto(self, b: Any) -> int:
+        with naming(self.url):
+            return self._f.readinto(b)
+
+    def seek(self, *args: Any) -> int:
+        with naming(self.url):
+            return self._f.seek(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "NamedReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
+
+
 def join(base: str, *parts: str) -> str:
     """Join URL parts with ``/`` for remote URLs and ``os.path`` for local ones."""
     if is_remote(base):
@@ -105,13 +161,17 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None, **kwargs: Any):
+    """Open ``url``; a remote object open for binary reading raises I/O errors named after it."""
     fs, path = get_fs(url, storage_options)
-    return fs.open(path, mode, **kwargs)
+    with naming(url):
+        f = fs.open(path, mode, **kwargs)
+    return NamedReader(f, url) if is_remote(url) and mode == "rb" else f
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = get_fs(url, storage_options)
-    return fs.exists(path)
+    with naming(url):
+        return fs.exists(path)
 
 
 def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -131,7 +191,8 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
     """
     fs, path = get_fs(url, storage_options)
     if is_remote(url):
-        f = fs.open(path, "wb")
+        with naming(url):
+            f = fs.open(path, "wb")
         try:
             yield f
         except BaseException:
@@ -141,7 +202,14 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
                 f.closed = True  # nothing to commit: the upload was aborted
             raise
         else:
-            f.close()
+            try:
+                with naming(url):
+                    f.close()  # the (final part of the) upload: the object appears here or not at all
+            except BaseException:
+                if hasattr(f, "discard"):
+                    f.discard()  # a multipart upload the store never completed: abort it
+                f.closed = True
+                raise
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -170,10 +238,12 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 def list_files(url: str, suffix: str = "", storage_options: dict[str, Any] | None = None) -> list[str]:
     """Files directly under ``url`` (sorted URLs) whose names end with ``suffix``."""
     fs, path = get_fs(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         return []
     out = []
-    for entry in fs.ls(path, detail=True):
+    with naming(url):
+        listing = fs.ls(path, detail=True)
+    for entry in listing:
         if entry.get("type") == "file" and entry["name"].endswith(suffix):
             name = posixpath.basename(entry["name"])
             if name.startswith("."):
@@ -184,10 +254,12 @@ def list_files(url: str, suffix: str = "", storage_options: dict[str, Any] | Non
 
 def list_dirs(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     fs, path = get_fs(url, storage_options)
-    if not fs.exists(path):
-        return []
+    with naming(url):
+        if not fs.exists(path):
+            return []
+        listing = fs.ls(path, detail=True)
     out = []
-    for entry in fs.ls(path, detail=True):
+    for entry in listing:
         if entry.get("type") == "directory":
             out.append(join(url, posixpath.basename(entry["name"].rstrip("/"))))
     return sorted(out)
@@ -231,7 +303,8 @@ def stat_files(urls: list[str], storage_options: dict[str, Any] | None = None) -
         fs, path = get_fs(folder, storage_options)
         fs.invalidate_cache(path)
         try:
-            listing = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)}
+            with naming(folder):
+                listing = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)}
         except FileNotFoundError:
             listing = {}
         for u in items:
@@ -243,5 +316,6 @@ def stat_files(urls: list[str], storage_options: dict[str, Any] | None = None) -
 
 def file_version(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     """(size, version) of one file, as :func:`stat_files` gives it."""
-    info = fs.info(path)
+    with naming(to_url(fs, path)):
+        info = fs.info(path)
     return int(info["size"]), _version(info)
