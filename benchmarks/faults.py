@@ -23,7 +23,7 @@ more than once. Prints one JSON object::
 ``cpu_seconds`` is this process's user+system time (moto's server is a separate process, not
 counted); ``load_avg`` is the 1-minute load average at the end.
 
-    python benchmarks/faults.py [--rate 0.1] [--shards 32] [--per-shard 8] [--runs 1] [--seed 0] [--smoke]
+    python benchmarks/faults.py [--rate 0.1] [--shards 64] [--per-shard 8] [--runs 1] [--seed 0] [--smoke]
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=0.1, help="fraction of requests that get a fault (default 0.1)")
-    ap.add_argument("--shards", type=int, default=32, help="shards in the corpus (default 32)")
+    ap.add_argument("--shards", type=int, default=64, help="shards in the corpus (default 64)")
     ap.add_argument("--per-shard", type=int, default=8, help="samples per shard (default 8)")
     ap.add_argument("--runs", type=int, default=1, help="faulty runs, seeds seed..seed+runs-1 (default 1)")
     ap.add_argument("--seed", type=int, default=0)

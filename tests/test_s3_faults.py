@@ -156,3 +156,12 @@ def test_cut_body_in_a_tar_stream_resumes_by_range_and_checks_the_etag(corpus, s
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
         with pytest.raises(OSError, match=shard):
             list(read_shard(shard))
+
+
+def test_faults_benchmark_smoke(s3_endpoint):
+    """``benchmarks/faults.py --smoke`` (2 shards, 20 % of requests faulty) on the test's S3 endpoint."""
+    from benchmarks.faults import parse, run
+
+    res = run(parse(["--smoke", "--endpoint", s3_endpoint]))
+    assert res["faults_injected"] > 0 and res["runs_completed"] == 1, res
+    assert res["identical"] and res["samples_lost"] == 0 and res["samples_duplicated"] == 0, res
