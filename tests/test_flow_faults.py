@@ -57,6 +57,7 @@ def _logs(flow_run_id) -> str:
     return "\n".join(x.message for x in asyncio.run(read()))
 
 
+@pytest.mark.slow
 def test_failing_store_fails_the_run_and_the_next_night_recovers(harness, s3_bucket, s3_endpoint, tmp_path, monkeypatch):
     from curation.scoring.engine import ScorerSpec, ShardTask, score_local
     from curation.selection.curate import curate
