@@ -58,6 +58,21 @@ def _scores(work: str):
     return out
 
 
+def test_retry_settings_are_set_in_one_place_and_overridable(monkeypatch):
+    for k in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "CURATION_S3FS_RETRIES"):
+        monkeypatch.delenv(k, raising=False)
+    fs, _ = storage.get_fs("s3://some-bucket/x")
+    assert fs.config_kwargs["retries"] == {"mode": "standard", "max_attempts": 5} and fs.retries == 5
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("CURATION_S3FS_RETRIES", "2")
+    fs, _ = storage.get_fs("s3://some-bucket/x")
+    assert fs.config_kwargs["retries"] == {"mode": "adaptive", "max_attempts": 3} and fs.retries == 2
+    fs, _ = storage.get_fs("s3://some-bucket/x", {"config_kwargs": {"retries": {"mode": "legacy", "max_attempts": 7}},
+                                                 "retries": 9})
+    assert fs.config_kwargs["retries"] == {"mode": "legacy", "max_attempts": 7} and fs.retries == 9
+
+
 def test_proxy_answers_with_s3_errors_and_clients_retry_through_every_kind(s3_endpoint, s3_bucket, monkeypatch):
     with FaultProxy(s3_endpoint, rate=1.0, kinds=("slowdown",)) as p:
         with pytest.raises(urllib.error.HTTPError) as e:
