@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -27,8 +28,8 @@ class OutputLockedError(RuntimeError):
     """Another run is writing to the same output folder."""
 
 
-def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
+def _holder(token: str = "") -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)[:300]}
 
 
@@ -81,20 +82,30 @@ def _locked_fd(url: str, out: str) -> int:
         os.close(fd)  # the holder removed this file as we locked it: take the new one
 
 
+def _ours(raw: bytes, token: str) -> bool:
+    try:
+        return json.loads(raw.decode()).get("token") == token
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 @contextmanager
 def _object_lock(url: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
     fs, path = storage.get_fs(url, storage_options)
+    token = uuid.uuid4().hex
     try:
-        fs.pipe_file(path, json.dumps(_holder()).encode(), mode="create")
+        fs.pipe_file(path, json.dumps(_holder(token)).encode(), mode="create")
     except (FileExistsError, OSError) as e:
         if not isinstance(e, FileExistsError) and "PreconditionFailed" not in str(e) and "412" not in str(e):
             raise
         try:
-            who = _describe(fs.cat_file(path))
+            raw = fs.cat_file(path)
+            who = _describe(raw)
         except OSError:
-            who = "an unknown run"
-        raise OutputLockedError(f"{storage.dirname(url)} is being written by another curate run: {who}. If no run is "
-                                f"active (a killed run leaves its lock), remove {url}") from None
+            raw, who = b"", "an unknown run"
+        if not _ours(raw, token):  # else: our create took effect but its answer was lost, and the retry met it
+            raise OutputLockedError(f"{storage.dirname(url)} is being written by another curate run: {who}. If no run is "
+                                    f"active (a killed run leaves its lock), remove {url}") from None
     try:
         yield
     finally:

@@ -264,7 +264,7 @@ def open_shard(url: str, storage_options: dict[str, Any] | None = None, digest: 
     else:
         fs, path = storage.get_fs(url, storage_options)
         digest.size, digest.version = storage.file_version(fs, path)
-        digest._file, digest._where = fs.open(path, "rb"), (fs, path)
+        digest._file, digest._where = storage.open_url(url, "rb", storage_options), (fs, path)
         if storage.is_remote(url) and not digest.version.count(":"):
             digest.checksum = digest.version  # the ETag names the object's bytes
         else:

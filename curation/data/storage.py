@@ -17,6 +17,29 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
+# Retries against object stores, set here and nowhere else (README, "Faults"). botocore retries
+# what it can see as a failed request (5xx, throttling such as 503 SlowDown, connection errors
+# and timeouts), with backoff; s3fs retries around it what botocore cannot see: a body cut in
+# the middle of a read (it asks again for the same byte range) and SlowDown answers that
+# outlived botocore's attempts. Overrides, in order of precedence: ``storage_options``
+# (``config_kwargs={"retries": {...}}``, ``retries=``), then the environment: botocore's own
+# ``AWS_RETRY_MODE`` and ``AWS_MAX_ATTEMPTS``, and ``CURATION_S3FS_RETRIES`` for s3fs.
+S3_RETRY_MODE = "standard"  # botocore: "standard", "adaptive" (adds client-side rate limiting) or "legacy"
+S3_MAX_ATTEMPTS = 5  # botocore: attempts per request, the first one included
+S3FS_RETRIES = 5  # s3fs: attempts per call around botocore's (ranged reads included)
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 30
+
+
+def s3_retry_settings() -> dict[str, Any]:
+    """The retry settings S3 clients get when ``storage_options`` say nothing about them."""
+    return {
+        "mode": os.environ.get("AWS_RETRY_MODE") or S3_RETRY_MODE,
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS),
+        "s3fs_retries": int(os.environ.get("CURATION_S3FS_RETRIES") or S3FS_RETRIES),
+    }
+
+
 def _s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     opts = dict(storage_options or {})
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -24,6 +47,14 @@ def _s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
         client_kwargs = dict(opts.get("client_kwargs") or {})
         client_kwargs.setdefault("endpoint_url", endpoint)
         opts["client_kwargs"] = client_kwargs
+    retry = s3_retry_settings()
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("retries", {"mode": retry["mode"], "max_attempts": retry["max_attempts"]})
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    config.setdefault("read_timeout", S3_READ_TIMEOUT_S)
+    opts["config_kwargs"] = config
+    # s3fs takes its retry count as an attribute, not a constructor argument (see get_fs)
+    opts.setdefault("retries", retry["s3fs_retries"])
     return opts
 
 
@@ -32,14 +63,75 @@ def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fss
     if url.startswith("file://"):
         url = url[len("file://"):]
     if is_remote(url):
-        opts = _s3_options(storage_options) if url.startswith(("s3://", "s3a://")) else dict(storage_options or {})
-        return url_to_fs(url, **opts)
+        if not url.startswith(("s3://", "s3a://")):
+            return url_to_fs(url, **dict(storage_options or {}))
+        opts = _s3_options(storage_options)
+        retries = int(opts.pop("retries"))
+        fs, path = url_to_fs(url, **opts)
+        fs.retries = retries
+        return fs, path
     fs, path = url_to_fs(os.path.abspath(os.path.expanduser(url)))
     return fs, path
 
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
+
+
+def named_error(e: OSError, url: str) -> OSError:
+    """``e`` with the object's URL and the store's last answer in its message (s3fs's message alone,
+    e.g. "Please reduce your request rate.", names neither the object nor the call)."""
+    if url in str(e):
+        return e
+    cause = e.__cause__ or e.__context__
+    msg = e.strerror or str(e)
+    last = str(cause) if cause is not None and msg in str(cause) else msg  # botocore's: code, call, retries
+    err = OSError(e.errno, f"{url}: {last}") if e.errno is not None else OSError(f"{url}: {last}")
+    err.__cause__ = e
+    return err
+
+
+@contextmanager
+def naming(url: str) -> Iterator[None]:
+    """Raise an object store's I/O errors inside the block named after ``url`` (see
+    :func:`named_error`); "not found" and "already exists" are answers, not faults: left as they are."""
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError):
+        raise
+    except OSError as e:
+        if not is_remote(url):
+            raise
+        raise named_error(e, url) from e
+
+
+class NamedReader:
+    """A binary file open for reading whose I/O errors name its URL (what :func:`open_url` gives
+    for a remote object). Everything else is the wrapped file's."""
+
+    def __init__(self, f: Any, url: str) -> None:
+        self._f, self.url = f, url
+
+    def read(self, n: int = -1) -> bytes:
+        with naming(self.url):
+            return self._f.read(n)
+
+    def readinto(self, b: Any) -> int:
+        with naming(self.url):
+            return self._f.readinto(b)
+
+    def seek(self, *args: Any) -> int:
+        with naming(self.url):
+            return self._f.seek(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "NamedReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
 
 
 def join(base: str, *parts: str) -> str:
@@ -69,13 +161,17 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None, **kwargs: Any):
+    """Open ``url``; a remote object open for binary reading raises I/O errors named after it."""
     fs, path = get_fs(url, storage_options)
-    return fs.open(path, mode, **kwargs)
+    with naming(url):
+        f = fs.open(path, mode, **kwargs)
+    return NamedReader(f, url) if is_remote(url) and mode == "rb" else f
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = get_fs(url, storage_options)
-    return fs.exists(path)
+    with naming(url):
+        return fs.exists(path)
 
 
 def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -95,7 +191,8 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
     """
     fs, path = get_fs(url, storage_options)
     if is_remote(url):
-        f = fs.open(path, "wb")
+        with naming(url):
+            f = fs.open(path, "wb")
         try:
             yield f
         except BaseException:
@@ -105,7 +202,14 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
                 f.closed = True  # nothing to commit: the upload was aborted
             raise
         else:
-            f.close()
+            try:
+                with naming(url):
+                    f.close()  # the (final part of the) upload: the object appears here or not at all
+            except BaseException:
+                if hasattr(f, "discard"):
+                    f.discard()  # a multipart upload the store never completed: abort it
+                f.closed = True
+                raise
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -134,10 +238,12 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 def list_files(url: str, suffix: str = "", storage_options: dict[str, Any] | None = None) -> list[str]:
     """Files directly under ``url`` (sorted URLs) whose names end with ``suffix``."""
     fs, path = get_fs(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         return []
     out = []
-    for entry in fs.ls(path, detail=True):
+    with naming(url):
+        listing = fs.ls(path, detail=True)
+    for entry in listing:
         if entry.get("type") == "file" and entry["name"].endswith(suffix):
             name = posixpath.basename(entry["name"])
             if name.startswith("."):
@@ -148,10 +254,12 @@ def list_files(url: str, suffix: str = "", storage_options: dict[str, Any] | Non
 
 def list_dirs(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     fs, path = get_fs(url, storage_options)
-    if not fs.exists(path):
-        return []
+    with naming(url):
+        if not fs.exists(path):
+            return []
+        listing = fs.ls(path, detail=True)
     out = []
-    for entry in fs.ls(path, detail=True):
+    for entry in listing:
         if entry.get("type") == "directory":
             out.append(join(url, posixpath.basename(entry["name"].rstrip("/"))))
     return sorted(out)
@@ -195,7 +303,8 @@ def stat_files(urls: list[str], storage_options: dict[str, Any] | None = None) -
         fs, path = get_fs(folder, storage_options)
         fs.invalidate_cache(path)
         try:
-            listing = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)}
+            with naming(folder):
+                listing = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)}
         except FileNotFoundError:
             listing = {}
         for u in items:
@@ -207,5 +316,6 @@ def stat_files(urls: list[str], storage_options: dict[str, Any] | None = None) -
 
 def file_version(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     """(size, version) of one file, as :func:`stat_files` gives it."""
-    info = fs.info(path)
+    with naming(to_url(fs, path)):
+        info = fs.info(path)
     return int(info["size"]), _version(info)

@@ -161,8 +161,9 @@ def write_manifest(m: Manifest, url: str, storage_options: dict[str, Any] | None
     if storage.exists(url, storage_options):
         try:
             old = load_manifest(url, storage_options, verify=False)
-        except (ValueError, OSError):
+        except (ValueError, FileNotFoundError):
             old = None  # unreadable: nothing to link to (it is still replaced atomically)
+        # any other OSError (a store that keeps failing) propagates: writing on would lose the parent
         if old is not None and old.id == m.id:
             m.parent = old.parent
         elif old is not None and old.id:

@@ -38,10 +38,11 @@ def open_input(inp: Any, storage_options: dict | None) -> Any:
         if not storage.is_remote(inp.url):
             return open(path, "rb", buffering=0)  # plain reads of CHUNK bytes, no copy through a buffer
         fs.invalidate_cache(path)
-        etag = str(fs.info(path).get("ETag") or "").strip('"')
+        with storage.naming(inp.url):
+            etag = str(fs.info(path).get("ETag") or "").strip('"')
         if etag and etag != inp.checksum:
             raise _changed(inp, etag)
-        return fs.open(path, "rb")
+        return storage.open_url(inp.url, "rb", storage_options)  # its read errors name the object
     except FileNotFoundError:
         raise _missing(inp) from None
 

@@ -211,7 +211,8 @@ class _OutputShard:
         if self._fd is not None:
             _write_all(self._fd, view)
         else:
-            self._upload.write(view)
+            with storage.naming(self.url):  # a store's error names the shard being uploaded
+                self._upload.write(view)
         self.hash.update(view)
 
     def close(self, fsyncs: ThreadPoolExecutor) -> None:
@@ -232,7 +233,8 @@ class _OutputShard:
             self._fd = None
             os.replace(self._tmp, self._path)
         else:
-            self._upload.close()
+            with storage.naming(self.url):
+                self._upload.close()
             self._upload = None
         return {"url": self.url, "nsamples": self.nsamples, "filesize": self.hash.size, "md5sum": md5,
                 "sources": self.sources}
