@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from curation.app.base import app, console, fail, out_console, progress_bar
+from curation.app.base import app, console, fail, fail_if_disk_full, out_console, progress_bar
 
 
 @app.command()
@@ -38,6 +38,9 @@ def score(
             reports.extend(r.summary() for r in _run_pass(plan, names))
         except SourceConflictError as e:
             fail(str(e))
+        except OSError as e:  # the store catalog or a score file on a full disk
+            fail_if_disk_full(e)
+            raise
     if as_json:
         out_console.print_json(json.dumps(reports))
     else:
