@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -35,7 +37,9 @@ def score(
     reports = []
     for names in plan.passes():  # scorers on one kind of device: one read and one decode per sample
         try:
-            reports.extend(r.summary() for r in _run_pass(plan, names))
+            # stdout is for the report: Ray prints the cluster's errors (a lost node) to the driver's stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                reports.extend(r.summary() for r in _run_pass(plan, names))
         except SourceConflictError as e:
             fail(str(e))
         except OSError as e:  # the store catalog or a score file on a full disk
