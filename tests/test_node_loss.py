@@ -116,8 +116,9 @@ def _table(work: str):
 @pytest.mark.slow
 def test_scoring_completes_when_a_node_is_lost(cluster, corpus):
     recipe = corpus / "score.yaml"
-    recipe.write_text(yaml.safe_dump({"work": str(corpus / "work"), "sources": [{"shards": str(corpus / "corpus" / "pairs"),
-                      "kind": "pair"}], "scorers": [{"name": "basic", "workers": 2, "num_cpus": 1}]}))
+    recipe.write_text(yaml.safe_dump({"work": str(corpus / "work"),
+                                      "sources": [{"shards": str(corpus / "corpus" / "pairs"), "kind": "pair"}],
+                                      "scorers": [{"name": "basic", "workers": 2, "num_cpus": 1}]}))
     node = cluster.add_worker_node()
     r = cluster.run_losing(node, ["score", "--config", str(recipe), "--json"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
