@@ -31,11 +31,12 @@ BIN = Path(sys.executable).parent
 HOLD = '''
 import os, time
 from curation.data import storage
-_hold = os.environ["NODE_LOSS_HOLD_DIR"]
+_hold, _mode, _write = os.environ["NODE_LOSS_HOLD_DIR"], os.environ["NODE_LOSS_MODE"], storage.write_bytes
 def write_bytes(url, data, storage_options=None):
-    open(os.path.join(_hold, "held-%d" % os.getpid()), "w").close()
-    while True:  # until this node is killed
-        time.sleep(0.05)
+    open(os.path.join(_hold, "%s-%d" % (_mode, os.getpid())), "w").close()
+    while _mode == "held" or not os.path.exists(os.path.join(_hold, "release")):
+        time.sleep(0.05)  # held: until this node is killed; gated: until the test releases it
+    return _write(url, data, storage_options)
 storage.write_bytes = write_bytes
 '''
 FAST_NODE_DEATH = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "200",
@@ -50,34 +51,50 @@ class Cluster:
         os.makedirs(self.hold)
         Path(self.hold, "sitecustomize.py").write_text(HOLD)
         _ray_start(["--head", "--port", str(self.port), "--temp-dir", f"{root}/head", "--include-dashboard=false"],
-                   {**env, **FAST_NODE_DEATH})
+                   {**self._hooked("gated"), **FAST_NODE_DEATH})
+
+    def _hooked(self, mode: str) -> dict[str, str]:
+        """The environment of a node whose Python processes load HOLD in ``mode``."""
+        pythonpath = os.pathsep.join(filter(None, [self.hold, self.env.get("PYTHONPATH")]))
+        return {**self.env, "PYTHONPATH": pythonpath, "NODE_LOSS_HOLD_DIR": self.hold, "NODE_LOSS_MODE": mode}
 
     def add_worker_node(self) -> str:
         """Start a worker node whose Python processes hold their first write; its temp dir."""
         self.nodes += 1
         temp = f"{self.root}/n{self.nodes}"
-        pythonpath = os.pathsep.join(filter(None, [self.hold, self.env.get("PYTHONPATH")]))
-        _ray_start(["--address", f"127.0.0.1:{self.port}", "--temp-dir", temp],
-                   {**self.env, "PYTHONPATH": pythonpath, "NODE_LOSS_HOLD_DIR": self.hold})
+        _ray_start(["--address", f"127.0.0.1:{self.port}", "--temp-dir", temp], self._hooked("held"))
         return temp
 
-    def run_losing(self, node: str, argv: list[str]) -> subprocess.CompletedProcess:
-        """``curate <argv>`` on the cluster; kill ``node`` once one of its workers is held mid-write."""
+    def _wait_for(self, proc, what: str, done) -> None:
+        deadline = time.monotonic() + 120
+        while not done():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} never happened"
+            time.sleep(0.02)
+
+    def run_losing(self, node: str, argv: list[str], gate_head: bool) -> subprocess.CompletedProcess:
+        """``curate <argv>`` on the cluster; kill ``node`` once one of its workers is held mid-write.
+        With ``gate_head`` the head's workers wait at their first write until the driver has seen
+        the loss (its retry warning), so work is still queued when the lost node's shard comes back."""
         for f in os.listdir(self.hold):
-            if f.startswith("held-"):
+            if f.startswith(("held-", "gated-", "release")):
                 os.unlink(os.path.join(self.hold, f))
-        proc = subprocess.Popen([str(BIN / "curate"), *argv], env={**self.env, "RAY_ADDRESS": f"127.0.0.1:{self.port}"},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not gate_head:
+            Path(self.hold, "release").touch()
+        err_path = Path(self.hold, "driver.err")
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen([str(BIN / "curate"), *argv], stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                    env={**self.env, "RAY_ADDRESS": f"127.0.0.1:{self.port}"})
         try:
-            deadline = time.monotonic() + 120
-            while not any(f.startswith("held-") for f in os.listdir(self.hold)):
-                assert proc.poll() is None and time.monotonic() < deadline, "the worker node never got work"
-                time.sleep(0.02)
+            self._wait_for(proc, "a write on the worker node", lambda: any(
+                f.startswith("held-") for f in os.listdir(self.hold)))
             _kill_processes_under(node)
-            out, err = proc.communicate(timeout=120)
+            if gate_head:
+                self._wait_for(proc, "the driver's retry after the loss", lambda: "retrying" in err_path.read_text())
+                Path(self.hold, "release").touch()
+            out, _ = proc.communicate(timeout=120)
         finally:
             proc.kill()  # a run that hangs on the lost node must not outlive the test
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err_path.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +137,7 @@ def test_scoring_completes_when_a_node_is_lost(cluster, corpus):
                                       "sources": [{"shards": str(corpus / "corpus" / "pairs"), "kind": "pair"}],
                                       "scorers": [{"name": "basic", "workers": 2, "num_cpus": 1}]}))
     node = cluster.add_worker_node()
-    r = cluster.run_losing(node, ["score", "--config", str(recipe), "--json"])
+    r = cluster.run_losing(node, ["score", "--config", str(recipe), "--json"], gate_head=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (report,) = json.loads(r.stdout)
     assert report["scored"] == 8 and not report["failed"], report
@@ -144,7 +161,7 @@ def test_resharding_completes_when_a_node_is_lost(cluster, corpus):
     (corpus / "policy.yaml").write_text(yaml.safe_dump(policy))
     args = ["reshard", "--policy", str(corpus / "policy.yaml"), "--work", str(work), "--max-samples", "3"]
     node = cluster.add_worker_node()
-    r = cluster.run_losing(node, [*args, "--out", str(corpus / "out"), "--workers", "2"])
+    r = cluster.run_losing(node, [*args, "--out", str(corpus / "out"), "--workers", "2"], gate_head=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     expected = _md5s(corpus / "out-clean")
     assert len(expected) == 8 * 6 // 3 + 1
