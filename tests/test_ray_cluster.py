@@ -33,14 +33,30 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
 
 
 def _kill_processes_under(marker: str) -> None:
-    """Stop only what this test started (``ray stop`` would stop every Ray on the machine)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    """Stop only what this test started (``ray stop`` would stop every Ray on the machine): the
+    processes whose command line names ``marker`` and their children (Ray's agents and workers
+    rename themselves ``ray::...``, and would outlive their raylet)."""
+    parents: dict[int, int] = {}
+    ours: set[int] = set()
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
-            if int(pid) != os.getpid() and marker.encode() in cmdline:
-                os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+            with open(f"/proc/{pid}/stat") as f:
+                parents[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and marker.encode() in cmdline:
+            ours.add(pid)
+    while True:
+        children = {p for p, pp in parents.items() if pp in ours and p != os.getpid()} - ours
+        if not children:
+            break
+        ours |= children
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 

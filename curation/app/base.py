@@ -26,6 +26,14 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def fail_if_disk_full(e: BaseException) -> None:
+    """A full disk (ENOSPC, EDQUOT, EFBIG) as one line naming the file, not a traceback; other errors go on."""
+    from curation.data.diskfull import NoSpaceError, is_disk_full
+
+    if is_disk_full(e):
+        fail(str(e) if isinstance(e, NoSpaceError) else f"no space left: {e}")
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -11,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from curation.app.base import app, console, fail, out_console, progress_bar
+from curation.app.base import app, console, fail, fail_if_disk_full, out_console, progress_bar
 
 
 @app.command()
@@ -35,9 +37,14 @@ def score(
     reports = []
     for names in plan.passes():  # scorers on one kind of device: one read and one decode per sample
         try:
-            reports.extend(r.summary() for r in _run_pass(plan, names))
+            # stdout is for the report: Ray prints the cluster's errors (a lost node) to the driver's stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                reports.extend(r.summary() for r in _run_pass(plan, names))
         except SourceConflictError as e:
             fail(str(e))
+        except OSError as e:  # the store catalog or a score file on a full disk
+            fail_if_disk_full(e)
+            raise
     if as_json:
         out_console.print_json(json.dumps(reports))
     else:

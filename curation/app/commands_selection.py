@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from curation.app.base import app, fail, out_console, progress_bar
+from curation.app.base import app, fail, fail_if_disk_full, out_console, progress_bar
 
 
 ALLOW_INCOMPLETE = ("Go on when a scorer the policy reads has no score file for some shards: their samples are "
@@ -112,6 +112,9 @@ def reshard(
                                    allow_incomplete=allow_incomplete, resources=resources)
         except (PolicyError, ReshardError, OutputLockedError, ValueError) as e:
             fail(str(e))
+        except OSError as e:  # shards, their records or the manifest on a full disk
+            fail_if_disk_full(e)
+            raise
     out_console.print(summarize(manifest), markup=False, highlight=False)
     out_console.print(f"manifest: {url}")
 

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
+from curation.data.diskfull import naming_full_disk
+
 
 # Retries against object stores, set here and nowhere else (README, "Faults"). botocore retries
 # what it can see as a failed request (5xx, throttling such as 503 SlowDown, connection errors
@@ -215,7 +217,7 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as f:
+        with naming_full_disk(url), open(tmp, "wb") as f:  # ENOSPC/EFBIG: "no space left writing <url>"
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from curation.data import storage
+from curation.data.diskfull import naming_full_disk
 from curation.data.samples import Sample
 from curation.data.tarstream import final_size
 
@@ -101,17 +102,25 @@ class TarSink:
             info.mtime = self.mtime
             info.mode = 0o444
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            with naming_full_disk(self.url):  # ENOSPC/EFBIG: "no space left writing <shard>"
+                self._tar.addfile(info, io.BytesIO(data))
         self.nsamples += 1
 
     def close(self) -> WrittenShard:
-        self._tar.close()
-        self._ctx.__exit__(None, None, None)
+        try:
+            with naming_full_disk(self.url):
+                self._tar.close()  # the end blocks and tar's buffer: a full disk can fail here
+        except BaseException as e:
+            self.abort(e)  # the temp file goes; nothing becomes visible
+            raise
+        self._ctx.__exit__(None, None, None)  # flush, fsync, rename: a full disk is named there too
         return WrittenShard(self.url, self.nsamples, self._hash.size, self._hash.md5.hexdigest())
 
     def abort(self, exc: BaseException) -> None:
         try:
             self._tar.close()
+        except OSError:
+            pass  # a full disk fails the end blocks again: the file is discarded anyway
         finally:
             try:
                 self._ctx.__exit__(type(exc), exc, exc.__traceback__)

@@ -46,6 +46,9 @@ def _make_worker_class():
                 self.scorers[name] = cls(**params)
                 self.scorers[name].setup()
 
+        def ready(self) -> bool:
+            return True
+
         def score(self, task: ShardTask, jobs: list[tuple[str, str]]) -> list[ShardResult]:
             results = score_shard_pass([(self.scorers[n], out) for n, out in jobs], task, self.opts)
             node = ray.get_runtime_context().get_node_id()
@@ -91,16 +94,26 @@ class WorkerPool:
         pending: list[tuple[ShardTask, list[str], int]] = [(t, names, 1) for t, names in items]
         running: dict[Any, tuple[ShardTask, list[str], int, int]] = {}  # ref -> (task, names, attempt, worker)
         free = list(range(len(self.workers)))
+        # a replacement actor gets shards once it is up: one whose node was lost may never be placed
+        # (no free CPU left), and the shards go on on the actors that are left
+        starting: dict[Any, int] = {}  # its ready() -> worker slot
         while pending or running:
             while pending and free:
                 task, names, attempt = pending.pop(0)
                 w = free.pop(0)
                 ref = self.workers[w].score.remote(task, [(n, self._out(work, task, n)) for n in names])
                 running[ref] = (task, names, attempt, w)
-            ref = ray.wait(list(running), num_returns=1)[0][0]
+            ref = ray.wait(list(running) + list(starting), num_returns=1)[0][0]
+            if ref in starting:
+                free.append(starting.pop(ref))
+                continue
             task, names, attempt, w = running.pop(ref)
-            free.append(w)
+            actor = self.workers[w]
             retry = self._collect(ref, task, names, attempt, w, work, done)
+            if self.workers[w] is actor:
+                free.append(w)
+            else:
+                starting[self.workers[w].ready.remote()] = w
             if retry:
                 pending.append((task, retry, attempt + 1))
 

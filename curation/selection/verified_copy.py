@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from curation.data import storage
+from curation.data.diskfull import naming_full_disk
 from curation.data.tarstream import final_size
 
 # Read size. Large enough that hashing and syscalls are per-chunk, not per-member; small enough
@@ -181,14 +182,17 @@ class _OutputShard:
         self._fsync: Future | None = None
         self._fd: int | None = None
         self._upload: Any = None
+        self._tmp: str | None = None
         fs, self._path = storage.get_fs(url, storage_options)
         if storage.is_remote(url):
             self._upload = fs.open(self._path, "wb")  # the object appears only when the upload completes
         else:
             parent = os.path.dirname(self._path)
-            os.makedirs(parent, exist_ok=True)
-            self._tmp = os.path.join(parent, f".{os.path.basename(self._path)}.tmp-{uuid.uuid4().hex[:8]}")
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with naming_full_disk(url):
+                os.makedirs(parent, exist_ok=True)
+                tmp = os.path.join(parent, f".{os.path.basename(self._path)}.tmp-{uuid.uuid4().hex[:8]}")
+                self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self._tmp = tmp
 
     @property
     def size(self) -> int:
@@ -209,7 +213,8 @@ class _OutputShard:
         self._run = None
         view = memoryview(buf)[start:end]
         if self._fd is not None:
-            _write_all(self._fd, view)
+            with naming_full_disk(self.url):  # ENOSPC/EFBIG: "no space left writing <shard>"
+                _write_all(self._fd, view)
         else:
             with storage.naming(self.url):  # a store's error names the shard being uploaded
                 self._upload.write(view)
@@ -224,20 +229,27 @@ class _OutputShard:
         if self._fd is not None:
             self._fsync = fsyncs.submit(os.fsync, self._fd)
 
-    def commit(self) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
+        """Wait for the hash and the fsync (where a full disk can still fail); nothing visible yet."""
         md5 = self.hash.hexdigest()
         if self._fd is not None:
             assert self._fsync is not None
-            self._fsync.result()
+            with naming_full_disk(self.url):
+                self._fsync.result()
             os.close(self._fd)
             self._fd = None
+        return {"url": self.url, "nsamples": self.nsamples, "filesize": self.hash.size, "md5sum": md5,
+                "sources": self.sources}
+
+    def publish(self) -> None:
+        """Make the finished shard visible: rename the temp file, or complete the upload."""
+        if self._tmp is not None:
             os.replace(self._tmp, self._path)
-        else:
+            self._tmp = None
+        elif self._upload is not None:
             with storage.naming(self.url):
                 self._upload.close()
             self._upload = None
-        return {"url": self.url, "nsamples": self.nsamples, "filesize": self.hash.size, "md5sum": md5,
-                "sources": self.sources}
 
     def discard(self) -> None:
         self.hash.close()
@@ -246,8 +258,10 @@ class _OutputShard:
                 self._fsync.exception()  # wait: the descriptor is in use until the fsync returns
             os.close(self._fd)
             self._fd = None
+        if self._tmp is not None:
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+            self._tmp = None
         elif self._upload is not None:
             if hasattr(self._upload, "discard"):
                 self._upload.discard()  # s3fs: abort the multipart upload
@@ -289,11 +303,14 @@ class GroupWriter:
         cur.sources[source] = cur.sources.get(source, 0) + 1
 
     def commit(self) -> list[dict[str, Any]]:
-        """Finish the last shard, wait for hashes and fsyncs, and make every shard visible in order."""
+        """Finish the last shard, wait for every hash and fsync (a full disk fails here, with nothing
+        visible yet), then make every shard visible in order."""
         if self._open is not None:
             self._open.close(self._fsyncs)
             self._open = None
-        done = [s.commit() for s in self._shards]
+        done = [s.finish() for s in self._shards]
+        for s in self._shards:
+            s.publish()
         self._committed = True
         return done
 
