@@ -22,7 +22,6 @@ Models: any ``open_clip`` model name with a ``pretrained`` tag or local weights 
 
 from __future__ import annotations
 
-import io
 import json
 import numbers
 import os
@@ -32,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from scorers import clip_heads
-from scorers.base import Prepared, Scorer, decoded_image, dir_sha256, file_sha256
+from scorers.base import Prepared, Scorer, decoded_frames, decoded_image, dir_sha256, file_sha256
 from scorers.clip_pixels import DECODES, PRECISIONS, autocast, effective_precision, is_jpeg
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "clip_configs")
@@ -53,14 +52,10 @@ def normalize_model_name(model: str) -> str:
     return model
 
 
-def sample_frames(video: bytes, k: int) -> list[Any]:
-    """Decode a clip and return ``k`` PIL frames spread evenly over it (fewer if it is shorter)."""
-    import av
-
-    with av.open(io.BytesIO(video)) as c:
-        frames = [f.to_image() for f in c.decode(video=0)]
-    if not frames:
-        raise ValueError("video has no decodable frames")
+def sample_frames(sample: Any, k: int) -> list[Any]:
+    """``k`` PIL frames spread evenly over a clip (fewer if it is shorter), from the frames the
+    reader kept (one decode per pass) or decoded here."""
+    frames = decoded_frames(sample)
     if len(frames) <= k:
         return frames
     idx = np.linspace(0, len(frames) - 1, k).round().astype(int)
@@ -247,7 +242,7 @@ class ClipScorer(Scorer):
                 raise ValueError("document has no images" if not ims else "document has no sentences")
             return ims, list(s.text_list)
         if s.kind == "video":
-            return sample_frames(s.video, self.num_frames), [s.caption or ""]
+            return sample_frames(s, self.num_frames), [s.caption or ""]
         raise ValueError(f"unsupported sample kind {s.kind!r}")
 
     def prepare(self, samples: Sequence[Any]) -> Prepared:

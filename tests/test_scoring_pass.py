@@ -75,18 +75,17 @@ def test_fused_pass_decodes_each_image_once_and_scores_as_alone(pairs, tiny_mode
 
 
 def test_fused_pass_decodes_each_clip_once(tiny_models, tmp_path):
-    """Clips: verification decodes each once and keeps its frames; basic (phash, motion) and
-    DeltaLoss (NVILA's frames) use them, and score as from the clip's own bytes."""
+    """Clips: verification decodes each once and keeps its frames; basic (phash, motion), CLIP
+    (its sampled frames) and DeltaLoss (NVILA's frames) use them, and score as from the clip's own bytes."""
     from curation.data.shards import read_shard
     from scorers.basic import BasicScorer
 
     out = str(tmp_path / "c")
     synthesize(out, SynthConfig(seed=2, datasets=[DatasetSpec("clips", "video", 6, {"corrupt_video": 0.2}, 6)]))
     tasks = [ShardTask(u, "clips", "video") for u in list_shards(f"{out}/clips")]
-    specs = [s for s in _specs(tiny_models) if s.name != "clip"]
-    with count_decodes() as decodes:
-        reports = score_local_pass(tasks, specs, str(tmp_path / "w"))
-    assert not any(r.failed for r in reports) and reports[1].scored[0].rows == 6
+    with count_decodes() as decodes:  # basic + clip + deltaloss in one pass
+        reports = score_local_pass(tasks, _specs(tiny_models), str(tmp_path / "w"))
+    assert not any(r.failed for r in reports) and all(r.scored[0].rows == 6 for r in reports)
     assert decodes.videos == 6, f"{decodes.videos} clip decodes for 6 clips"  # corrupt ones too, once
     fused = pq.read_table(score_file_url(str(tmp_path / "w"), "basic", "clips", "00000")).to_pylist()
     own = BasicScorer().score(list(read_shard(tasks[0].url, kind="video")))  # frames decoded from the bytes
