@@ -89,12 +89,14 @@ def _heldout(out: str, seed: int, size: str) -> str:
 
 
 def _train(out: str, manifest_path: str, init: str, seed: int, name: str,
-           steps: dict[str, int] | None = None) -> dict[str, Any]:
+           steps: dict[str, int] | None = None, on_ray: bool = True) -> dict[str, Any]:
     """The demo's NVILA trained from ``manifest_path`` (flows/recipes/demo_train.yaml; budgets in
     epochs over the curated mixture; or with ``steps``: those stages only, each that many steps,
-    without Ray)."""
+    without Ray). ``on_ray=False`` trains every stage in this process, as the baseline does."""
     with open(DEMO_TRAIN_RECIPE) as f:
         recipe = dict(yaml.safe_load(f), init=init, output=name, seed=seed)
+    if not on_ray:
+        recipe["ray"] = {"enabled": False}
     if steps is not None:
         recipe["stages"] = {st: {**{k: v for k, v in cfg.items() if k != "epochs"}, "steps": steps[st]}
                             for st, cfg in recipe["stages"].items() if st in steps}
@@ -127,7 +129,8 @@ def _uncurated(out: str, seed: int) -> dict[str, Any]:
     return run_curate(os.path.join(out, "work"), policy_path, os.path.join(out, "uncurated"), 256, seed)
 
 
-def _train_both(out: str, curated: dict[str, Any], seed: int, size: str, timings: dict[str, Any]) -> dict[str, Any]:
+def _train_both(out: str, curated: dict[str, Any], seed: int, size: str, timings: dict[str, Any],
+                on_ray: bool = True) -> dict[str, Any]:
     """The curated NVILA through its five stages, evaluated; then the same NVILA on the uncurated
     corpus with the same steps per stage up to image_sft, evaluated on the same held-out images."""
     from curation.selection.manifest import load_manifest
@@ -136,7 +139,7 @@ def _train_both(out: str, curated: dict[str, Any], seed: int, size: str, timings
         init, vision = _pretrained_init(out, load_manifest(curated["manifest"]), seed, size)
         heldout = _heldout(out, seed, size)
     with _timed(timings, "train_curated"):
-        training = _train(out, curated["manifest"], init, seed, "train")
+        training = _train(out, curated["manifest"], init, seed, "train", on_ray=on_ray)
     with _timed(timings, "eval_curated"):
         evaluation = _evaluate(training, heldout, os.path.join(out, "eval"))
     with _timed(timings, "reshard_uncurated"):
@@ -236,7 +239,8 @@ def _report(out: str, report: dict[str, Any], manifest: Any, curated: dict[str, 
 
 
 @flow(name="demo", log_prints=True)
-def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True) -> dict[str, Any]:
+def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True,
+              ray_train: bool = True) -> dict[str, Any]:
     from curation.corpus.synth import SynthConfig
     from curation.selection.manifest import load_manifest
     from flows import demo_parts as d
@@ -258,7 +262,7 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     with _timed(timings, "curate"):
         curated = _curate(out, size, seed, filt["dir"], scores)
     manifest = load_manifest(curated["manifest"])
-    trained = _train_both(out, curated, seed, size, timings) if train else {"training": None, "caption_eval": None}
+    trained = _train_both(out, curated, seed, size, timings, ray_train) if train else {"training": None, "caption_eval": None}
     # the phases cover the run: its CPU seconds are theirs, summed
     timings["total"] = {"wall_s": round(time.time() - t_all, 1), "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1)}
     report = {"out": out, "size": size, "seed": seed, "corpus": corpus,

@@ -14,11 +14,14 @@ from curation.app.cli import app
 
 def test_demo_end_to_end_tiny(tmp_path):
     """The README's first command, at the smallest size, as a new user runs it: a fresh HOME (no
-    ~/.prefect), no Prefect variables, so the flow runs on Prefect's temporary local server."""
+    ~/.prefect), no Prefect variables, so the flow runs on Prefect's temporary local server. It trains
+    in-process (``--no-ray-train``): Ray Train's worker group per stage costs ~90 s here and is
+    covered by tests/test_training.py's five stages on Ray."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["HOME"] = str(tmp_path / "home")
     os.makedirs(env["HOME"])
-    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "demo", "--out", str(tmp_path / "demo"), "--size", "tiny"],
+    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "demo", "--out", str(tmp_path / "demo"), "--size", "tiny",
+                        "--no-ray-train"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=env["HOME"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # the run's Prefect database is its own, migrated before the server started, and nothing locked

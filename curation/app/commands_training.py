@@ -151,6 +151,8 @@ def demo(
     size: str = typer.Option("small", help="Corpus size: tiny | small | medium | large | <number of pairs>"),
     seed: int = typer.Option(0),
     train: bool = typer.Option(True, help="Also train the tiny NVILA through its stages from the manifest"),
+    ray_train: bool = typer.Option(True, help="Train on a Ray Train worker group (one per stage); "
+                                   "--no-ray-train trains in this process: the same steps, without a worker group to start per stage"),
 ) -> None:
     """The whole service end to end on embedded defaults, as a Prefect flow (ephemeral server,
     local Ray): synthesize, train the DFN filter and DeltaLoss proxies, score, select, reshard,
@@ -168,7 +170,7 @@ def demo(
     # no Prefect server configured: the run gets its own database under --out (see flows/local_server.py)
     with local_prefect(os.path.join(out, ".prefect"), info=lambda m: console.print(m, markup=False)) as where:
         console.print(f"Prefect runs recorded at {where}", markup=False, highlight=False)
-        report = demo_flow(out=out, size=size, seed=seed, train=train)
+        report = demo_flow(out=out, size=size, seed=seed, train=train, ray_train=ray_train)
     print_synth_summary(report["corpus"])
     t = Table(title="injected noise vs the curated selection (ground truth)")
     for col in ("dataset", "noise", "samples", "kept", "main reason"):
