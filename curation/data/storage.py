@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-from curation.data.diskfull import naming_full_disk
+from curation.data.diskfull import NoSpaceError, is_disk_full, no_space
 
 
 # Retries against object stores, set here and nowhere else (README, "Faults"). botocore retries
@@ -95,16 +95,20 @@ def named_error(e: OSError, url: str) -> OSError:
 
 @contextmanager
 def naming(url: str) -> Iterator[None]:
-    """Raise an object store's I/O errors inside the block named after ``url`` (see
-    :func:`named_error`); "not found" and "already exists" are answers, not faults: left as they are."""
+    """Raise the I/O errors inside the block named after ``url``: an object store's (see
+    :func:`named_error`), and a local full disk's as ``no space left writing <url>``
+    (:mod:`curation.data.diskfull`). "Not found" and "already exists" are answers, not faults:
+    left as they are, as is any other local error."""
     try:
         yield
-    except (FileNotFoundError, FileExistsError):
+    except (FileNotFoundError, FileExistsError, NoSpaceError):
         raise
     except OSError as e:
-        if not is_remote(url):
-            raise
-        raise named_error(e, url) from e
+        if is_remote(url):
+            raise named_error(e, url) from e
+        if is_disk_full(e):
+            raise no_space(url, e) from e
+        raise
 
 
 class NamedReader:
@@ -217,7 +221,7 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with naming_full_disk(url), open(tmp, "wb") as f:  # ENOSPC/EFBIG: "no space left writing <url>"
+        with naming(url), open(tmp, "wb") as f:  # ENOSPC/EFBIG: "no space left writing <url>"
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -34,7 +34,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from curation.data import storage
-from curation.data.diskfull import naming_full_disk
 from curation.data.tarstream import final_size
 
 # Read size. Large enough that hashing and syscalls are per-chunk, not per-member; small enough
@@ -188,7 +187,7 @@ class _OutputShard:
             self._upload = fs.open(self._path, "wb")  # the object appears only when the upload completes
         else:
             parent = os.path.dirname(self._path)
-            with naming_full_disk(url):
+            with storage.naming(url):
                 os.makedirs(parent, exist_ok=True)
                 tmp = os.path.join(parent, f".{os.path.basename(self._path)}.tmp-{uuid.uuid4().hex[:8]}")
                 self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -212,11 +211,10 @@ class _OutputShard:
         buf, start, end = self._run
         self._run = None
         view = memoryview(buf)[start:end]
-        if self._fd is not None:
-            with naming_full_disk(self.url):  # ENOSPC/EFBIG: "no space left writing <shard>"
+        with storage.naming(self.url):  # a full disk or a store's error names the shard
+            if self._fd is not None:
                 _write_all(self._fd, view)
-        else:
-            with storage.naming(self.url):  # a store's error names the shard being uploaded
+            else:
                 self._upload.write(view)
         self.hash.update(view)
 
@@ -234,7 +232,7 @@ class _OutputShard:
         md5 = self.hash.hexdigest()
         if self._fd is not None:
             assert self._fsync is not None
-            with naming_full_disk(self.url):
+            with storage.naming(self.url):
                 self._fsync.result()
             os.close(self._fd)
             self._fd = None
