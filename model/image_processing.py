@@ -148,20 +148,22 @@ def load_image(data) -> "object":
         raise ValueError(f"image cannot be decoded: {e}") from None
 
 
-def video_frames(data, num_frames: int) -> list:
-    """Decode a clip (bytes) and sample ``num_frames`` frames evenly (repeat the last if short)."""
+def decode_video(data: bytes) -> list:
+    """Every frame of a clip (bytes) as an RGB PIL image, in order; ValueError if PyAV cannot decode it."""
     import io
 
     import av
 
-    if isinstance(data, (list, tuple)):
-        frames = [load_image(f) for f in data]
-    else:
-        try:
-            with av.open(io.BytesIO(data)) as c:
-                frames = [f.to_image() for f in c.decode(video=0)]
-        except Exception as e:  # noqa: BLE001 - PyAV raises many types
-            raise ValueError(f"video cannot be decoded: {e}") from None
+    try:
+        with av.open(io.BytesIO(data)) as c:
+            return [f.to_image() for f in c.decode(video=0)]
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types
+        raise ValueError(f"video cannot be decoded: {e}") from None
+
+
+def video_frames(data, num_frames: int) -> list:
+    """Decode a clip (bytes) and sample ``num_frames`` frames evenly (repeat the last if short)."""
+    frames = [load_image(f) for f in data] if isinstance(data, (list, tuple)) else decode_video(data)
     if not frames:
         raise ValueError("video has no frames")
     idx = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)

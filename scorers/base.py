@@ -123,13 +123,9 @@ def decoded_frames(sample: Any) -> list[Any]:
     kept = getattr(sample, "pixels", None)
     if kept:
         return list(kept)
-    import av
+    from model.image_processing import decode_video
 
-    try:
-        with av.open(io.BytesIO(sample.video)) as c:
-            frames = [f.to_image() for f in c.decode(video=0)]
-    except Exception as e:  # noqa: BLE001 - PyAV raises many types
-        raise ValueError(f"video cannot be decoded: {e}") from None
+    frames = decode_video(sample.video)
     if not frames:
         raise ValueError("video has no decodable frames")
     return frames
