@@ -185,6 +185,17 @@ def test_failing_shard_is_retried_then_reported(noisy_corpus, tmp_path, ray_sess
     assert failed.url == missing.url and failed.attempts == 2 and "No such file" in failed.failed
 
 
+
+def test_workers_that_never_start_fail_their_shards_instead_of_waiting(noisy_corpus, tmp_path, ray_session, monkeypatch):
+    """Workers asking for more CPUs than the cluster has (as when every node that had them is lost)
+    are never placed: after the start timeout each shard fails with the reason, none is lost."""
+    out, _ = noisy_corpus
+    tasks = _tasks(out)[:3]
+    monkeypatch.setenv("CURATION_WORKER_START_TIMEOUT", "2")
+    report = run_scoring(tasks, ScorerSpec("basic", num_cpus=64, workers=2), str(tmp_path / "w"))
+    assert not report.scored and sorted(f.url for f in report.failed) == sorted(t.url for t in tasks)
+    assert all("no scoring worker started within 2 s" in f.failed and "num_cpus=64" in f.failed for f in report.failed)
+
 RECIPE = """
 work: {work}
 ray: {{num_cpus: 2}}

@@ -13,6 +13,7 @@ one actor per GPU when each asks for a whole one (``gpu_workers`` counts them).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
 
 from curation.data.shards import ShardError, shard_name
@@ -21,6 +22,9 @@ from curation.scoring.scorefile import ShardResult, ShardTask, score_file_url
 from scorers import scorer_class
 
 log = logging.getLogger(__name__)
+
+# seconds an actor may take to be placed and load its models before the shards left fail
+DEFAULT_START_TIMEOUT = 900.0
 
 
 def _make_worker_class():
@@ -88,24 +92,33 @@ class WorkerPool:
         return self._cls.options(**opts).remote(scorers, max(1, int(self.num_cpus)), self.num_gpus, self.opts)
 
     def run(self, items: list[tuple[ShardTask, list[str]]], work: str, done: Callable[[ShardResult], None]) -> None:
-        """Score every (shard, scorers) item; call ``done`` with each (shard, scorer)'s final result."""
+        """Score every (shard, scorers) item; call ``done`` with each (shard, scorer)'s final result.
+
+        An actor gets shards once it is up: one whose node was lost may never be placed (no free
+        CPU left), and the shards go on on the actors that are left. When no actor is up or
+        scoring and none starts within ``start_timeout`` seconds (every node lost, or workers
+        asking for more than the cluster has), the shards left fail with that reason instead of
+        waiting forever."""
         import ray
 
         pending: list[tuple[ShardTask, list[str], int]] = [(t, names, 1) for t, names in items]
         running: dict[Any, tuple[ShardTask, list[str], int, int]] = {}  # ref -> (task, names, attempt, worker)
-        free = list(range(len(self.workers)))
-        # a replacement actor gets shards once it is up: one whose node was lost may never be placed
-        # (no free CPU left), and the shards go on on the actors that are left
-        starting: dict[Any, int] = {}  # its ready() -> worker slot
+        free: list[int] = []
+        starting = {w.ready.remote(): i for i, w in enumerate(self.workers)}  # its ready() -> worker slot
         while pending or running:
             while pending and free:
                 task, names, attempt = pending.pop(0)
                 w = free.pop(0)
                 ref = self.workers[w].score.remote(task, [(n, self._out(work, task, n)) for n in names])
                 running[ref] = (task, names, attempt, w)
-            ref = ray.wait(list(running) + list(starting), num_returns=1)[0][0]
+            waiting = list(running) + list(starting)
+            ready = ray.wait(waiting, num_returns=1, timeout=None if running else self.start_timeout)[0]
+            if not ready:
+                self._fail_unplaced(pending, work, done)
+                return
+            ref = ready[0]
             if ref in starting:
-                free.append(starting.pop(ref))
+                free.append(starting.pop(ref))  # up, or failed to start: its first shard tells which
                 continue
             task, names, attempt, w = running.pop(ref)
             actor = self.workers[w]
@@ -116,6 +129,25 @@ class WorkerPool:
                 starting[self.workers[w].ready.remote()] = w
             if retry:
                 pending.append((task, retry, attempt + 1))
+
+    @property
+    def start_timeout(self) -> float:
+        return float(os.environ.get("CURATION_WORKER_START_TIMEOUT", DEFAULT_START_TIMEOUT))
+
+    def _fail_unplaced(self, pending: list[tuple[ShardTask, list[str], int]], work: str,
+                       done: Callable[[ShardResult], None]) -> None:
+        """No scoring worker started in time: every shard left fails, naming what was asked and what the cluster has."""
+        import ray
+
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        reason = (f"no scoring worker started within {self.start_timeout:g} s (CURATION_WORKER_START_TIMEOUT): "
+                  f"each asks for num_cpus={self.num_cpus:g}, num_gpus={self.num_gpus:g}; the cluster has {free or 'none'} "
+                  f"free (lost nodes, or workers larger than any node?)")
+        log.error("%s; %d shards not scored", reason, len(pending))
+        for task, names, attempt in pending:
+            for n in names:
+                done(ShardResult(task.url, task.dataset, self._out(work, task, n), failed=reason, attempts=attempt, scorer=n))
+        pending.clear()
 
     def _collect(self, ref: Any, task: ShardTask, names: list[str], attempt: int, w: int, work: str,
                  done: Callable[[ShardResult], None]) -> list[str]:
