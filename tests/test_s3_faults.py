@@ -183,6 +183,46 @@ def test_cut_body_in_a_tar_stream_resumes_by_range_and_checks_the_etag(corpus, s
             list(read_shard(shard))
 
 
+
+def _write_in_pieces(url: str, data: bytes, opts: dict) -> None:
+    with storage.atomic_write(url, opts) as f:  # as a shard is written: member by member
+        for i in range(0, len(data), 2**20):
+            f.write(data[i:i + 2**20])
+
+
+def test_multipart_upload_under_faults_completes_or_leaves_nothing(s3_endpoint, s3_bucket, monkeypatch):
+    """A shard larger than s3fs's block is a multipart upload (here 5 MiB parts, S3's minimum):
+    faulty part uploads are retried to the same bytes; a store that refuses every part upload
+    ends in an error naming the object, no object, and the upload aborted (no parts left billed)."""
+    import os
+
+    import boto3
+
+    data = os.urandom(11 * 2**20)  # 3 parts
+    opts = {"default_block_size": 5 * 2**20}
+    url = f"{s3_bucket}/multipart/big.tar"
+    with FaultProxy(s3_endpoint, rate=0.25, seed=2, kinds=("slowdown", "internal", "reset_before", "delay"),
+                    delay_s=0.02) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+        _write_in_pieces(url, data, opts)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert storage.read_bytes(url) == data
+    parts = [(m, path) for m, path, _ in p.history if m == "PUT" and "partNumber=" in path]
+    assert len({path for _, path in parts}) == 3 and p.injected, p.counts()  # a multipart upload, met by faults
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("CURATION_S3FS_RETRIES", "1")
+    broken = f"{s3_bucket}/multipart/broken.tar"
+    with FaultProxy(s3_endpoint, rate=1.0, kinds=("internal",), only=lambda m, path: "partNumber=2" in path) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+        with pytest.raises(OSError, match=broken):
+            _write_in_pieces(broken, data, opts)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert not _fs(s3_endpoint).exists(broken[5:])
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = s3_bucket[5:].split("/")[0]
+    assert not [u for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) if "broken" in u["Key"]]
+
 def test_faults_benchmark_smoke(s3_endpoint):
     """``benchmarks/faults.py --smoke`` (2 shards, 20 % of requests faulty) on the test's S3 endpoint."""
     from benchmarks.faults import parse, run

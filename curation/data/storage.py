@@ -112,8 +112,9 @@ def naming(url: str) -> Iterator[None]:
 
 
 class NamedReader:
-    """A binary file open for reading whose I/O errors name its URL (what :func:`open_url` gives
-    for a remote object). Everything else is the wrapped file's."""
+    """A binary file whose I/O errors name its URL (what :func:`open_url` gives for a remote
+    object, and :func:`atomic_write` for a remote upload: a multipart part that fails in
+    ``write``). Everything else is the wrapped file's."""
 
     def __init__(self, f: Any, url: str) -> None:
         self._f, self.url = f, url
@@ -129,6 +130,14 @@ class NamedReader:
     def seek(self, *args: Any) -> int:
         with naming(self.url):
             return self._f.seek(*args)
+
+    def write(self, data: Any) -> int:
+        with naming(self.url):
+            return self._f.write(data)
+
+    def flush(self) -> None:
+        with naming(self.url):
+            self._f.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
@@ -200,7 +209,7 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
         with naming(url):
             f = fs.open(path, "wb")
         try:
-            yield f
+            yield NamedReader(f, url)  # a part upload that fails in write() names the object
         except BaseException:
             # s3fs: discard the upload instead of committing what was written so far
             if hasattr(f, "discard"):
