@@ -65,17 +65,20 @@ def _members(f: Any) -> Iterator[tuple[str, bytes | None, str | None]]:
 
 # ---- the fast path: a member index (curation.data.tarindex), samples grouped with numpy --------
 _POS100 = np.arange(100)
-_ODD = np.zeros(256, dtype=bool)
-_ODD[[ord("/"), ord("\\"), ord(":")]] = True  # names with these take the loop (paths, unsafe names)
 
 
 def _exts(names: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The first dot's position and the extension (up to 8 bytes, as a number) of each name, when
-    every name is a flat "key.ext"; None otherwise."""
-    if not len(names) or _ODD[names].any():
+    every name is a flat "key.ext"; None otherwise (a "/", "\\" or ":" in a name: paths and
+    unsafe names take the loop)."""
+    if not len(names):
         return None
-    dot = (names == 46).argmax(axis=1)  # 0 also when there is no dot
-    length = 100 - (names == 0).sum(axis=1)  # NULs only after the name (tarindex masks the rest)
+    used = int(100 - names.any(axis=0)[::-1].argmax())  # the longest name's length
+    head = names[:, :used]
+    if ((head == 47) | (head == 92) | (head == 58)).any():
+        return None
+    dot = (head == 46).argmax(axis=1)  # 0 also when there is no dot
+    length = used - (head == 0).sum(axis=1)  # NULs only after the name (tarindex masks the rest)
     if (dot == 0).any() or (dot > 91).any() or (length - dot > 9).any():
         return None
     codes = np.zeros(len(names), dtype=np.uint64)

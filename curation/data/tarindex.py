@@ -26,6 +26,7 @@ from curation.data import tarstream as ts
 
 BLOCK = ts.BLOCK
 WINDOW = 16 << 20  # bytes per read of a remote shard
+STRIDE = 16 << 20  # bytes of a memory-mapped shard walked before their headers are checked
 _GATHER = 8192  # headers checked at once (4 MiB of header blocks)
 _POS100 = np.arange(100)
 _REGULAR = (48, 0, 55)  # "0", NUL, "7"
@@ -47,19 +48,17 @@ def _size_of(field: bytes) -> int:
 
 def _walk(buf: Any, off: int, stop: int, steps: dict[bytes, int]) -> tuple[list[int], int, bool]:
     """Header offsets from ``off`` while a whole header lies before ``stop``; the offset after the
-    last, and whether the walk stopped at a block whose first byte is NUL (the end, or damage).
-    Empty offsets and a negative next offset: a size field this path does not read."""
+    last, and whether the walk stopped at a block that starts with a NUL and has no size (the end,
+    or damage). Empty offsets and a negative next offset: a size field this path does not read."""
     heads: list[int] = []
     append, get, last = heads.append, steps.get, stop - BLOCK
     while off <= last:
-        if not buf[off]:
-            return heads, off, True
         sz = buf[off + 124:off + 136]
         step = get(sz)
         if step is None:
             n = _size_of(sz)
-            if n < 0:
-                return [], -1, False
+            if n < 0:  # an end block has no size; a header with an empty name is checked with the rest
+                return (heads, off, True) if not buf[off] else ([], -1, False)
             step = steps[sz] = BLOCK + (n + BLOCK - 1) // BLOCK * BLOCK
         append(off)
         off += step
@@ -112,6 +111,8 @@ def _fields(view: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         if not ok:
             return None
         name = blocks[_IS_REGULAR[tf], :100]
+        if not name[:, 0].all():
+            return None  # a member with an empty name
         zero = name == 0
         cut = np.where(zero.any(axis=1), zero.argmax(axis=1), 100)
         odd = np.flatnonzero((100 - zero.sum(axis=1)) != cut)  # bytes after the first NUL: not the name
@@ -291,15 +292,26 @@ def members(f: Any, size: int, want: Want, local: bool, window: int | None = Non
 
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            heads, nxt, at_nul = _walk(mm, 0, size, idx.steps)
-            ok = 0 <= nxt <= size and idx.window(mm, size, heads, _no_tail) and _ends(mm, size, nxt, at_nul, idx)
-            return idx.found() if ok else None
+            return _mapped(mm, size, idx)
         finally:
             try:
                 mm.close()
             except BufferError:  # an exception's traceback still holds a view of it: it goes with that
                 pass
     return _windows(f, size, idx, window or WINDOW)
+
+
+def _mapped(mm: Any, size: int, idx: _Index) -> Found | None:
+    """The walk over a memory-mapped shard, :data:`STRIDE` bytes of it at a time (the headers are
+    checked while the walk has them in the CPU's caches)."""
+    off = 0
+    while True:
+        heads, nxt, at_nul = _walk(mm, off, min(size, off + STRIDE), idx.steps)
+        if not 0 <= nxt <= size or not idx.window(mm, size, heads, _no_tail):
+            return None
+        if at_nul or nxt + BLOCK > size:
+            return idx.found() if _ends(mm, size, nxt, at_nul, idx) else None
+        off = nxt
 
 
 def _no_tail(off: int, n: int) -> bytes:
