@@ -176,13 +176,29 @@ def _grouped(found: tarindex.Found, base: dict[str, Any], kind: str,
     bodies = found.bodies
     for i, s, e in zip(kept.tolist(), sid[kept].tolist(), inv[kept].tolist()):
         members[s][exts[e]] = bodies[i]
-    if kind == "auto":
-        video = np.array([e.rsplit(".", 1)[-1].lower() in VIDEO_EXTS for e in exts], dtype=bool)[inv]
-        kinds = ["video" if v else "auto" for v in np.logical_or.reduceat(video, starts).tolist()]
-    else:
-        kinds = [kind] * len(starts)
-    return (_build(k if k != "auto" else _kind("auto", (), m), key.decode("utf-8", "surrogateescape"), m, [], base)
-            for key, m, k in zip(skeys.tolist(), members, kinds))
+    keys = [k.decode("utf-8", "surrogateescape") for k in skeys.tolist()]
+    if kind not in ("pair", "video"):
+        if kind == "auto":
+            video = np.array([e.rsplit(".", 1)[-1].lower() in VIDEO_EXTS for e in exts], dtype=bool)[inv]
+            kinds = ["video" if v else "auto" for v in np.logical_or.reduceat(video, starts).tolist()]
+        else:
+            kinds = [kind] * len(starts)
+        return (_build(k if k != "auto" else _kind("auto", (), m), key, m, [], base)
+                for key, m, k in zip(keys, members, kinds))
+    return _captioned(SAMPLE_CLASSES[kind], keys, members, base)
+
+
+def _captioned(cls: type, keys: list[str], members: list[dict[str, bytes]], base: dict[str, Any]) -> Iterator[Sample]:
+    """Pairs or clips with their captions: :func:`_build` without a call per sample."""
+    for key, m in zip(keys, members):
+        s = cls(key=key, members=m, **base)
+        txt = m.get("txt")
+        if txt is not None:
+            try:
+                s.caption = txt.decode("utf-8")
+            except UnicodeDecodeError:
+                s = _build(cls.kind, key, m, [], base)
+        yield s
 
 
 def _kind(kind: str, exts: set[str], members: dict[str, bytes]) -> str:
