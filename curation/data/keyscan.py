@@ -2,10 +2,15 @@
 
 A scorer that needs no pixels (``meta`` imports shipped metadata, ``text`` reads captions) says
 so with ``needs_media = False``; the engine then reads its shards with :func:`read_light`
-instead of :func:`curation.data.shards.read_shard`. The tar's headers are parsed exactly as
-:mod:`curation.data.tarstream` parses them (checksums, GNU long names, PAX), but the bodies of
-media members (images, videos) are seeked past, not read, and nothing is decoded: a shard of
-images costs little more than its headers and its text members.
+instead of :func:`curation.data.shards.read_shard`. Image and video bodies are never read and
+nothing is decoded: a shard of images costs little more than its headers and its text members.
+
+An uncompressed shard is indexed by :mod:`curation.data.tarindex` (a local one from a memory
+map, a remote one in large windows), every header checked as :mod:`curation.data.tarstream`
+checks it. When all its names are flat ``key.ext`` (as img2dataset and webdataset write them),
+its members are grouped into samples with numpy; other names go through the same loop as the
+streaming path. A shard the index leaves alone (gzipped, damaged, links, ...) is read by
+:func:`curation.data.tarstream.scan`, media bodies seeked past.
 
 Each key still becomes exactly one sample, of the shard's kind, with its non-media members as
 bytes (``members``) and, for pairs and clips, its ``caption`` from the ``.txt`` member. Tar damage

@@ -1,13 +1,14 @@
 """A tar's regular members from its bytes in large windows: one tight walk over the header
 offsets, then every header field checked at once with numpy.
 
-This is :mod:`curation.data.keyscan`'s fast path (samples without media). A local shard is one
-window, a memory map; a remote one (s3fs, fsspec) is read in windows of :data:`WINDOW` bytes, so
-an object store sees a few large range reads, not a request per header; a member larger than a
-window is seeked past. The walk itself only reads each header's size field to find the next
-header; the rest is read from all the headers of a window at once: checksums, type flags, size
-fields, ustar prefixes, names, and the PAX headers webdataset writes before every member (one
-record naming neither path nor size). PAX headers of any other shape and GNU long names are
+This is :mod:`curation.data.keyscan`'s fast path (samples without media). A local shard is
+read through a memory map (only the pages holding headers and wanted bodies are touched); a
+remote one (s3fs, fsspec) in windows of :data:`WINDOW` bytes, so an object store sees a few large
+range reads, not a request per header, and a member larger than a window is seeked past. The
+walk itself only reads each header's size field to find the next header; the rest is read from
+all the headers of a window (or :data:`STRIDE` bytes of a map) at once: checksums, type flags,
+size fields, ustar prefixes, names, and the PAX headers webdataset writes before every member
+(one record naming neither path nor size). PAX headers of any other shape and GNU long names are
 parsed one by one, as :mod:`curation.data.tarstream` parses them.
 
 Whatever this path does not handle the way :func:`curation.data.tarstream.scan` does (a link, a
@@ -32,7 +33,6 @@ _POS100 = np.arange(100)
 _REGULAR = (48, 0, 55)  # "0", NUL, "7"
 _ALLOWED = np.array([48, 0, 55, 53, 120, 76], dtype=np.uint8)  # regular, "5" (directory), "x" (PAX), "L"
 _USTAR = np.frombuffer(b"ustar\0", dtype=np.uint8)
-
 
 
 def _size_of(field: bytes) -> int:
@@ -110,9 +110,9 @@ def _fields(view: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         ok, size = _octal(blocks[:, 124:136])
         if not ok:
             return None
+        if not blocks[(tf != 120) & (tf != 76), 0].all():
+            return None  # a member with an empty name (or one a PAX path or long name gives)
         name = blocks[_IS_REGULAR[tf], :100]
-        if not name[:, 0].all():
-            return None  # a member with an empty name
         zero = name == 0
         cut = np.where(zero.any(axis=1), zero.argmax(axis=1), 100)
         odd = np.flatnonzero((100 - zero.sum(axis=1)) != cut)  # bytes after the first NUL: not the name
@@ -315,7 +315,7 @@ def _mapped(mm: Any, size: int, idx: _Index) -> Found | None:
 
 
 def _no_tail(off: int, n: int) -> bytes:
-    raise AssertionError("a local shard is one window")
+    raise AssertionError("a mapped shard's bodies all lie in the map")
 
 
 def _ends(buf: Any, stop: int, nxt: int, at_nul: bool, idx: _Index) -> bool:
