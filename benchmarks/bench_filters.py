@@ -97,14 +97,15 @@ def make_coyo_shard(folder: str, name: str, samples: int, image_bytes: int = 12_
 
 
 def time_scorer(url: str, scorer_name: str, params: dict, out: str, batch_size: int = 1024, repeats: int = 3) -> dict:
-    """Best of ``repeats`` (by CPU seconds: the machine may be shared) of scoring one shard."""
+    """Best of ``repeats`` (by CPU seconds: the machine may be shared) of scoring one shard, each
+    with a new scorer (``meta`` keeps the last shard's parquet: a run reads it, as a worker does)."""
     from curation.scoring.scorefile import ShardTask, score_shard
     from scorers import build_scorer
 
-    scorer = build_scorer(scorer_name, **params)
-    scorer.setup()
     best = None
     for _ in range(repeats):
+        scorer = build_scorer(scorer_name, **params)
+        scorer.setup()
         t0, c0 = time.perf_counter(), time.process_time()
         result = score_shard(scorer, ShardTask(url, "coyo", "pair"), out, batch_size)
         run = (time.process_time() - c0, time.perf_counter() - t0)

@@ -109,3 +109,50 @@ def test_bad_maps_are_refused_and_maps_change_the_config_hash():
     assert a == build_scorer("meta", preset="coyo").config_hash()
     assert build_scorer("meta", preset="coyo").needs_media is False
     assert set(COYO_COLUMNS) <= set(json.loads(json.dumps(build_scorer("meta", preset="coyo").config()))["columns"])
+
+
+class _CountingReader:
+    """A remote shard's file object that counts the reads made on it."""
+
+    def __init__(self, f, reads: list) -> None:
+        self._f, self._reads = f, reads
+
+    def read(self, n: int = -1) -> bytes:
+        self._reads.append(n)
+        return self._f.read(n)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def test_meta_on_s3_matches_local_in_a_few_large_reads(coyo, s3_bucket, tmp_path, monkeypatch):
+    """A shard in an object store is read in large windows (here 64 KiB, to have several), not a
+    request per member, and scores exactly as the same shard on local disk."""
+    from curation.data import storage, tarindex
+
+    url, _, _, n_ok = coyo
+    remote = f"{s3_bucket}/coyo/00000.tar"
+    for suffix in (".tar", ".parquet"):
+        with open(url[:-4] + suffix, "rb") as f:
+            storage.write_bytes(remote[:-4] + suffix, f.read())
+    reads: list = []
+    real_open = storage.open_url
+    monkeypatch.setattr(storage, "open_url", lambda u, *a, **k: _CountingReader(real_open(u, *a, **k), reads)
+                        if u == remote else real_open(u, *a, **k))
+    monkeypatch.setattr(tarindex, "WINDOW", 64 << 10)
+    spec = ScorerSpec("meta", {"preset": "coyo"})
+    assert not score_local([ShardTask(remote, "coyo", "pair")], spec, str(tmp_path / "s3")).failed
+    assert not score_local([ShardTask(url, "coyo", "pair")], spec, str(tmp_path / "local")).failed
+    got, want = _scores(str(tmp_path / "s3")), _scores(str(tmp_path / "local"))
+    assert len(got) == n_ok and got.keys() == want.keys()
+    for k in got:  # the same scores, and the same samples without a row (the message names the parquet's URL)
+        assert {c: v for c, v in got[k].items() if c != "error"} == {c: v for c, v in want[k].items() if c != "error"}
+        assert (got[k]["error"] is None) == (want[k]["error"] is None)
+    size = os.path.getsize(url)
+    assert 2 <= len([n for n in reads if n >= 4096]) and len(reads) <= size // (64 << 10) + 4, (len(reads), size)

@@ -26,7 +26,7 @@ import gzip
 import re
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default blocking factor; archives end on a record boundary
@@ -113,7 +113,17 @@ class _Stream:
             raise TarFormatError(f"truncated tar: ends {where} ({len(data)} of {n} bytes)", member)
         return data
 
-    def skip(self, n: int, member: str) -> None:
+    def skip(self, n: int, member: str, seek: bool = False) -> None:
+        """Move past ``n`` bytes of ``member``: by seeking when asked and the file can (the last
+        byte is still read, so a stream cut inside the member is caught), else by reading."""
+        if seek and n and getattr(self.f, "seekable", lambda: False)():
+            try:
+                self.f.seek(n - 1, 1)
+            except _STREAM_ERRORS as e:  # a gzipped shard seeks by decompressing
+                raise TarFormatError(f"truncated or corrupt compressed stream inside member {member!r}: {e}",
+                                     member) from None
+            self.offset += n - 1
+            n = 1
         while n > 0:
             got = len(self.read(min(n, _CHUNK), member))
             if not got:
@@ -276,11 +286,13 @@ def _read_header(s: _Stream, pending: _Pending) -> bytes | None:
     return header
 
 
-def scan(f: BinaryIO, max_size: int | None = None) -> Iterator[RawEntry]:
+def scan(f: BinaryIO, max_size: int | None = None, skip: Callable[[str], bool] | None = None) -> Iterator[RawEntry]:
     """Yield the members of a tar stream (directories skipped) with their raw blocks.
 
-    Raises :class:`TarFormatError` on a malformed header or a stream that ends inside a
-    header or a member, after yielding every member before it.
+    A member larger than ``max_size``, or one whose name ``skip`` is true of, comes with no body
+    (``skipped``); ``skip``'s are seeked past when the file can seek (a reader of samples without
+    media: :mod:`curation.data.keyscan`). Raises :class:`TarFormatError` on a malformed header or
+    a stream that ends inside a header or a member, after yielding every member before it.
     """
     s = _Stream(f)
     pending = _Pending([])
@@ -306,8 +318,9 @@ def scan(f: BinaryIO, max_size: int | None = None) -> Iterator[RawEntry]:
         if typeflag in NO_DATA:  # links and devices carry no data
             yield RawEntry(name, 0, head, b"", typeflag, offset=start, end=s.offset)
             continue
-        if typeflag == b"5" or typeflag not in REGULAR or (max_size is not None and size > max_size):
-            s.skip(_padded(size), name)
+        passed = skip is not None and typeflag in REGULAR and skip(name)
+        if typeflag == b"5" or typeflag not in REGULAR or (max_size is not None and size > max_size) or passed:
+            s.skip(_padded(size), name, seek=passed)
             if typeflag != b"5":
                 yield RawEntry(name, size, head, b"", typeflag, skipped=True, offset=start, end=s.offset)
             continue
