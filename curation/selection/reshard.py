@@ -229,7 +229,7 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
                 copied += 1
         finally:
             stream.close()
-            samples.close()  # stops the input's hashing thread if the loop ended early
+            samples.close()  # closes the input being read if the loop ended early
         if copied + len(refused) != g.expected:
             raise ReshardError(f"group {g.dataset}/{g.index}: copied {copied} and refused {len(refused)} samples, "
                                f"expected {g.expected}")
