@@ -106,6 +106,18 @@ class VerifiedInput:
     def tell(self) -> int:
         return self._pos
 
+    def advance(self, n: int) -> bool:
+        """Move ``n`` bytes on without copying them (they stay in the read buffers for :meth:`pieces`);
+        False, and the position unchanged, when the file ends first."""
+        want = self._pos + n
+        while self._end < want:
+            data = self._fetch()
+            if not data:
+                return False
+            self._chunks.append((self._end - len(data), data))
+        self._pos = want
+        return True
+
     def pieces(self, start: int, stop: int) -> list[Piece]:
         """The bytes ``[start, stop)`` (already read, not released) as pieces of the read buffers."""
         off, data = self._chunks[-1] if self._chunks else (0, b"")
