@@ -35,25 +35,20 @@ class UnusualTar(Exception):
     """A header the fast path leaves to the full scanner."""
 
 
-def _octal(field: bytes) -> int | None:
-    s = field.split(b"\0", 1)[0].strip(b" ")
-    return int(s or b"0", 8) if _OCTAL.fullmatch(s) else None
-
-
 def plain_member(h: bytes) -> tuple[str, int] | None:
     """(name, size) of a header that ``tarstream.scan`` reads as a regular file with nothing
     before it, else None."""
     if h[156:157] not in REGULAR or h[124] in (0x80, 0xFF):  # not a file; a base-256 size
         return None
     stored = h[148:156].split(b"\0", 1)[0].strip(b" ")
+    size = h[124:136].split(b"\0", 1)[0].strip(b" ")
     # the header's byte sum with its checksum field read as spaces; a half's sum (<= 256 * 255)
     # is below adler32's modulus, so its low word is 1 + that sum exactly
-    total = (zlib.adler32(h[:256]) & 0xFFFF) + (zlib.adler32(h[256:]) & 0xFFFF) - 2 - sum(h[148:156]) + 256
-    if not stored or not _OCTAL.fullmatch(stored) or int(stored, 8) != total:
+    total = (zlib.adler32(h[:256]) & 0xFFFF) + (zlib.adler32(h[256:]) & 0xFFFF) + 254 - sum(h[148:156])
+    if not (stored and _OCTAL.fullmatch(stored) and _OCTAL.fullmatch(size)) or int(stored, 8) != total:
         return None  # signed-sum tars and damage: the full scanner decides
-    size = _octal(h[124:136])
     name = _header_name(h)
-    return (name, size) if size is not None and name else None
+    return (name, int(size or b"0", 8)) if name else None
 
 
 def _unsafe(name: str) -> str | None:
