@@ -13,22 +13,26 @@ score store), then times on the same files, page cache warm, arms alternating:
   checksum it was scored with, members copied byte for byte, md5 of every output shard, one
   fsync per shard, stats, wids index) and the manifest, groups of shards as tasks on a local
   Ray of W CPUs started before timing (as a cluster would be);
+- copy with both hashes, W processes: the least verified copy plus a sha256 of what it reads, on
+  the same buffer: the least copy that gives resharding's two guarantees (for the record);
 - the same pair at one process: the least verified copy in one process, and ``curate`` in one
-  process without Ray (it hashes its inputs on a helper thread, so this pair is for the record);
+  process without Ray (for the record);
 - plain copy, W processes: the copy without md5 or fsync (for the record, not a target).
 
 W is ``--workers`` (2). Each arm runs --repeats times; the best wall time of each is reported,
-with its CPU seconds per GB of input: this process and every process it started (pool workers,
-Ray workers), read from /proc (``flows.cputime``); Ray's own daemons (raylet, GCS) are given
-apart, as ``ray_system_cpu_s_per_gb``. Targets, at W: ours' CPU seconds per GB <= 1.15 x the least
+and its CPU seconds per GB of input from its median repeat: this process and every process it
+started (pool workers, Ray workers), read from /proc (``flows.cputime``); Ray's own daemons
+(raylet, GCS) are given apart, as ``ray_system_cpu_s_per_gb``. The load average before and after
+the timed arms goes into the JSON. Targets, at W: ours' CPU seconds per GB <= 1.15 x the least
 verified copy's, and its rate >= 0.9 x the least verified copy's. The `curate reshard` command is
 also run once as a subprocess (Python start-up and Ray start included); that time is printed but
 not in the ratios.
 
 What bounds the ratios: resharding hashes every byte twice (the input against the sha256 it was
-scored with, the output for the md5 the wids index records), the least verified copy once (md5).
-A plain copy from the page cache runs at memory speed; the output md5 alone (about 1.2 CPU
-seconds per GB) keeps anything that writes a wids index well below it on 2 cores.
+scored with, the output for the md5 the wids index records), the least verified copy once (md5):
+at 1.35 (md5) and 0.56 (sha256) CPU seconds per GB here, the copy with both hashes alone costs
+1.2-1.3x the least verified copy. A plain copy from the page cache runs at memory speed; the
+output md5 alone keeps anything that writes a wids index well below it on 2 cores.
 
     python benchmarks/bench_reshard.py [--samples 20000] [--keep 1.0] [--workers 2] [--repeats 3] [--json out.json]
 """
