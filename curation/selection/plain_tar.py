@@ -68,10 +68,10 @@ def plain_samples(src: VerifiedInput) -> Iterator[tuple[str, list[Piece], str | 
         if len(h) < BLOCK or h == ZERO_BLOCK:
             if h == ZERO_BLOCK or (not h and start > 0):
                 break  # end blocks, or a clean end at a member boundary
-            raise UnusualTar(f"header at byte {start}")
+            raise UnusualTar(f"the header at byte {start} is not a plain member's")
         member = plain_member(h)
         if member is None or not src.advance((member[1] + BLOCK - 1) // BLOCK * BLOCK):
-            raise UnusualTar(f"header at byte {start}")
+            raise UnusualTar(f"the header at byte {start} is not a plain member's")
         name = member[0]
         parts = split_key(name)
         k = parts[0] if parts else name

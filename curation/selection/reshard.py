@@ -168,11 +168,8 @@ def _group_keys(g: Group, storage_options: dict | None) -> dict[str, list[str]]:
 
 def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
                 refused: list[dict[str, str]], scanner: Scanner) -> Iterator[tuple[str, str, list[Piece]]]:
-    """(input shard, key, pieces) of every kept sample, each input verified as it is read.
-
-    An input whose bytes are not the ones scored raises once it has been read to its end,
-    before the group commits anything.
-    """
+    """(input shard, key, pieces) of every kept sample, each input verified as it is read: one whose
+    bytes are not the ones scored raises once read to its end, before the group commits anything."""
     kept = _group_keys(g, storage_options)
     for inp in g.inputs:
         keep = set(kept[inp.shard])
@@ -205,11 +202,10 @@ def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
 def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None = None) -> GroupResult:
     """Copy one group's kept samples into new shards (idempotent: a complete group is skipped).
 
-    One pass per input byte: each input is hashed as it is read and checked against the
-    checksum it was scored with; the group's shards become visible only once all its inputs
-    passed. Kept samples with members that must not be written are left out and named. The fast
-    path for plain members reads first (``plain_tar``); a group holding anything else is written
-    again, from the start, with the full scanner.
+    One pass per input byte, hashed as it is read and checked against the checksum it was scored
+    with; the group's shards become visible only once all its inputs passed. Kept samples with
+    members that must not be written are left out and named. Plain members take the fast path
+    (``plain_tar``); a group holding anything else is written again with the full scanner.
     """
     done = _load_done(out, g, storage_options)
     if done is not None:
@@ -217,13 +213,11 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
     try:
         return _write_group(g, out, cfg, storage_options, plain_samples)
     except UnusualTar as e:
-        log.info("group %s/%s: %s is not a plain member; writing the group with the full tar scanner",
-                 g.dataset, g.index, e)
+        log.info("group %s/%s: %s; writing it with the full tar scanner", g.dataset, g.index, e)
         return _write_group(g, out, cfg, storage_options, tar_samples)
 
 
-def _write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None,
-                 scanner: Scanner) -> GroupResult:
+def _write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None, scanner: Scanner) -> GroupResult:
     t0 = time.time()
     ds_url = storage.join(out, g.dataset)
     _remove_parts(ds_url, f"{g.dataset}-{g.index:05d}-", storage_options)  # leftovers of an earlier plan
