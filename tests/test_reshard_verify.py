@@ -224,3 +224,57 @@ def test_scores_recorded_with_md5_by_an_earlier_version_still_count(scored_pairs
     manifest, _ = curate(work, keep_all, str(tmp_path / "out"), ReshardConfig(max_samples=5), use_ray=False)
     assert manifest.outputs["pairs"].samples == 32
     assert all(i.checksum.startswith("sha256:") for i in manifest.inputs["pairs"])
+
+
+def _ustar(path: str, members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT) -> None:
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _samples(scanner, path: str, chunk: int) -> tuple[list, tuple[int, str]]:
+    from curation.selection.verified_copy import VerifiedInput
+
+    with open(path, "rb", buffering=0) as f:
+        src = VerifiedInput(f, chunk=chunk)
+        got = [(key, b"".join(bytes(memoryview(b)[lo:hi]) for b, lo, hi in pieces), why)
+               for key, pieces, why in scanner(src)]
+        digest = src.finish()
+    return got, digest
+
+
+@pytest.mark.parametrize("chunk", [700, 1 << 20])
+def test_fast_path_gives_what_the_full_scanner_gives_or_hands_over(tmp_path, chunk):
+    """On plain members (sizes around block edges, a '..' path, a key repeated apart) the fast path
+    yields what the full scanner yields; on an extended header, a link, a directory, a damaged or
+    a cut header it raises UnusualTar, and resharding then takes the full scanner."""
+    from curation.selection.plain_tar import UnusualTar, plain_samples
+    from curation.selection.reshard_inputs import tar_samples
+
+    rng = np.random.default_rng(2)
+    members = [(f"{k}.{ext}", rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+               for k, sizes in (("a/0", (0, 1)), ("a/1", (511, 512)), ("../evil", (3,)), ("a/2", (513, 3000)))
+               for ext, n in zip(("jpg", "txt"), sizes)] + [("a/0.json", b"{}")]
+    plain = str(tmp_path / "plain.tar")
+    _ustar(plain, members)
+    want = _samples(tar_samples, plain, chunk)
+    assert _samples(plain_samples, plain, chunk) == want and len(want[0]) == 4 and want[0][2][2]
+    data = open(plain, "rb").read()
+    unusual = {"pax": None, "link": None, "dir": None, "checksum": data[:148] + b"9" + data[149:],
+               "cut": data[: 512 + 700]}
+    for kind, content in unusual.items():
+        path = str(tmp_path / f"{kind}.tar")
+        if kind == "pax":
+            _ustar(path, [("x" * 120 + "/0.jpg", b"1")], tarfile.PAX_FORMAT)
+        elif kind in ("link", "dir"):
+            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+                info = tarfile.TarInfo("a/0.jpg")
+                info.type = tarfile.SYMTYPE if kind == "link" else tarfile.DIRTYPE
+                info.linkname = "/etc/passwd" if kind == "link" else ""
+                tf.addfile(info)
+        else:
+            open(path, "wb").write(content)
+        with pytest.raises(UnusualTar):
+            _samples(plain_samples, path, chunk)

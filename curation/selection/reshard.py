@@ -9,10 +9,10 @@ consecutive input shards, each written by one Ray task; a group is recorded as c
 redoes only unfinished groups. Each output shard gets a ``<shard>_stats.json``; each dataset
 gets a wids index ``index.wids.json`` (``wids-shard-index-v1``).
 
-Every input byte is read once (``curation.selection.verified_copy``, ``curation.selection.reshard_inputs``): it is
-hashed as it is read, and the input refused, with its group's output discarded, when the hash is
-not the checksum the shard was scored with. Kept samples holding members that must never be written (absolute or
-``..`` paths, links, devices) are left out and named, whatever the policy.
+Every input byte is read once (``verified_copy``, ``plain_tar``, ``reshard_inputs``): it is hashed as it
+is read, and the input refused, with its group's output discarded, when the hash is not the checksum the
+shard was scored with. Kept samples holding members that must never be written (absolute or ``..`` paths,
+links, devices) are left out and named, whatever the policy.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from curation.data import storage
 from curation.selection.reshard_inputs import (ReshardError, input_reader, open_input, stat_inputs, tar_samples,
                                               verify_input)
 from curation.data.tarstream import TarFormatError
+from curation.selection.plain_tar import Scanner, UnusualTar, plain_samples
 from curation.selection.verified_copy import GroupWriter, Piece
 
 log = logging.getLogger(__name__)
@@ -166,12 +167,9 @@ def _group_keys(g: Group, storage_options: dict | None) -> dict[str, list[str]]:
 
 
 def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
-                refused: list[dict[str, str]]) -> Iterator[tuple[str, str, list[Piece]]]:
-    """(input shard, key, pieces) of every kept sample, each input verified as it is read.
-
-    An input whose bytes are not the ones scored raises once it has been read to its end,
-    before the group commits anything.
-    """
+                refused: list[dict[str, str]], scanner: Scanner) -> Iterator[tuple[str, str, list[Piece]]]:
+    """(input shard, key, pieces) of every kept sample, each input verified as it is read: one whose
+    bytes are not the ones scored raises once read to its end, before the group commits anything."""
     kept = _group_keys(g, storage_options)
     for inp in g.inputs:
         keep = set(kept[inp.shard])
@@ -180,7 +178,7 @@ def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
         src = input_reader(inp, f)
         try:
             try:
-                for key, pieces, why in tar_samples(src):
+                for key, pieces, why in scanner(src):
                     if key not in keep:
                         continue
                     found += 1
@@ -204,19 +202,28 @@ def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
 def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None = None) -> GroupResult:
     """Copy one group's kept samples into new shards (idempotent: a complete group is skipped).
 
-    One pass per input byte: each input is hashed as it is read and checked against the
-    checksum it was scored with; the group's shards become visible only once all its inputs
-    passed. Kept samples with members that must not be written are left out and named.
+    One pass per input byte, hashed as it is read and checked against the checksum it was scored
+    with; the group's shards become visible only once all its inputs passed. Kept samples with
+    members that must not be written are left out and named. Plain members take the fast path
+    (``plain_tar``); a group holding anything else is written again with the full scanner.
     """
     done = _load_done(out, g, storage_options)
     if done is not None:
         return done
+    try:
+        return _write_group(g, out, cfg, storage_options, plain_samples)
+    except UnusualTar as e:
+        log.info("group %s/%s: %s; writing it with the full tar scanner", g.dataset, g.index, e)
+        return _write_group(g, out, cfg, storage_options, tar_samples)
+
+
+def _write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None, scanner: Scanner) -> GroupResult:
     t0 = time.time()
     ds_url = storage.join(out, g.dataset)
     _remove_parts(ds_url, f"{g.dataset}-{g.index:05d}-", storage_options)  # leftovers of an earlier plan
     sizes: dict[str, int] = {}
     refused: list[dict[str, str]] = []
-    samples = _samples_of(g, storage_options, sizes, refused)
+    samples = _samples_of(g, storage_options, sizes, refused, scanner)
     stream = samples
     if cfg.shuffle_seed is not None:
         stream = _shuffled(samples, cfg.shuffle_buffer, random.Random(f"{cfg.shuffle_seed}:{g.dataset}:{g.index}"))
@@ -229,7 +236,7 @@ def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | 
                 copied += 1
         finally:
             stream.close()
-            samples.close()  # stops the input's hashing thread if the loop ended early
+            samples.close()  # closes the input being read if the loop ended early
         if copied + len(refused) != g.expected:
             raise ReshardError(f"group {g.dataset}/{g.index}: copied {copied} and refused {len(refused)} samples, "
                                f"expected {g.expected}")
