@@ -12,10 +12,17 @@ planted), then, each in a fresh process (so peak RSS is the work's own):
   (``blocks: d + 1``, quadratic), as recall of their drops and drops they did not make;
 - ``plan``: the reshard plan streamed from the decisions (kept keys per output group).
 
+``--plan-kept N ...`` also dry-runs the reshard planner on decision tables alone with exactly N
+kept samples each (``scale_store.write_decisions``: no score store, so kept counts past what a
+selection on this machine reaches), in a fresh process per N. Peak RSS is each process's own
+(``VmHWM``).
+
     python benchmarks/bench_scale.py --sizes 100000 300000 1000000 [--recall-at 1000000] [--json out.json]
+    python benchmarks/bench_scale.py --root DIR --keep --sizes --plan-kept 1000000 4000000 16000000
 
 JSON: ``{"sizes": {N: {"select_s", "select_cpu_s", "peak_rss_mb", "near_dedup_candidates_per_row",
-"near_dedup_recall", "plan_s", "plan_peak_rss_mb", ...}}, "exponent_select", "projection_1e9_rows_s"}``.
+"near_dedup_recall", "plan_s", "plan_peak_rss_mb", ...}}, "exponent_select", "projection_1e9_rows_s",
+"plan_dry_run": {"kept": {N: {"plan_s", "plan_cpu_s", "plan_peak_rss_mb", "import_rss_mb"}}, "rss_ratio"}}``.
 """
 
 from __future__ import annotations
