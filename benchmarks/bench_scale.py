@@ -12,10 +12,17 @@ planted), then, each in a fresh process (so peak RSS is the work's own):
   (``blocks: d + 1``, quadratic), as recall of their drops and drops they did not make;
 - ``plan``: the reshard plan streamed from the decisions (kept keys per output group).
 
+``--plan-kept N ...`` also dry-runs the reshard planner on decision tables alone with exactly N
+kept samples each (``scale_store.write_decisions``: no score store, so kept counts past what a
+selection on this machine reaches), in a fresh process per N. Peak RSS is each process's own
+(``VmHWM``).
+
     python benchmarks/bench_scale.py --sizes 100000 300000 1000000 [--recall-at 1000000] [--json out.json]
+    python benchmarks/bench_scale.py --root DIR --keep --sizes --plan-kept 1000000 4000000 16000000
 
 JSON: ``{"sizes": {N: {"select_s", "select_cpu_s", "peak_rss_mb", "near_dedup_candidates_per_row",
-"near_dedup_recall", "plan_s", "plan_peak_rss_mb", ...}}, "exponent_select", "projection_1e9_rows_s"}``.
+"near_dedup_recall", "plan_s", "plan_peak_rss_mb", ...}}, "exponent_select", "projection_1e9_rows_s",
+"plan_dry_run": {"kept": {N: {"plan_s", "plan_cpu_s", "plan_peak_rss_mb", "import_rss_mb"}}, "rss_ratio"}}``.
 """
 
 from __future__ import annotations
@@ -44,9 +51,23 @@ def policy(blocks: int | None = None) -> dict:
                                   {"rule": "top_k", "column": "delta_loss", "fraction": 0.5}]}}
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: ``VmHWM`` of its address space. (``ru_maxrss`` is not: a child
+    started by ``subprocess`` inherits the parent's peak through fork and exec, so a small child
+    reports the bench parent's RSS.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # not Linux: an upper bound
+
+
 def _usage() -> dict:
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return {"peak_rss_mb": round(r.ru_maxrss / 1024, 1), "cpu_s": round(r.ru_utime + r.ru_stime, 2)}
+    return {"peak_rss_mb": peak_rss_mb(), "cpu_s": round(r.ru_utime + r.ru_stime, 2)}
 
 
 def child_select(work: str, out: str, memory_limit: str | None, blocks: int | None) -> dict:
@@ -89,9 +110,32 @@ def child_recall(ours: str, exact: str) -> dict:
 def child_plan(decisions: str) -> dict:
     from curation.selection.curate import plan_from_decisions
 
+    before = _usage()  # the interpreter with the planner's modules (duckdb, pyarrow) imported
     t0 = time.time()
     groups = plan_from_decisions(decisions, max_samples=10_000)
-    return {"plan_s": round(time.time() - t0, 2), **groups, **_usage()}
+    return {"plan_s": round(time.time() - t0, 2), **groups, **_usage(), "import_rss_mb": before["peak_rss_mb"]}
+
+
+def plan_curve(root: str, kept_sizes: list[int]) -> dict:
+    """The reshard planner's dry run on decision tables alone (``scale_store.write_decisions``), each
+    with exactly N kept samples: its time, CPU and peak RSS per N, and the RSS ratio largest/smallest."""
+    from benchmarks.scale_store import write_decisions
+
+    out: dict = {}
+    for k in sorted(kept_sizes):
+        path = os.path.join(root, f"decisions_kept{k}.parquet")
+        if not os.path.exists(path):
+            write_decisions(path + ".tmp", k)
+            os.replace(path + ".tmp", path)
+        p = run_child("plan", path)
+        assert p["kept"] == k, (p["kept"], k)
+        out[k] = {"plan_s": p["plan_s"], "plan_cpu_s": p["cpu_s"], "plan_peak_rss_mb": p["peak_rss_mb"],
+                  "import_rss_mb": p["import_rss_mb"], "plan_groups": p["groups"]}
+        print(f"[kept {k}] reshard plan {p['plan_s']} s, cpu {p['cpu_s']} s, peak RSS {p['peak_rss_mb']} MB "
+              f"({p['import_rss_mb']} MB after imports)", flush=True)
+    rss = [r["plan_peak_rss_mb"] for r in out.values()]
+    return {"kept": out, "rss_ratio": round(max(rss) / min(rss), 3),
+            "exponent_cpu": exponent([(k, r["plan_cpu_s"]) for k, r in out.items()])}
 
 
 def run_child(*args: str) -> dict:
@@ -150,7 +194,7 @@ def one_size(root: str, n: int, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
     ap.add_argument("--per-shard", type=int, default=10_000)
     ap.add_argument("--recall-at", type=int, default=None, help="Size at which to compare with the exact bands")
     ap.add_argument("--memory-limit", default=None, help="DuckDB memory limit for selection (default: its own)")
@@ -158,16 +202,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", action="store_true", help="Keep the stores (reruns reuse them)")
     ap.add_argument("--skip-candidates", action="store_true")
     ap.add_argument("--skip-plan", action="store_true")
+    ap.add_argument("--plan-kept", type=int, nargs="*", default=[],
+                    help="Also dry-run the reshard planner on decision tables alone with these kept counts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     root = args.root or tempfile.mkdtemp(prefix="bench-scale-")
+    planner = plan_curve(root, args.plan_kept) if args.plan_kept else None
     sizes = {n: one_size(root, n, args) for n in sorted(args.sizes)}
-    exp = exponent([(n, r["select_s"]) for n, r in sizes.items()])
-    big = max(sizes)
-    out = {"sizes": sizes, "exponent_select": exp,
-           "exponent_select_cpu": exponent([(n, r["cpu_s"]) for n, r in sizes.items()]),
-           "projection_1e9_rows_s": round(sizes[big]["select_s"] * (1e9 / big) ** exp) if exp else None,
-           "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    out: dict = {"sizes": sizes}
+    if sizes:
+        exp = exponent([(n, r["select_s"]) for n, r in sizes.items()])
+        big = max(sizes)
+        out.update({"exponent_select": exp, "exponent_select_cpu": exponent([(n, r["cpu_s"]) for n, r in sizes.items()]),
+                    "projection_1e9_rows_s": round(sizes[big]["select_s"] * (1e9 / big) ** exp) if exp else None})
+    out.update({"plan_dry_run": planner, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)})
     print(json.dumps({k: v for k, v in out.items() if k != "sizes"}))
     if args.json:
         with open(args.json, "w") as f:

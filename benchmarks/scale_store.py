@@ -126,3 +126,35 @@ def write_store(work: str, rows: int, per_shard: int = 10_000, dataset: str = "c
             os.makedirs(d, exist_ok=True)
             pq.write_table(table, os.path.join(d, f"{i:06d}.parquet"), compression="zstd")
     return shards
+
+
+
+DROP_REASONS = ["top_k:delta_loss", "valid:max_aspect_ratio", "valid:min_caption_words", "threshold:clip_score>=0.2",
+                "valid:min_size", "dedup:sha256", "near_dedup:phash"]  # bench_scale's policy's rules
+SPREAD = 2654435761  # a prime past any row count here: i -> i * SPREAD mod rows is a permutation
+
+
+def write_decisions(path: str, kept: int, kept_fraction: float = 0.331, per_shard: int = 10_000,
+                    dataset: str = "coyo") -> int:
+    """A decision table alone (no shards, no scores) with exactly ``kept`` kept samples, as
+    ``curate select`` writes one: columns dataset, shard, key, kind, dropped_by, sorted by dataset,
+    shard, key, zstd, 122880-row row groups. About ``kept_fraction`` of the rows are kept (1M rows of
+    bench_scale's store keep 0.331), spread over the shards; the others are dropped by one of
+    bench_scale's rules. For a dry run of the reshard planner at kept counts past what a selection
+    on this machine reaches. Returns the rows written."""
+    import duckdb
+
+    rows = int(round(kept / kept_fraction))
+    reasons = "[" + ", ".join(f"'{r}'" for r in DROP_REASONS) + "]"
+    shard = f"lpad((i // {per_shard})::VARCHAR, 6, '0')"
+    con = duckdb.connect(config={"memory_limit": "1GB", "preserve_insertion_order": True})
+    con.execute("SET enable_progress_bar = false")
+    con.execute(f"""COPY (
+        SELECT '{dataset}' AS dataset, {shard} AS shard,
+               {shard} || '_' || lpad((i % {per_shard})::VARCHAR, 5, '0') AS key, 'pair' AS kind,
+               CASE WHEN (i * {SPREAD}) % {rows} < {kept} THEN NULL
+                    ELSE {reasons}[1 + (hash(i) % {len(DROP_REASONS)})::INT] END AS dropped_by
+        FROM range({rows}) t(i) ORDER BY i
+    ) TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)""")
+    con.close()
+    return rows

@@ -215,3 +215,48 @@ def test_catalog_indexes_score_files_and_reads_only_changed_footers(tmp_path, mo
     assert t.column("curation.config_hash").to_pylist()[2] == "new"
     os.unlink(f)
     assert catalog.refresh(folder).num_rows == 2  # a removed file leaves the catalog
+
+
+# --------------------------------------------------------------------------- reshard planning
+
+
+@pytest.mark.parametrize("part_hashes", [1 << 20, 2])  # one partition of hashes; several (as past 1M rows)
+def test_reshard_planner_counts_kept_per_shard_and_refuses_a_key_kept_twice(tmp_path, monkeypatch, part_hashes):
+    """The planner reads counts, not keys: each input knows how many of its samples are kept; a key
+    kept in two shards of one dataset is refused before anything is written (dropped in one: fine;
+    in another dataset: fine)."""
+    from curation.selection import kept
+    from curation.selection.curate import reshard_inputs
+    from curation.selection.reshard import ReshardError
+
+    monkeypatch.setattr(kept, "PART_HASHES", part_hashes)
+
+    def table(rows):
+        path = str(tmp_path / f"d{len(os.listdir(tmp_path))}.parquet")
+        cols = list(zip(*rows))
+        pq.write_table(pa.table({"dataset": cols[0], "shard": cols[1], "key": cols[2], "kind": ["pair"] * len(rows),
+                                 "dropped_by": pa.array(cols[3], pa.string())}), path)
+        return path
+
+    shards = {(ds, s): {"url": f"/in/{ds}/{s}.tar", "checksum": "x"} for ds in ("a", "b") for s in ("0", "1")}
+    ok = [("a", "0", "k1", None), ("a", "0", "k2", "dedup:sha256"), ("a", "1", "k2", None), ("a", "1", "k3", None),
+          ("b", "0", "k1", None), ("b", "1", "k9", "valid:min_size")]
+    inputs = {(i.dataset, i.shard): i.n_kept for i in reshard_inputs(table(ok), shards)}
+    assert inputs == {("a", "0"): 1, ("a", "1"): 2, ("b", "0"): 1, ("b", "1"): 0}
+    twice = ok + [("b", "1", "k1", None)]
+    with pytest.raises(ReshardError, match=r"more than one shard.*\('b', 'k1'\)"):
+        reshard_inputs(table(twice), shards)
+
+
+def test_planner_counts_two_shards_apart_when_their_hashes_collide():
+    """Shards are found as runs of equal hash(dataset, shard) in the streamed batches; a run whose
+    first and last rows name different shards (a collision) is counted row by row, exactly."""
+    from curation.selection.kept import _add_counts
+
+    prefix = [5 << 4, 7 << 4, 11 << 4]  # md5_number_upper as DuckDB gives it: byte-swapped, then >> 4
+    batch = pa.record_batch({"dataset": ["a", "a", "a"], "shard": ["0", "0", "1"],
+                             "m": pa.array([np.uint64(p).byteswap() for p in prefix], pa.uint64()),
+                             "g": pa.array([9, 9, 9], pa.uint64())})
+    sums: dict = {}
+    _add_counts(sums, batch)
+    assert sums == {("a", "0"): [2, 12], ("a", "1"): [1, 11]}

@@ -38,16 +38,19 @@ def reshard_inputs(decisions: str, shards: dict[tuple[str, str], dict[str, Any]]
                    storage_options: dict | None = None) -> list[InputShard]:
     """The reshard's inputs, each knowing how many of its samples are kept; its group reads the
     keys from ``decisions`` when it runs (no list of every kept key is ever held)."""
-    from curation.selection.kept import duplicate_kept, kept_per_shard
+    from curation.selection.kept import scan_kept
 
-    per_shard = kept_per_shard(decisions, storage_options)
+    return _inputs(scan_kept(decisions, storage_options), decisions, shards)
+
+
+def _inputs(scan: Any, decisions: str, shards: dict[tuple[str, str], dict[str, Any]]) -> list[InputShard]:
+    per_shard = scan.per_shard
     missing = sorted(k for k, (n, _) in per_shard.items() if n and k not in shards)
     if missing:
         raise ReshardError(f"scores without recorded input shards: {missing[:5]}")
-    dup = duplicate_kept(decisions, storage_options)
-    if dup:
+    if scan.duplicates:
         raise ReshardError(f"the same key is kept in more than one shard of a dataset, which would give a curated "
-                           f"shard two samples with one key: {dup}")
+                           f"shard two samples with one key: {scan.duplicates}")
     return [InputShard(ds, shard, rec["url"], rec["checksum"], kept_count=per_shard.get((ds, shard), (0, ""))[0],
                        kept_hash=per_shard.get((ds, shard), (0, ""))[1], decisions=decisions)
             for (ds, shard), rec in sorted(shards.items())]
@@ -56,12 +59,12 @@ def reshard_inputs(decisions: str, shards: dict[tuple[str, str], dict[str, Any]]
 def plan_from_decisions(decisions: str, max_samples: int = 1000, storage_options: dict | None = None) -> dict[str, int]:
     """A dry run of the reshard planner on a decision table alone (``benchmarks/bench_scale.py``):
     its groups and kept samples, with what ``reshard`` holds while planning."""
-    from curation.selection.kept import kept_per_shard
+    from curation.selection.kept import scan_kept
     from curation.selection.reshard import plan_groups
 
-    per_shard = kept_per_shard(decisions, storage_options)
-    shards = {k: {"url": f"{k[0]}/{k[1]}.tar", "checksum": ""} for k in per_shard}
-    groups = plan_groups(reshard_inputs(decisions, shards, storage_options), ReshardConfig(max_samples=max_samples))
+    scan = scan_kept(decisions, storage_options)
+    shards = {k: {"url": f"{k[0]}/{k[1]}.tar", "checksum": ""} for k in scan.per_shard}
+    groups = plan_groups(_inputs(scan, decisions, shards), ReshardConfig(max_samples=max_samples))
     return {"groups": len(groups), "kept": sum(g.expected for g in groups)}
 
 
