@@ -64,12 +64,12 @@ def table_masks(rows: int, max_distance: int, blocks: int | None = None) -> list
     return [sum(c) for c in combinations(masks, b - max_distance)]
 
 
-def _pairs(alive: str, mask: int, max_distance: int | None, same_dataset: bool) -> str:
-    """One table's candidate pairs (``a._rank < b._rank``), checked for distance unless it is None."""
+def _pairs(alive: str, mask: int, max_distance: int | None, same_dataset: bool, ident: str = "_rid") -> str:
+    """One table's candidate pairs (``a.<ident> < b.<ident>``), checked for distance unless it is None."""
     same = " AND a.dataset = b.dataset" if same_dataset else ""
     check = f" WHERE bit_count(xor(a._h, b._h)) <= {max_distance}" if max_distance is not None else ""
-    return (f"SELECT a._rank AS src, b._rank AS dst FROM {alive} a JOIN {alive} b ON (a._h & {mask}::UBIGINT) = "
-            f"(b._h & {mask}::UBIGINT){same} AND a._rank < b._rank{check}")
+    return (f"SELECT a.{ident} AS src, b.{ident} AS dst FROM {alive} a JOIN {alive} b ON (a._h & {mask}::UBIGINT) = "
+            f"(b._h & {mask}::UBIGINT){same} AND a.{ident} < b.{ident}{check}")
 
 
 def near_dedup_steps(chain: Any, column: str, max_distance: int, order: str, label_sql: str, global_scope: bool,
@@ -82,18 +82,22 @@ def near_dedup_steps(chain: Any, column: str, max_distance: int, order: str, lab
     and each table's join is its own helper, so one table's hash table is in memory at a time."""
     src = chain.source()
     same = not global_scope and chain.dataset is None
-    alive = chain.helper(f"SELECT _rid, {'dataset, ' if same else ''}('0x' || {q(column)})::UBIGINT AS _h, "
-                         f"row_number() OVER (ORDER BY {order}) AS _rank FROM {src} "
+    alive = chain.helper(f"SELECT _rid, {'dataset, ' if same else ''}('0x' || {q(column)})::UBIGINT AS _h FROM {src} "
                          f"WHERE dropped_by IS NULL AND {q(column)} IS NOT NULL")
     found = [chain.helper(_pairs(alive, m, max_distance, same)) for m in table_masks(chain.rows, max_distance, blocks)]
     edges = chain.helper("SELECT DISTINCT src, dst FROM (" + " UNION ALL ".join(f"SELECT * FROM {f}" for f in found) + ")")
+    # only samples with a near duplicate are ranked by the preference order: a sort of the few, not of the pool
+    ranked = chain.helper(f"SELECT _rid, row_number() OVER (ORDER BY {order}) AS _rank FROM {src} "
+                          f"WHERE _rid IN (SELECT src FROM {edges} UNION SELECT dst FROM {edges})")
+    ranks = chain.helper(f"SELECT a._rank AS src, b._rank AS dst FROM {edges} e JOIN {ranked} a ON e.src = a._rid "
+                         f"JOIN {ranked} b ON e.dst = b._rid")
     # every node starts as its own group; a group label is lowered to the smallest rank it touches
     groups = chain.helper(
-        f"WITH RECURSIVE _e AS (SELECT src, dst FROM {edges} UNION ALL SELECT dst, src FROM {edges}), "
+        f"WITH RECURSIVE _e AS (SELECT src, dst FROM {ranks} UNION ALL SELECT dst, src FROM {ranks}), "
         f"_g(node, grp) USING KEY (node) AS (SELECT src, src FROM _e GROUP BY src UNION SELECT e.dst, min(w.grp) "
         f"FROM _g w JOIN _e e ON w.node = e.src JOIN recurring._g r ON r.node = e.dst GROUP BY e.dst "
         f"HAVING min(w.grp) < min(r.grp)) "
-        f"SELECT a._rid FROM {alive} a JOIN _g g ON a._rank = g.node WHERE g.grp < a._rank")
+        f"SELECT a._rid FROM {ranked} a JOIN _g g ON a._rank = g.node WHERE g.grp < a._rank")
     src = chain.source()
     chain.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {label_sql} "
               f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {groups} n ON p._rid = n._rid")
@@ -103,4 +107,4 @@ def candidate_pairs_sql(alive: str, rows: int, max_distance: int, blocks: int | 
     """A query counting the candidate pairs the tables produce over ``alive(dataset, _h, _rank)``
     (before the distance check; a pair found by two tables counts twice): the work near_dedup does."""
     masks = table_masks(rows, max_distance, blocks)
-    return "SELECT count(*) FROM (" + " UNION ALL ".join(_pairs(alive, m, None, True) for m in masks) + ")"
+    return "SELECT count(*) FROM (" + " UNION ALL ".join(_pairs(alive, m, None, True, "_rank") for m in masks) + ")"
