@@ -54,7 +54,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     steps = {s["stage"]: s["steps"] for s in report["training"]["stages"]}
     assert [(s["stage"], s["steps"]) for s in un["training"]["stages"]] == [(st, steps[st]) for st in list(steps)[:4]]
     assert un["caption_eval"]["images"] == ev["images"] and sum(un["samples"].values()) > sum(report["curated_samples"].values())
-    assert set(report["timings"]) >= {"synthesize", "score", "train_curated", "train_uncurated", "total"}
+    assert set(report["timings"]) >= {"synthesize", "score", "train_curated_and_uncurated", "eval", "total"}
     assert all(t["cpu_s"] >= 0 and t["wall_s"] >= 0 for t in report["timings"].values())
     html = (tmp_path / "demo" / "demo_report.html").read_text()
     assert "Caption accuracy" in html and "What curation buys" in html and "<style>" in html

@@ -25,7 +25,8 @@ from model.examples import interleave
 from training_hooks.data import DataSplit, mix, stage_sources, stream_samples
 from training_hooks.kickoff import TrainingInputError, train_from_manifest
 from training_hooks.recipe import TrainRecipeError
-from training_hooks.trainer import run_stage, run_stage_on_ray
+from training_hooks.ray_train import run_stage_on_ray
+from training_hooks.trainer import run_stage
 
 POLICY = {
     "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 1}],
