@@ -214,7 +214,8 @@ def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dic
     result: dict[str, Any] = {"stage": plan.name, "steps": st.total_steps, "epochs": plan.epochs if not plan.steps else None,
                               "resumed_from": start_step, "world_size": world_size, "device": str(st.device),
                               "trainable_params": st.trainable, "fp8": st.fp8_summary, "skipped_samples": dict(skipped),
-                              "mixture_counts": dict(mixed_counts), "seconds": round(time.time() - t_stage, 2)}
+                              "mixture_counts": dict(mixed_counts), "seconds": round(time.time() - t_stage, 2),
+                              "pid": os.getpid()}
     if rank == 0:
         _finish(st.core, st.tok, st.manifest, plan, seed, stage_dir, metrics, result, ctx)
     return result
