@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import yaml
 from prefect import flow, get_run_logger
 
+from flows.caching import fresh_unless, train_output_present
 from flows.tasks import (
     curation_report,
     run_curate,
@@ -29,11 +30,15 @@ from flows.tasks import (
     synthesize_task,
     train_filter_task,
     train_proxies_task,
+    train_task,
     training_report,
 )
 
 DEMO_TRAIN_RECIPE = os.path.join(os.path.dirname(__file__), "recipes", "demo_train.yaml")
 HELDOUT_IMAGES = 200  # fresh clean pairs the caption accuracy is measured on
+# torch threads of the flow's process and of the Ray Train worker (flows/recipes/demo_train.yaml):
+# its small models train faster as single-threaded jobs side by side (flows/child.py)
+DEMO_TORCH_THREADS = 1
 CACHE_KEY = "demo_cache_key.json"  # in each part reused across runs: the seed and size it was built for
 
 
@@ -68,7 +73,8 @@ def _pretrained_init(out: str, manifest: Any, seed: int, size: str) -> tuple[str
     if not _cached(init, REPORT, key):
         n_pairs, steps = d.vision_pretrain_for(size)
         fresh_pairs = not _cached(pairs, "ground_truth.parquet", key)  # (synthesized by init_pretrained_model)
-        init_pretrained_model(manifest, init, pairs, pairs=n_pairs, steps=steps, seed=seed, pairs_seed=seed + 4000, info=print)
+        init_pretrained_model(manifest, init, pairs, pairs=n_pairs, steps=steps, seed=seed, pairs_seed=seed + 4000, info=print,
+                              workers=min(2, os.cpu_count() or 1))
         if fresh_pairs:
             _stamp(pairs, key)
         _stamp(init, key)
@@ -88,11 +94,11 @@ def _heldout(out: str, seed: int, size: str) -> str:
     return os.path.join(heldout, "heldout_pairs")
 
 
-def _train(out: str, manifest_path: str, init: str, seed: int, name: str,
-           steps: dict[str, int] | None = None, on_ray: bool = True) -> dict[str, Any]:
-    """The demo's NVILA trained from ``manifest_path`` (flows/recipes/demo_train.yaml; budgets in
-    epochs over the curated mixture; or with ``steps``: those stages only, each that many steps,
-    without Ray). ``on_ray=False`` trains every stage in this process, as the baseline does."""
+def _train_recipe(out: str, init: str, seed: int, name: str, steps: dict[str, int] | None = None,
+                  on_ray: bool = True) -> str:
+    """The demo's training recipe for one arm (flows/recipes/demo_train.yaml; budgets in epochs over
+    the curated mixture; or with ``steps``: those stages only, each that many steps, without Ray),
+    written to ``<out>/<name>.yaml``. ``on_ray=False`` trains every stage in this process."""
     with open(DEMO_TRAIN_RECIPE) as f:
         recipe = dict(yaml.safe_load(f), init=init, output=name, seed=seed)
     if not on_ray:
@@ -100,15 +106,24 @@ def _train(out: str, manifest_path: str, init: str, seed: int, name: str,
     if steps is not None:
         recipe["stages"] = {st: {**{k: v for k, v in cfg.items() if k != "epochs"}, "steps": steps[st]}
                             for st, cfg in recipe["stages"].items() if st in steps}
-        # the baseline trains in this process: the same arithmetic on the same cores as the one Ray
-        # Train worker, without a worker group started per stage
+        # the baseline trains in this process, beside the curated run's Ray Train worker: the same
+        # arithmetic on one torch thread, as that worker
         recipe["ray"] = {"enabled": False}
     path = os.path.join(out, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f, sort_keys=False)
-    training = run_train(manifest_path, path)
-    training_report(training)
-    return training
+    return path
+
+
+def _curated_steps(manifest_path: str, recipe_path: str) -> dict[str, int]:
+    """The optimizer steps each stage of the curated run will take (its epochs over the manifest),
+    known before it trains, so the uncurated arm can train beside it."""
+    from curation.selection.manifest import load_manifest
+    from training_hooks.kickoff import stage_steps
+    from training_hooks.recipe import load_train_recipe, plan_stages
+
+    m, recipe = load_manifest(manifest_path), load_train_recipe(recipe_path)
+    return {p.name: stage_steps(m, p, recipe.ray) for p in plan_stages(recipe, m)[0]}
 
 
 def _evaluate(training: dict[str, Any], heldout: str, out_dir: str) -> dict[str, Any]:
@@ -131,25 +146,31 @@ def _uncurated(out: str, seed: int) -> dict[str, Any]:
 
 def _train_both(out: str, curated: dict[str, Any], seed: int, size: str, timings: dict[str, Any],
                 on_ray: bool = True) -> dict[str, Any]:
-    """The curated NVILA through its five stages, evaluated; then the same NVILA on the uncurated
-    corpus with the same steps per stage up to image_sft, evaluated on the same held-out images."""
+    """The curated NVILA through its five stages; beside it (on Ray Train, the curated run is a
+    worker process of its own) the same NVILA on the uncurated corpus with the same steps per
+    stage up to image_sft; then both image_sft checkpoints captioning the same held-out images."""
     from curation.selection.manifest import load_manifest
 
     with _timed(timings, "vision_pretrain"):
         init, vision = _pretrained_init(out, load_manifest(curated["manifest"]), seed, size)
         heldout = _heldout(out, seed, size)
-    with _timed(timings, "train_curated"):
-        training = _train(out, curated["manifest"], init, seed, "train", on_ray=on_ray)
-    with _timed(timings, "eval_curated"):
-        evaluation = _evaluate(training, heldout, os.path.join(out, "eval"))
-    with _timed(timings, "reshard_uncurated"):
-        uncurated = _uncurated(out, seed)
-    steps = {s["stage"]: s["steps"] for s in training["stages"]}
+    recipe = _train_recipe(out, init, seed, "train", on_ray=on_ray)
+    steps = _curated_steps(curated["manifest"], recipe)
     order = list(steps)
-    steps = {st: steps[st] for st in (order[: order.index("image_sft") + 1] if "image_sft" in order else order)}
-    with _timed(timings, "train_uncurated"):
-        training_u = _train(out, uncurated["manifest"], init, seed, "train-uncurated", steps)
-    with _timed(timings, "eval_uncurated"):
+    upto = order[: order.index("image_sft") + 1] if "image_sft" in order else order
+    with _timed(timings, "train_curated_and_uncurated"):
+        run = (fresh_unless(train_task, train_output_present(recipe)).submit(curated["manifest"], recipe) if on_ray
+               else run_train(curated["manifest"], recipe))
+        uncurated = _uncurated(out, seed)
+        training_u = run_train(uncurated["manifest"], _train_recipe(out, init, seed, "train-uncurated",
+                                                                    {st: steps[st] for st in upto}))
+        training = run.result() if on_ray else run
+    if {s["stage"]: s["steps"] for s in training["stages"]} != steps:
+        raise RuntimeError(f"the curated run took other steps than planned: {training['stages']} vs {steps}")
+    training_report(training)
+    training_report(training_u, key="training-report-uncurated")
+    with _timed(timings, "eval"):
+        evaluation = _evaluate(training, heldout, os.path.join(out, "eval"))
         evaluation_u = _evaluate(training_u, heldout, os.path.join(out, "eval-uncurated"))
     training["vision_pretrain"] = vision
     return {"training": training, "caption_eval": evaluation,
@@ -241,11 +262,24 @@ def _report(out: str, report: dict[str, Any], manifest: Any, curated: dict[str, 
 @flow(name="demo", log_prints=True)
 def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True,
               ray_train: bool = True) -> dict[str, Any]:
+    import torch
+
     from curation.corpus.synth import SynthConfig
-    from curation.selection.manifest import load_manifest
-    from flows import demo_parts as d
+
     log = get_run_logger()
     SynthConfig.preset(size)  # a bad size fails the run now, naming it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_TORCH_THREADS)
+    try:
+        return _demo(out, size, seed, train, ray_train, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(out: str, size: str, seed: int, train: bool, ray_train: bool, log: Any) -> dict[str, Any]:
+    from curation.selection.manifest import load_manifest
+    from flows import demo_parts as d
+
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     filter_steps, proxy_steps = d.steps_for(size)
@@ -254,9 +288,11 @@ def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, tr
     with _timed(timings, "synthesize"):
         corpus, check = _synthesize(out, size, seed, log)
     with _timed(timings, "train_filter_and_proxies"):
+        # side by side, one torch thread each: the filter in a child process, the proxies here
         trusted = os.path.join(out, "trusted", "trusted_pairs")
-        filt = train_filter_task(trusted, os.path.join(out, "models", "dfn-filter"), filter_steps, seed)
+        filt_run = train_filter_task.submit(trusted, os.path.join(out, "models", "dfn-filter"), filter_steps, seed)
         proxies = train_proxies_task(trusted, os.path.join(out, "models", "proxies"), proxy_steps, seed)
+        filt = filt_run.result()
     with _timed(timings, "score"):
         scores = _score(out, size, seed, filt["dir"], proxies)
     with _timed(timings, "curate"):

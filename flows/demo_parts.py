@@ -99,6 +99,15 @@ def vision_pretrain_for(size: str) -> tuple[int, int]:
     return VISION_PRETRAIN.get(size, VISION_PRETRAIN["small"])
 
 
+def train_filter(trusted: str, out: str, steps: int, seed: int, info: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo's DFN filter on the trusted pairs (``flows.tasks.train_filter_task`` runs it in a child process)."""
+    from curation.scoring.dfn import FilterTrainConfig, train_filter as train
+
+    r = train(trusted, out, FilterTrainConfig(steps=steps, batch_size=64, warmup=10, seed=seed, shuffle_buffer=512),
+              progress=lambda s, loss: info(f"DFN step {s} loss {loss:.3f}") if s % 25 == 0 else None)
+    return {"dir": out, "steps": r.steps, "final_loss": r.final_loss}
+
+
 def score_recipe(cfg_datasets: list[Any], filter_dir: str, proxies: dict[str, str]) -> dict[str, Any]:
     return {
         "work": "work",

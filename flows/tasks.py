@@ -42,12 +42,12 @@ def synthesize_task(out: str, size: str = "small", seed: int = 0, noise_scale: f
 
 @task(name="train-dfn-filter", retries=1)
 def train_filter_task(trusted: str, out: str, steps: int = 150, seed: int = 0) -> dict[str, Any]:
-    from curation.scoring.dfn import FilterTrainConfig, train_filter
+    """The DFN filter, trained in a child process on one torch thread (``flows.child``), so the
+    flow can train the DeltaLoss proxies beside it (``train_filter_task.submit``)."""
+    from flows.child import Child
 
     log = get_run_logger()
-    r = train_filter(trusted, out, FilterTrainConfig(steps=steps, batch_size=64, warmup=10, seed=seed, shuffle_buffer=512),
-                     progress=lambda s, loss: log.info("DFN step %d loss %.3f", s, loss) if s % 25 == 0 else None)
-    return {"dir": out, "steps": r.steps, "final_loss": r.final_loss}
+    return Child("flows.demo_parts:train_filter", threads=1, trusted=trusted, out=out, steps=steps, seed=seed).result(log.info)
 
 
 @task(name="train-deltaloss-proxies", retries=1)

@@ -38,6 +38,17 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (prefect_test_harness: a real API server on loopback over a
+    temporary SQLite database) for every flow test of the session; starting one costs ~20 s.
+    Flows run in this process report to it; deployment and flow-run names keep tests apart."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """Start ``moto_server`` on 127.0.0.1 and point every S3 client at it.
 

@@ -14,14 +14,12 @@ from curation.app.cli import app
 
 def test_demo_end_to_end_tiny(tmp_path):
     """The README's first command, at the smallest size, as a new user runs it: a fresh HOME (no
-    ~/.prefect), no Prefect variables, so the flow runs on Prefect's temporary local server. It trains
-    in-process (``--no-ray-train``): Ray Train's worker group per stage costs ~90 s here and is
-    covered by tests/test_training.py's five stages on Ray."""
+    ~/.prefect), no Prefect variables, so the flow runs on Prefect's temporary local server. The
+    curated NVILA trains on one Ray Train worker group beside the uncurated arm, as by default."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["HOME"] = str(tmp_path / "home")
     os.makedirs(env["HOME"])
-    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "demo", "--out", str(tmp_path / "demo"), "--size", "tiny",
-                        "--no-ray-train"],
+    r = subprocess.run([sys.executable, "-m", "curation.app.cli", "demo", "--out", str(tmp_path / "demo"), "--size", "tiny"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=env["HOME"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # the run's Prefect database is its own, migrated before the server started, and nothing locked
@@ -44,6 +42,9 @@ def test_demo_end_to_end_tiny(tmp_path):
     # the tiny NVILA trained through the five stages from that manifest
     assert [s["stage"] for s in report["training"]["stages"]] == ["align", "vision_pretrain", "pretrain", "image_sft", "video_sft"]
     assert report["training"]["manifest_id"] == m.id
+    # one Ray Train worker process trained the five stages, beside the uncurated arm in the flow's process
+    assert len({s["pid"] for s in report["training"]["stages"]}) == 1
+    assert report["training"]["stages"][0]["pid"] != report["uncurated"]["training"]["stages"][0]["pid"]
     assert all(s["epochs"] and s["steps"] >= 1 for s in report["training"]["stages"])  # budgets in epochs
     # curate eval of the image_sft checkpoint on fresh clean images: accuracy and a gallery
     ev = report["caption_eval"]
@@ -54,7 +55,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     steps = {s["stage"]: s["steps"] for s in report["training"]["stages"]}
     assert [(s["stage"], s["steps"]) for s in un["training"]["stages"]] == [(st, steps[st]) for st in list(steps)[:4]]
     assert un["caption_eval"]["images"] == ev["images"] and sum(un["samples"].values()) > sum(report["curated_samples"].values())
-    assert set(report["timings"]) >= {"synthesize", "score", "train_curated", "train_uncurated", "total"}
+    assert set(report["timings"]) >= {"synthesize", "score", "train_curated_and_uncurated", "eval", "total"}
     assert all(t["cpu_s"] >= 0 and t["wall_s"] >= 0 for t in report["timings"].values())
     html = (tmp_path / "demo" / "demo_report.html").read_text()
     assert "Caption accuracy" in html and "What curation buys" in html and "<style>" in html

@@ -2,7 +2,8 @@
 
 The flow runs are created from a deployment on a Prefect test server (``run_deployment``) and
 executed by Prefect's flow engine in this process (``run_flow``, what a worker's subprocess runs),
-so their states and logs are the server's; the store is moto's server behind the fault proxy."""
+so their states and logs are the server's (the session's test server, conftest ``prefect_server``);
+the store is moto's server behind the fault proxy."""
 
 from __future__ import annotations
 
@@ -19,11 +20,8 @@ pytestmark = pytest.mark.s3
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def harness(prefect_server):
+    yield
     import ray
 
     ray.shutdown()  # its workers were started pointing at this module's proxy

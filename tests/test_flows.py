@@ -20,11 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def harness(prefect_server):
+    """The session's Prefect test server (conftest), shared with tests/test_flow_faults.py."""
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from model.examples import interleave
 from training_hooks.data import DataSplit, mix, stage_sources, stream_samples
 from training_hooks.kickoff import TrainingInputError, train_from_manifest
 from training_hooks.recipe import TrainRecipeError
-from training_hooks.trainer import run_stage, run_stage_on_ray
+from training_hooks.ray_train import run_stage_on_ray
+from training_hooks.trainer import run_stage
 
 POLICY = {
     "defaults": [{"rule": "valid", "min_size": 24, "max_aspect_ratio": 4, "min_caption_words": 1}],
@@ -71,6 +72,8 @@ def _group(name: str) -> str:
 
 
 def test_five_stages_on_ray_train_each_changing_only_its_modules(setup, tmp_path):
+    """`curate train` on Ray Train: the plan, then the five stages in one worker group, each from the
+    previous one's final checkpoint and each changing only the modules it trains."""
     out = tmp_path / "run"
     recipe = _recipe(setup, out, ray={"enabled": True, "num_workers": 1})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -79,6 +82,12 @@ def test_five_stages_on_ray_train_each_changing_only_its_modules(setup, tmp_path
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "align" in r.stdout and "trains projector" in r.stdout  # the plan is printed first
     report = json.loads((out / "training_report.json").read_text())
+    # one Ray Train worker group (one run, one worker process) trained the five stages in order,
+    # and each stage's progress was reported as it finished
+    assert [p.name for p in (out / "ray_results").iterdir()] == ["nvila-align-vision_pretrain-pretrain-image_sft-video_sft"]
+    assert len({s["pid"] for s in report["stages"]}) == 1 and all(s["world_size"] == 1 for s in report["stages"])
+    done = [r.stdout.index(f"stage {st}: 4 steps, loss") for st in ("align", "vision_pretrain", "pretrain", "image_sft", "video_sft")]
+    assert done == sorted(done)
     assert report["manifest_id"] == setup["manifest"].id
     assert [s["stage"] for s in report["stages"]] == ["align", "vision_pretrain", "pretrain", "image_sft", "video_sft"]
     expected = {"align": {"projector"}, "vision_pretrain": {"vision_tower", "projector"}, "pretrain": {"projector", "llm"},

@@ -123,10 +123,12 @@ def init_tiny_model(manifest: Any, out_dir: str, size: str | dict[str, Any] = "t
 def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs: int, steps: int, seed: int = 0,
                           pairs_seed: int = 0, objective: str = "words", size: str | dict[str, Any] = "demo",
                           image_mode: str = "dynamic_s2",
-                          prompts: tuple[str, ...] = PROMPTS, info: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                          prompts: tuple[str, ...] = PROMPTS, info: Callable[[str], None] = lambda s: None,
+                          workers: int = 1) -> dict[str, Any]:
     """``init_tiny_model``, then its vision tower pretrained (``vision_pretrain``, ``objective``) on
     ``pairs`` clean synthetic pairs, written to ``pairs_dir`` (seed ``pairs_seed``) unless already
-    there: the stand-in for the pretrained SigLIP NVILA starts from. Returns the pretraining report."""
+    there (by ``workers`` processes): the stand-in for the pretrained SigLIP NVILA starts from.
+    Returns the pretraining report."""
     import os
 
     from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
@@ -134,6 +136,7 @@ def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs:
 
     init_tiny_model(manifest, out_dir, size=size, seed=seed, image_mode=image_mode, prompts=prompts)
     if not os.path.isfile(os.path.join(pairs_dir, "ground_truth.parquet")):
-        synthesize(pairs_dir, SynthConfig(seed=pairs_seed, datasets=[DatasetSpec("pretrain_pairs", "pair", pairs, {}, 1000)]))
+        synthesize(pairs_dir, SynthConfig(seed=pairs_seed, datasets=[DatasetSpec("pretrain_pairs", "pair", pairs, {}, 1000)]),
+                   workers=workers)
     return pretrain_vision(out_dir, os.path.join(pairs_dir, "pretrain_pairs"), objective=objective, steps=steps,
                            batch_size=min(128, pairs // 4), seed=seed, info=info)

@@ -96,6 +96,55 @@ def stage_steps(m: Manifest, st: StagePlan, ray: Any) -> int:
     return stage_total_steps(st, m, sources, ray.num_workers if ray.enabled else 1)
 
 
+def _stage_config(manifest_path: str, recipe: TrainRecipe, st: StagePlan, init_dir: str) -> dict[str, Any]:
+    return {"plan": st.model_dump(), "stage_dir": os.path.join(recipe.output, st.name), "init_dir": init_dir,
+            "manifest": manifest_path if storage.is_remote(manifest_path) else os.path.abspath(manifest_path),
+            "seed": recipe.seed, "precision": recipe.precision, "fp8": recipe.fp8.model_dump(), "prompts": recipe.prompts,
+            "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu,
+            "threads": recipe.ray.cpus_per_worker if recipe.ray.enabled else None}
+
+
+def _run_stages(manifest_path: str, recipe: TrainRecipe, stages: list[StagePlan],
+                info: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every stage's result, in order: a stage already complete is read back; the others train,
+    each from the previous stage's ``final/`` (a stage's ``final/`` is ``<output>/<stage>/final``),
+    on Ray Train (one worker group for all of them) or in this process."""
+    from training_hooks.trainer import run_stage
+
+    done: dict[str, dict[str, Any]] = {}
+    todo, prev = [], recipe.init
+    for st in stages:
+        stage_dir = os.path.join(recipe.output, st.name)
+        if os.path.isfile(os.path.join(stage_dir, "metrics.json")) and os.path.isfile(os.path.join(stage_dir, "final", "config.json")):
+            with open(os.path.join(stage_dir, "metrics.json")) as f:
+                done[st.name] = json.load(f)
+            info(f"stage {st.name}: already complete, {done[st.name]['steps']} steps (delete {stage_dir} to retrain)")
+        else:
+            todo.append(_stage_config(manifest_path, recipe, st, prev))
+        prev = os.path.join(stage_dir, "final")
+
+    def started(cfg: dict[str, Any]) -> None:
+        info(f"stage {cfg['plan']['name']}: training from {cfg['init_dir']}")
+
+    def finished(res: dict[str, Any]) -> None:
+        info(f"stage {res['stage']}: {res['steps']} steps, loss {res['metrics'][0]['loss']:.3f} -> "
+             f"{res['metrics'][-1]['loss']:.3f}, held-out {res['heldout_loss']}, skipped samples {res['skipped_samples']}")
+
+    if todo and recipe.ray.enabled:
+        from training_hooks.ray_train import run_stages_on_ray
+
+        trained = run_stages_on_ray(todo, recipe.ray.num_workers, recipe.ray.use_gpu, recipe.ray.address,
+                                    started=started, done=finished)
+    else:
+        trained = []
+        for cfg in todo:
+            started(cfg)
+            trained.append(run_stage(cfg))
+            finished(trained[-1])
+    done.update({res["stage"]: res for res in trained})
+    return [done[st.name] for st in stages]
+
+
 def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Callable[[str], None] = print) -> dict[str, Any]:
     """Validate, print the plan, run every stage in order (each from the previous one's final
     checkpoint), and write ``<output>/training_report.json`` naming the manifest id."""
@@ -112,33 +161,11 @@ def train_from_manifest(manifest_path: str, recipe_src: str | dict, *, info: Cal
     check_fits(m, stages, recipe.init)
     info(describe_plan(m, stages, skipped, recipe))
     os.makedirs(recipe.output, exist_ok=True)
-    from training_hooks.trainer import plot_losses, run_stage, run_stage_on_ray
+    from training_hooks.trainer import plot_losses
 
-    prev = recipe.init
-    results = []
     t0 = time.time()
-    for st in stages:
-        stage_dir = os.path.join(recipe.output, st.name)
-        done = os.path.join(stage_dir, "metrics.json")
-        if os.path.isfile(done) and os.path.isfile(os.path.join(stage_dir, "final", "config.json")):
-            with open(done) as f:
-                res = json.load(f)
-            info(f"stage {st.name}: already complete, {res['steps']} steps (delete {stage_dir} to retrain)")
-        else:
-            cfg = {"plan": st.model_dump(), "stage_dir": stage_dir, "init_dir": prev, "manifest": os.path.abspath(manifest_path)
-                   if not storage.is_remote(manifest_path) else manifest_path, "seed": recipe.seed, "precision": recipe.precision,
-                   "fp8": recipe.fp8.model_dump(), "prompts": recipe.prompts,
-                   "video_prompts": recipe.video_prompts, "use_gpu": recipe.ray.use_gpu,
-                   "threads": recipe.ray.cpus_per_worker if recipe.ray.enabled else None}
-            info(f"stage {st.name}: training from {prev}")
-            if recipe.ray.enabled:
-                res = run_stage_on_ray(cfg, recipe.ray.num_workers, recipe.ray.use_gpu, recipe.ray.address)
-            else:
-                res = run_stage(cfg)
-            info(f"stage {st.name}: {res['steps']} steps, loss {res['metrics'][0]['loss']:.3f} -> "
-                 f"{res['metrics'][-1]['loss']:.3f}, held-out {res['heldout_loss']}, skipped samples {res['skipped_samples']}")
-        results.append(res)
-        prev = res["final"]
+    results = _run_stages(manifest_path, recipe, stages, info)
+    prev = results[-1]["final"]
     plot_losses({r["stage"]: r["metrics"] for r in results}, os.path.join(recipe.output, "loss.png"))
     report = {
         "manifest_id": m.id,

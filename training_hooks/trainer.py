@@ -1,4 +1,5 @@
-"""One NVILA training stage: the loop, its checkpoints, its metrics; run on Ray Train or in-process.
+"""One NVILA training stage: the loop, its checkpoints, its metrics; run in-process or by a Ray
+Train worker (``training_hooks.ray_train``: one worker group runs a whole training run's stages).
 
 Each stage loads the previous stage's final directory (or the recipe's ``init``), freezes what
 the stage does not train, optionally converts the trainable linears to FP8, puts the model on
@@ -213,7 +214,8 @@ def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dic
     result: dict[str, Any] = {"stage": plan.name, "steps": st.total_steps, "epochs": plan.epochs if not plan.steps else None,
                               "resumed_from": start_step, "world_size": world_size, "device": str(st.device),
                               "trainable_params": st.trainable, "fp8": st.fp8_summary, "skipped_samples": dict(skipped),
-                              "mixture_counts": dict(mixed_counts), "seconds": round(time.time() - t_stage, 2)}
+                              "mixture_counts": dict(mixed_counts), "seconds": round(time.time() - t_stage, 2),
+                              "pid": os.getpid()}
     if rank == 0:
         _finish(st.core, st.tok, st.manifest, plan, seed, stage_dir, metrics, result, ctx)
     return result
@@ -280,37 +282,3 @@ def plot_losses(curves: dict[str, list[dict]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _ray_train_loop(config: dict[str, Any]) -> None:
-    import ray.train
-
-    ctx = ray.train.get_context()
-    result = run_stage(dict(config, on_ray=True), ctx.get_world_rank(), ctx.get_world_size())
-    ray.train.report({"stage": result["stage"], "steps": result["steps"]})
-
-
-def run_stage_on_ray(config: dict[str, Any], num_workers: int = 1, use_gpu: bool = False,
-                     address: str | None = None) -> dict[str, Any]:
-    """Run one stage with Ray Train's TorchTrainer (DDP when several workers; gloo on CPUs,
-    NCCL on GPUs, as Ray Train sets up)."""
-    import json
-
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from curation.common.raycluster import ensure_ray
-
-    ensure_ray(address=address)
-    cfg = dict(config, use_gpu=use_gpu, threads=config.get("threads") or 1)
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg["threads"], **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=f"nvila-{config['plan']['name']}",
-                             storage_path=os.path.abspath(os.path.join(config["stage_dir"], "ray_results"))),
-    )
-    trainer.fit()
-    with open(os.path.join(config["stage_dir"], "metrics.json")) as f:
-        return json.load(f)
