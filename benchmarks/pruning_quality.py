@@ -26,7 +26,10 @@ and the arms are compared with its best point. Metric: ``curate eval``'s caption
 held-out images, mean and std over seeds; with each arm's kept count, optimizer steps, training
 seconds and noise share of kept, and the Spearman correlation of delta_loss with -loss_large.
 
-    python benchmarks/pruning_quality.py [--seeds 0 1 2] [--budget epochs|steps] [--json out.json] [--quick]
+Seeds share nothing and run side by side, one process each (``--jobs``, default one per core);
+``cpu_seconds`` in the JSON counts every process.
+
+    python benchmarks/pruning_quality.py [--seeds 0 1 2] [--budget epochs|steps] [--jobs N] [--json out.json] [--quick]
 """
 
 from __future__ import annotations
