@@ -26,7 +26,10 @@ and the arms are compared with its best point. Metric: ``curate eval``'s caption
 held-out images, mean and std over seeds; with each arm's kept count, optimizer steps, training
 seconds and noise share of kept, and the Spearman correlation of delta_loss with -loss_large.
 
-    python benchmarks/pruning_quality.py [--seeds 0 1 2] [--budget epochs|steps] [--json out.json] [--quick]
+Seeds share nothing and run side by side, one process each (``--jobs``, default one per core);
+``cpu_seconds`` in the JSON counts every process.
+
+    python benchmarks/pruning_quality.py [--seeds 0 1 2] [--budget epochs|steps] [--jobs N] [--json out.json] [--quick]
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compare-modes", action="store_true", help="also run the other DeltaLoss mode's arms")
     ap.add_argument("--json", help="write the results here (and the bar chart beside it, .png)")
     ap.add_argument("--chart", help="bar chart path (default: beside --json, or ./pruning_quality.png)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (per seed)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="seeds run at once, one process each (default: one per core, at most one per seed)")
     ap.add_argument("--keep", help="keep everything under this folder instead of a temporary one")
     args = ap.parse_args(argv)
     full = {"pool": 1200, "trusted": 400, "calib": 150, "heldout": 150, "pretrain_pairs": PRETRAIN_PAIRS,
@@ -78,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.curve = sorted(set(args.curve or CURVE))
+    args.jobs = max(1, min(len(args.seeds), args.jobs or os.cpu_count() or 1))
     if not 0 <= args.noise_rate <= 0.9:
         ap.error("--noise-rate must be in [0, 0.9]")
     if args.epochs <= 0 or min(args.curve) <= 0 or args.pool < 20 or min(args.trusted, args.calib, args.heldout) < 8:
@@ -92,19 +98,9 @@ def main() -> None:
     args = parse_args()
     import resource
 
-    import torch
-
-    # one intra-op thread: on a small shared machine more threads thrash instead of helping
-    torch.set_num_threads(args.threads)
     t0, c0 = time.time(), time.process_time()
-    modes = ["capability", "reference"] if args.compare_modes else [args.deltaloss_mode]
-    arms = R.arm_list(args.deltaloss_mode, modes)
-    preps, seeds = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            root = os.path.join(args.keep or tmp, f"seed-{seed}")
-            preps.append(R.prepare(root, args, seed, modes, print))
-            seeds.append(R.run_seed(root, preps[-1], arms, seed, args, print))
+        preps, seeds = R.run_seeds(args, args.keep or tmp)
     summary = R.aggregate(seeds)
     print()
     print(R.table(summary))

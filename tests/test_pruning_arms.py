@@ -138,3 +138,15 @@ def test_pool_noise_has_no_size_or_letter_tells(tmp_path):
                     assert said[d["wrong"]] in s.caption
                 if r["noise"] == "word_salad_caption":
                     assert set(s.caption.split()) <= set(D.VOCABULARY)
+
+
+def test_plateau_needs_three_budgets_and_no_gain_at_the_largest():
+    from benchmarks.pruning.run import plateau
+
+    def curve(*acc):
+        return [{"steps": 100 * 2 ** i, "accuracy_mean": a} for i, a in enumerate(acc)]
+
+    assert plateau(curve(0.40, 0.55, 0.54))  # the best is not the largest budget
+    assert plateau(curve(0.40, 0.55, 0.555))  # the largest gains less than a point
+    assert not plateau(curve(0.35, 0.50, 0.65))  # still climbing
+    assert not plateau(curve(0.50, 0.50))  # two budgets say nothing

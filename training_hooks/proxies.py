@@ -66,13 +66,14 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
                   seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
                   round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
                   lr: float = 1e-3, mode: str = DEFAULT_MODE, pool: str | list[str] | None = None,
-                  converge_small: bool = False) -> dict[str, Any]:
+                  converge_small: bool = False, image_mode: str = "dynamic_s2") -> dict[str, Any]:
     """Train the DeltaLoss scorer's two models under ``out`` and record them in ``proxies.json``.
 
     ``mode="capability"``: ``small`` and ``large`` on the trusted data (NVILA's DeltaLoss); the
     small one ``steps`` per stage, or to convergence too with ``converge_small``.
     ``mode="reference"``: ``pool`` (a model trained on the ``pool`` shards being pruned) and
-    ``reference`` (the same architecture trained on the trusted data), both to convergence."""
+    ``reference`` (the same architecture trained on the trusted data), both to convergence.
+    ``image_mode``: how the proxies tile an image (``model.config.IMAGE_MODES``)."""
     if mode not in MODES:
         raise ValueError(f"unknown proxy mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "reference" and not pool:
@@ -82,7 +83,8 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
     trusted = [trusted] if isinstance(trusted, str) else list(trusted)
     os.makedirs(out, exist_ok=True)
     manifest_url = seed_manifest(trusted, os.path.join(out, "seed-work"), os.path.join(out, "seed-curated"))
-    settings = dict(seed=seed, use_ray=use_ray, batch_size=batch_size, max_length=max_length, lr=lr, info=info)
+    settings = dict(seed=seed, use_ray=use_ray, batch_size=batch_size, max_length=max_length, lr=lr, info=info,
+                    image_mode=image_mode)
     stop = dict(max_rounds=max_rounds, patience=patience, min_delta=min_delta, info=info)
     rounds = round_steps or max(steps, 25)
     if mode == "capability":
@@ -121,9 +123,9 @@ def _capability(manifest_url: str, out: str, steps: int, rounds: int, s: dict[st
     from training_hooks.bootstrap import init_tiny_model
 
     m = load_manifest(manifest_url)
-    small_init = init_tiny_model(m, os.path.join(out, "init-small"), size="tiny", seed=s["seed"])
+    small_init = init_tiny_model(m, os.path.join(out, "init-small"), size="tiny", seed=s["seed"], image_mode=s["image_mode"])
     # one tokenizer for both proxies: the large one is built with the small one's vocabulary
-    large_init = init_tiny_model(m, os.path.join(out, "init-large"), size="small", seed=s["seed"])
+    large_init = init_tiny_model(m, os.path.join(out, "init-large"), size="small", seed=s["seed"], image_mode=s["image_mode"])
     _share_tokenizer(small_init, large_init)
     small = (_train_to_convergence(_runner(manifest_url, rounds, s), small_init, out, "small", **stop) if converge_small
              else _train_small(_runner(manifest_url, steps, s), small_init, out))
@@ -141,7 +143,8 @@ def _reference(manifest_url: str, pool_url: str, out: str, rounds: int, s: dict[
     from curation.selection.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
-    init = init_tiny_model(load_manifest(manifest_url), os.path.join(out, "init-reference"), size="tiny", seed=s["seed"])
+    init = init_tiny_model(load_manifest(manifest_url), os.path.join(out, "init-reference"), size="tiny", seed=s["seed"],
+                           image_mode=s["image_mode"])
     results = {"pool": _train_to_convergence(_runner(pool_url, rounds, s), init, out, "pool", **stop),
                "reference": _train_to_convergence(_runner(manifest_url, rounds, s), init, out, "reference", **stop)}
     for r in results.values():

@@ -25,6 +25,7 @@ def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list
                          proxy_steps: int, max_rounds: int) -> dict[str, Any]:
     """The DFN filter and, per DeltaLoss mode, the proxies (capability: both trained to
     convergence, so they differ in capacity only); with their cost in seconds."""
+    from benchmarks.pruning import model as M
     from curation.scoring.dfn import FilterTrainConfig, train_filter
     from training_hooks.proxies import train_proxies
 
@@ -35,7 +36,8 @@ def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list
     for mode in modes:
         res = train_proxies(sets["trusted"], f"{root}/proxies-{mode}", steps=proxy_steps, batch_size=8, seed=seed,
                             mode=mode, pool=list(sets["pool"].values()) if mode == "reference" else None,
-                            max_rounds=max_rounds, info=lambda t: None, converge_small=mode == "capability")
+                            max_rounds=max_rounds, info=lambda t: None, converge_small=mode == "capability",
+                            image_mode=M.IMAGE_MODE)
         out["proxies"][mode] = res
     return out
 

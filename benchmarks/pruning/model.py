@@ -19,17 +19,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The demo's NVILA (training_hooks/bootstrap.py DEMO: 8-pixel patches, Dynamic-S2 at 32 and 64
-# pixels) with its vision tower pretrained on clean pairs of its own before any arm trains
-# (training_hooks/vision_pretrain.py), as the demo does: caption-word classification (objective
-# "words"); the stand-in for starting from a pretrained SigLIP. Its pairs (benchmarks/pruning/pool.py)
-# never show the held-out (shape, colour) pairs. The pretrained tower trains at VISION_LR_RATIO
-# of the LR, as in the demo.
-IMAGE_MODE = "dynamic_s2"
-PRETRAIN_PAIRS = 20000
-PRETRAIN_STEPS = 6000
+# The demo's NVILA (training_hooks/bootstrap.py DEMO: 8-pixel patches) at one image scale
+# ("resize": the whole image as one 32-pixel tile, 4 LLM tokens; Dynamic-S2's 32 + 64 pixels cost
+# 5 tiles and 16 tokens per image) with its vision tower pretrained
+# on clean pairs of its own before any arm trains (training_hooks/vision_pretrain.py), as the demo
+# does: caption-word classification (objective "words"); the stand-in for starting from a
+# pretrained SigLIP. Its pairs (benchmarks/pruning/pool.py) never show the held-out (shape, colour)
+# pairs. The pretrained tower trains at VISION_LR_RATIO of the LR, as in the demo. The proxies
+# tile images the same way (benchmarks/pruning/arms.py).
+IMAGE_MODE = "resize"
+PRETRAIN_PAIRS = 8000
+PRETRAIN_STEPS = 1500
 
-EPOCHS = 4.0  # passes over an arm's kept data (budget "epochs")
+EPOCHS = 8.0  # passes over an arm's kept data (budget "epochs")
 CURVE = (0.5, 1.0, 2.0)  # full data's learning curve, in multiples of EPOCHS
 BATCH = 16
 LR = 2e-3

@@ -21,16 +21,21 @@ def prepare(root: str, args: Any, seed: int, modes: list[str], say: Callable[[st
     spec = PoolSpec(samples=args.pool, noise_rate=args.noise_rate, seed=seed)
     sets = build_sets(f"{root}/data", spec, trusted=args.trusted, calib=args.calib, heldout=args.heldout,
                       pretrain=args.pretrain_pairs)
+    timings = {"sets": round(time.time() - t0, 1)}
     say(f"seed {seed} pool: {describe(sets['truth'])}; head combinations {sets['heads']}; held-out pairs {sets['held']}")
+    t = time.time()
     models = A.train_scoring_models(sets, root, seed, modes, args.proxy_steps, args.proxy_rounds)
+    timings["filter_and_proxies"] = round(time.time() - t, 1)
+    t = time.time()
     works = A.score_pool(sets, root, models)
     clip_min = A.clip_threshold(sets["calib"], models["dfn"])
     rho = A.spearman_delta_vs_likelihood(works[args.deltaloss_mode])
+    timings["scoring"] = round(time.time() - t, 1)
     say(f"seed {seed} prepared in {time.time() - t0:.0f} s; CLIP threshold {clip_min:.3f}; Spearman(delta_loss, "
         f"-loss_large) {rho:.3f}; " + proxy_summary(models))
     sizes = {ds: sum(1 for r in sets["truth"] if r["dataset"] == ds) for ds in sets["pool"]}
     return {"sets": sets, "models": models, "works": works, "clip_min": clip_min, "sizes": sizes, "spearman": rho,
-            "prepare_seconds": round(time.time() - t0, 1)}
+            "prepare_seconds": round(time.time() - t0, 1), "timings": timings}
 
 
 def proxy_summary(models: dict[str, Any]) -> str:
@@ -66,7 +71,7 @@ def train_eval(root: str, prep: dict[str, Any], name: str, url: str, kept: set[t
     return {"accuracy": ev["caption_accuracy"], "all_right": ev["all_right"], "heldout_loss": ev["heldout_loss"].get("pair"),
             "per_attribute": ev["per_attribute"], "kept": len(kept), "noise_share_of_kept": noisy / max(1, len(kept)),
             "head_share_of_kept": head / max(1, len(kept)), "optimizer_steps": steps,
-            "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - t0, 1)}
+            "train_seconds": round(train_seconds, 1), "eval_seconds": ev["seconds"], "seconds": round(time.time() - t0, 1)}
 
 
 def run_seed(root: str, prep: dict[str, Any], arms: dict[str, tuple[str, str]], seed: int, args: Any,
@@ -80,8 +85,11 @@ def run_seed(root: str, prep: dict[str, Any], arms: dict[str, tuple[str, str]], 
         _, url, kept = A.curate_arm(prep["works"][mode], name, policy, f"{root}/curated/{name}")
         cur[name] = (url, kept)
     # every arm's model gets the full pool's tokenizer
+    t0 = time.time()
     init = benchmark_model(load_manifest(cur["full"][0]), f"{root}/init", seed, f"{root}/data/pretrain",
                            pairs=args.pretrain_pairs, steps=args.pretrain_steps)
+    prep["timings"]["init_model"] = round(time.time() - t0, 1)
+    say(f"seed {seed} initial model (vision pretraining) in {prep['timings']['init_model']:.0f} s")
     full_kept = len(cur["full"][1])
     out: dict[str, Any] = {"arms": {}, "curve": []}
     for name, (url, kept) in cur.items():
@@ -100,6 +108,34 @@ def run_seed(root: str, prep: dict[str, Any], arms: dict[str, tuple[str, str]], 
         out["curve"].append({"epochs": epochs, "steps": r["optimizer_steps"], "accuracy": r["accuracy"],
                              "train_seconds": r["train_seconds"]})
     return out
+
+
+def one_seed(args: Any, seed: int, root: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything of one seed (its preparation, every arm, full data's curve), in this process."""
+    import torch
+
+    # one intra-op thread per seed: on a small shared machine more threads thrash instead of helping
+    torch.set_num_threads(args.threads)
+    modes = ["capability", "reference"] if args.compare_modes else [args.deltaloss_mode]
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    prep = prepare(root, args, seed, modes, say)
+    res = run_seed(root, prep, arm_list(args.deltaloss_mode, modes), seed, args, say)
+    return prep, res
+
+
+def run_seeds(args: Any, base: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every seed, ``args.jobs`` at a time, each in a process of its own (seeds share nothing:
+    running them side by side changes no figure, only the wall time)."""
+    roots = [os.path.join(base, f"seed-{s}") for s in args.seeds]
+    if args.jobs <= 1:
+        done = [one_seed(args, s, r) for s, r in zip(args.seeds, roots)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            done = list(ex.map(one_seed, [args] * len(roots), args.seeds, roots))
+    return [d[0] for d in done], [d[1] for d in done]
 
 
 def _mean(xs: list[float]) -> float:
@@ -133,14 +169,24 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
                       "train_seconds": _mean([p["train_seconds"] for p in ps])})
     best = max(curve, key=lambda p: p["accuracy_mean"])
     return {"arms": arms, "full_curve": {str(round(p["steps"])): p["accuracy_mean"] for p in curve},
-            "full_curve_points": curve, "full_best": best}
+            "full_curve_points": curve, "full_best": best, "full_plateau": plateau(curve)}
+
+
+def plateau(curve: list[dict[str, Any]], gain: float = 0.01) -> bool:
+    """Full data at its plateau: at least 3 budgets and either the best is not the largest, or
+    the largest gains less than ``gain`` (1 point) over the one before it."""
+    if len(curve) < 3:
+        return False
+    acc = [p["accuracy_mean"] for p in sorted(curve, key=lambda p: p["steps"])]
+    return max(acc) > acc[-1] or acc[-1] - acc[-2] < gain
 
 
 def targets(summary: dict[str, Any]) -> dict[str, bool]:
     """The issue's "done when" checks, on the means (accuracy is a fraction: 1 point = 0.01)."""
     arms, best = summary["arms"], summary["full_best"]["accuracy_mean"]
     acc = {a: r["accuracy_mean"] for a, r in arms.items()}
-    return {"deltaloss_50 >= full_best - 1pt": acc["deltaloss_50"] >= best - 0.01,
+    return {"full data at its plateau": summary["full_plateau"],
+            "deltaloss_50 >= full_best - 1pt": acc["deltaloss_50"] >= best - 0.01,
             "deltaloss_50 >= random_50 + 3pt": acc["deltaloss_50"] >= acc["random_50"] + 0.03,
             "deltaloss_50 >= likelihood_50": acc["deltaloss_50"] >= acc["likelihood_50"],
             "clip_then_deltaloss_50 >= full_best": acc["clip_then_deltaloss_50"] >= best}
@@ -196,12 +242,14 @@ def write_outputs(args: Any, summary: dict[str, Any], preps: list[dict[str, Any]
                   cpu_seconds: float) -> dict[str, Any]:
     out = {"budget": args.budget, "epochs": args.epochs, "arms": summary["arms"], "full_curve": summary["full_curve"],
            "full_curve_points": summary["full_curve_points"], "full_best": summary["full_best"],
+           "full_plateau": summary["full_plateau"],
            "spearman_delta_vs_neg_loss_large": _mean([p["spearman"] for p in preps]),
            "spearman_per_seed": [p["spearman"] for p in preps], "seconds": round(seconds, 1),
            "cpu_seconds": round(cpu_seconds, 1), "targets": targets(summary), "seeds": args.seeds, "pool": args.pool,
            "noise_rate": args.noise_rate, "deltaloss_mode": args.deltaloss_mode, "proxies": proxies_record(preps),
            "clip_threshold_per_seed": [p["clip_min"] for p in preps],
-           "prepare_seconds_per_seed": [p["prepare_seconds"] for p in preps],
+           "prepare_seconds_per_seed": [p["prepare_seconds"] for p in preps], "jobs": args.jobs,
+           "timings_per_seed": [p["timings"] for p in preps],
            "pool_composition_per_seed": [describe(p["sets"]["truth"]) for p in preps],
            "heldout_pairs_per_seed": [p["sets"]["held"] for p in preps]}
     if args.json:
