@@ -23,8 +23,9 @@ import re
 import zlib
 from typing import Callable, Iterator
 
-from curation.data.records import split_key, unsafe_name
+from curation.data.records import unsafe_name
 from curation.data.tarstream import BLOCK, REGULAR, ZERO_BLOCK, _header_name
+from curation.selection.reshard_inputs import Member, group_samples
 from curation.selection.verified_copy import Piece, VerifiedInput
 
 _OCTAL = re.compile(rb"[0-7]*")
@@ -58,35 +59,20 @@ def _unsafe(name: str) -> str | None:
 
 def plain_samples(src: VerifiedInput) -> Iterator[tuple[str, list[Piece], str | None]]:
     """What ``tar_samples(src)`` yields, for a tar of plain members; :class:`UnusualTar` otherwise."""
-    key: str | None = None
-    pieces: list[Piece] = []
-    why: str | None = None
-    seen: set[str] = set()
+    return group_samples(src, _plain_members(src))
+
+
+def _plain_members(src: VerifiedInput) -> Iterator[Member]:
+    """Each plain member as ``group_samples`` takes it: the body stepped over, its blocks taken
+    from the hashed buffers only if the sample is written."""
     while True:
         start = src.tell()
         h = src.read(BLOCK)
         if len(h) < BLOCK or h == ZERO_BLOCK:
             if h == ZERO_BLOCK or (not h and start > 0):
-                break  # end blocks, or a clean end at a member boundary
+                return  # end blocks, or a clean end at a member boundary
             raise UnusualTar(f"the header at byte {start} is not a plain member's")
         member = plain_member(h)
         if member is None or not src.advance((member[1] + BLOCK - 1) // BLOCK * BLOCK):
             raise UnusualTar(f"the header at byte {start} is not a plain member's")
-        name = member[0]
-        parts = split_key(name)
-        k = parts[0] if parts else name
-        if k != key:
-            if k in seen:
-                src.release()
-                continue  # a repeated, non-contiguous key: the reader skips it too
-            if key is not None:
-                yield key, pieces, why
-            key, pieces, why = k, [], None
-            seen.add(k)
-        if why is None:
-            why = _unsafe(name)
-            if why is None:
-                pieces.extend(src.pieces(start, src.tell()))
-        src.release()
-    if key is not None:
-        yield key, pieces, why
+        yield member[0], _unsafe, lambda start=start: src.pieces(start, src.tell())

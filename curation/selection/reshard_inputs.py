@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from curation.data import storage
 from curation.data.shards import split_key, unsafe_name
@@ -73,24 +73,39 @@ def tar_samples(src: VerifiedInput) -> Iterator[tuple[str, list[Piece], str | No
 
     The same scanner and the same key rules as the shard reader, so both see the same samples.
     """
+    members = ((e.name, lambda name, e=e: _refusal(name, e.is_file),
+                lambda e=e: src.last(e.nbytes, e.header) or [(e.header + e.body, 0, e.nbytes)]) for e in scan(src))
+    return group_samples(src, members)
+
+
+Member = tuple[str, Callable[[str], "str | None"], Callable[[], list[Piece]]]
+
+
+def group_samples(src: VerifiedInput, members: Iterable[Member]) -> Iterator[tuple[str, list[Piece], str | None]]:
+    """Members -> samples by the shard reader's key rules: contiguous members of one key form a
+    sample, a key that comes back after another is skipped (as the reader skips it), and the first
+    member refused (``refusal(name)``) marks its sample. Each member is ``(name, refusal, pieces)``,
+    ``pieces()`` giving its raw blocks while the scanner still stands on it; ``src`` is released
+    after each member."""
     key: str | None = None
     pieces: list[Piece] = []
     why: str | None = None
     seen: set[str] = set()
-    for entry in scan(src):
-        parts = split_key(entry.name)
-        k = parts[0] if parts else entry.name
+    for name, refusal, take in members:
+        parts = split_key(name)
+        k = parts[0] if parts else name
         if k != key:
             if k in seen:
                 src.release()
-                continue  # a repeated, non-contiguous key: the reader skipped it too
+                continue
             if key is not None:
                 yield key, pieces, why
             key, pieces, why = k, [], None
             seen.add(k)
-        why = why or _refusal(entry.name, entry.is_file)
         if why is None:
-            pieces.extend(src.last(entry.nbytes, entry.header) or [(entry.header + entry.body, 0, entry.nbytes)])
+            why = refusal(name)
+            if why is None:
+                pieces.extend(take())
         src.release()
     if key is not None:
         yield key, pieces, why
