@@ -26,7 +26,7 @@ from curation.selection.curate import curate
 from curation.scoring.engine import ScorerSpec, ShardTask, score_local
 from curation.selection.manifest import summarize
 from curation.selection.reshard import ReshardConfig, ReshardError
-from curation.data.shards import dataset_of, iter_raw_samples, list_shards
+from curation.data.shards import checksum_algo, dataset_of, iter_raw_samples, list_shards
 from curation.corpus.synth import DatasetSpec, Scene, SynthConfig, encode_image, render_scene, synthesize
 from curation.data.tarstream import scan
 
@@ -179,9 +179,10 @@ def test_one_pass_scan_gives_each_member_its_raw_blocks_and_the_file_md5(tmp_pat
     assert (size, md5) == (os.path.getsize(path), hashlib.md5(open(path, "rb").read()).hexdigest())
 
 
-def _record_md5_as_earlier_versions_did(work: str, corpus: str) -> None:
-    """Rewrite the ``basic`` score files' shard checksums to the bare md5 that versions before
-    sha256 recorded (the file contents stay: only the footer metadata changes)."""
+def _record_as_earlier_versions_did(work: str, corpus: str, algo: str) -> None:
+    """Rewrite the ``basic`` score files' shard checksums to what versions before BLAKE3 recorded:
+    ``sha256:<hex>``, or earlier still the bare md5 (the file contents stay: only the footer
+    metadata changes)."""
     import pyarrow.parquet as pq
 
     from curation.scoring.scorefile import META_PREFIX, score_file_url
@@ -190,8 +191,9 @@ def _record_md5_as_earlier_versions_did(work: str, corpus: str) -> None:
         path = score_file_url(work, "basic", "pairs", os.path.basename(u)[: -len(".tar")])
         table = pq.read_table(path)
         meta = dict(table.schema.metadata)
-        assert meta[META_PREFIX + b"shard_checksum"].startswith(b"sha256:")
-        meta[META_PREFIX + b"shard_checksum"] = hashlib.md5(open(u, "rb").read()).hexdigest().encode()
+        assert meta[META_PREFIX + b"shard_checksum"].startswith(b"blake3:")
+        digest = hashlib.new(algo, open(u, "rb").read()).hexdigest()
+        meta[META_PREFIX + b"shard_checksum"] = (digest if algo == "md5" else f"{algo}:{digest}").encode()
         pq.write_table(table.replace_schema_metadata(meta), path)
 
 
@@ -201,15 +203,17 @@ class BasicAgain(BasicScorer):
     name = "basic_again"
 
 
-def test_scores_recorded_with_md5_by_an_earlier_version_still_count(scored_pairs, tmp_path, monkeypatch):
-    """Inputs are checksummed with sha256 now; a store an earlier version wrote (md5) is neither
-    rescored nor refused, a second scorer scoring today (sha256) does not conflict with it, and a
-    changed input is still caught against the md5."""
+@pytest.mark.parametrize("algo", ["md5", "sha256"])
+def test_scores_recorded_by_an_earlier_version_still_count(scored_pairs, tmp_path, monkeypatch, algo):
+    """Inputs are checksummed with BLAKE3 now; a store an earlier version wrote (sha256, or md5
+    before that) is neither rescored nor refused, a changed input is still caught against the old
+    checksum, and a second scorer scoring today (blake3) does not conflict with it: the inputs are
+    then verified with blake3."""
     corpus, work = scored_pairs
-    _record_md5_as_earlier_versions_did(work, corpus)
+    _record_as_earlier_versions_did(work, corpus, algo)
     tasks = [ShardTask(u, "pairs") for u in list_shards(f"{corpus}/pairs")]
     report = score_local(tasks, ScorerSpec("basic"), work)
-    assert len(report.skipped) == 4 and not report.scored  # the md5 on record matches: nothing rescored
+    assert len(report.skipped) == 4 and not report.scored  # the checksum on record matches: nothing rescored
     victim = list_shards(f"{corpus}/pairs")[1]
     original = open(victim, "rb").read()
     data = bytearray(original)
@@ -218,12 +222,15 @@ def test_scores_recorded_with_md5_by_an_earlier_version_still_count(scored_pairs
     with pytest.raises(ReshardError, match=re.escape(victim) + r" \(pairs/00001\) changed since it was scored"):
         curate(work, KEEP_ALL, str(tmp_path / "refused"), ReshardConfig(max_samples=5), use_ray=False)
     open(victim, "wb").write(original)
+    old, _ = curate(work, KEEP_ALL, str(tmp_path / "old"), ReshardConfig(max_samples=5), use_ray=False)
+    assert old.outputs["pairs"].samples == 32
+    assert {checksum_algo(i.checksum) for i in old.inputs["pairs"]} == {algo}  # verified with the old hash
     monkeypatch.setitem(scorers._REGISTRY, "basic_again", f"{__name__}:BasicAgain")
-    assert not score_local(tasks, ScorerSpec("basic_again"), work).failed  # records sha256
+    assert not score_local(tasks, ScorerSpec("basic_again"), work).failed  # records blake3
     keep_all = {"defaults": [{"rule": "dedup", "column": "basic_sha256"}]}  # two scorers: name the column
     manifest, _ = curate(work, keep_all, str(tmp_path / "out"), ReshardConfig(max_samples=5), use_ray=False)
     assert manifest.outputs["pairs"].samples == 32
-    assert all(i.checksum.startswith("sha256:") for i in manifest.inputs["pairs"])
+    assert {checksum_algo(i.checksum) for i in manifest.inputs["pairs"]} == {"blake3"}
 
 
 def _ustar(path: str, members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT) -> None:

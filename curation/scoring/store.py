@@ -172,8 +172,9 @@ class ScoreStore:
         return out
 
     def _same_bytes(self, prev: dict[str, Any], md: dict[str, str]) -> bool:
-        """Two checksums of one local shard made with different hashes (an md5 from an earlier
-        version, a sha256 now): true when the file today matches both. ``prev`` keeps the sha256."""
+        """Two checksums of one local shard made with different hashes (an md5 or a sha256 from an
+        earlier version, a blake3 now): true when the file today matches both. ``prev`` keeps the
+        one cheapest to verify (blake3, then sha256, then md5): resharding hashes every byte with it."""
         from curation.data.shards import checksum_algo, file_checksum
 
         a, b = prev["checksum"], md["shard_checksum"]
@@ -183,7 +184,8 @@ class ScoreStore:
             ok = all(file_checksum(prev["url"], self.storage_options, checksum_algo(c))[1] == c for c in (a, b))
         except FileNotFoundError:
             return False
-        if ok and checksum_algo(b) == "sha256":
+        cheapest = ("blake3", "sha256", "md5").index
+        if ok and cheapest(checksum_algo(b)) < cheapest(checksum_algo(a)):
             prev["checksum"] = b
         return ok
 

@@ -5,11 +5,11 @@ every output shard its md5. Both are hashes of streams that differ (the whole in
 output shard), so every byte is hashed twice. This module does both while the bytes move once:
 
 - :class:`VerifiedInput` reads an input shard in 1 MiB chunks and is the file object the tar
-  scanner reads from. Every chunk goes to the input's hash (sha256 for local shards, which the
-  CPU's SHA extensions run at 2.4x md5's speed here; md5 for S3 ETags and checksums of earlier
-  versions) as soon as it is read, while it is still in the CPU's cache, and chunks are kept
-  until the members in them have been copied, so a member is copied from the very buffer that
-  was hashed.
+  scanner reads from. Every chunk goes to the input's hash (BLAKE3 for local shards, 0.16 CPU
+  seconds per GB here, a third of sha256 with the CPU's SHA extensions and an eighth of md5;
+  sha256 and md5 for checksums earlier versions recorded; md5 for S3 ETags) as soon as it is
+  read, while it is still in the CPU's cache, and chunks are kept until the members in them have
+  been copied, so a member is copied from the very buffer that was hashed.
 - :class:`GroupWriter` writes output shards from those buffers (adjacent members coalesce into
   one ``write`` and one md5 update of the same bytes, still in cache), fsyncs each finished
   shard on a background thread while the next one is written, and makes nothing visible until
@@ -29,7 +29,6 @@ verified.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections import deque
@@ -37,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from curation.data import storage
+from curation.data.records import new_hash
 from curation.data.tarstream import final_size
 
 # Read size: hashing, syscalls and Python's work are per chunk, not per member, and a chunk is
@@ -51,7 +51,7 @@ class HashFeed:
     """A hash (md5 unless told) of a stream of buffers, with the number of bytes it was given."""
 
     def __init__(self, algo: str = "md5") -> None:
-        self.digest = hashlib.new(algo)
+        self.digest = new_hash(algo)
         self.size = 0
 
     def update(self, buf: Any) -> None:
