@@ -119,6 +119,15 @@ class VerifiedInput:
         self._pos = want
         return True
 
+    def newest(self) -> tuple[int, bytes]:
+        """(offset, bytes) of the chunk read last, for a scanner that reads its headers in place."""
+        return self._chunks[-1] if self._chunks else (self._pos, b"")
+
+    def seek(self, pos: int) -> bool:
+        """Move to ``pos`` (not before the chunks held), reading up to it; False, and the position
+        unchanged, when the file ends first."""
+        return self.advance(pos - self._pos)
+
     def pieces(self, start: int, stop: int) -> list[Piece]:
         """The bytes ``[start, stop)`` (already read, not released) as pieces of the read buffers."""
         off, data = self._chunks[-1] if self._chunks else (0, b"")
@@ -144,8 +153,10 @@ class VerifiedInput:
         complete = sum(hi - lo for _, lo, hi in pieces) == nbytes  # nothing of it released yet
         return pieces if ok and complete else None
 
-    def release(self) -> None:
-        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= self._pos:
+    def release(self, upto: int | None = None) -> None:
+        """Let go of the chunks wholly before ``upto`` (the current position by default)."""
+        upto = self._pos if upto is None else upto
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= upto:
             self._chunks.popleft()
 
     def finish(self) -> tuple[int, str]:
