@@ -13,8 +13,9 @@ score store), then times on the same files, page cache warm, arms alternating:
   checksum it was scored with, members copied byte for byte, md5 of every output shard, one
   fsync per shard, stats, wids index) and the manifest, groups of shards as tasks on a local
   Ray of W CPUs started before timing (as a cluster would be);
-- copy with both hashes, W processes: the least verified copy plus a sha256 of what it reads, on
-  the same buffer: the least copy that gives resharding's two guarantees (for the record);
+- copy with both hashes, W processes: the least verified copy plus a BLAKE3 of what it reads (the
+  hash local shards are scored with), on the same buffer: the least copy that gives resharding's
+  two guarantees (for the record);
 - the same pair at one process: the least verified copy in one process, and ``curate`` in one
   process without Ray (for the record);
 - plain copy, W processes: the copy without md5 or fsync (for the record, not a target).
@@ -28,13 +29,18 @@ verified copy's, and its rate >= 0.9 x the least verified copy's. The `curate re
 also run once as a subprocess (Python start-up and Ray start included); that time is printed but
 not in the ratios.
 
-What bounds the ratios: resharding hashes every byte twice (the input against the sha256 it was
-scored with, the output for the md5 the wids index records), the least verified copy once (md5):
-at 1.35 (md5) and 0.56 (sha256) CPU seconds per GB here, the copy with both hashes alone costs
-1.2-1.3x the least verified copy. A plain copy from the page cache runs at memory speed; the
-output md5 alone keeps anything that writes a wids index well below it on 2 cores.
+With two sizes (``--samples 20000 60000``) every arm runs on both corpora and the JSON adds the
+marginal CPU seconds per GB (the difference of the median CPU seconds over the difference of the
+sizes): per-run costs (selection in DuckDB, planning, the manifest, Ray's task start) cancel.
 
-    python benchmarks/bench_reshard.py [--samples 20000] [--keep 1.0] [--workers 2] [--repeats 3] [--json out.json]
+What bounds the ratios: resharding hashes every byte twice (the input against the checksum it was
+scored with, BLAKE3 for local shards; the output for the md5 the wids index records), the least
+verified copy once (md5): at 1.35 (md5) and 0.16 (BLAKE3) CPU seconds per GB here, the copy with
+both hashes alone costs about 1.07-1.1x the least verified copy. A plain copy from the page cache
+runs at memory speed; the output md5 alone keeps anything that writes a wids index well below it
+on 2 cores.
+
+    python benchmarks/bench_reshard.py [--samples 20000 [60000]] [--keep 1.0] [--workers 2] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -163,8 +169,8 @@ def _arms(w: int) -> list[tuple[str, str, bool, str]]:
             ("ours_1", "ours", False, ""), (f"copy_{w}", "copy", True, "plain")]
 
 
-def run_arms(args: argparse.Namespace) -> dict:
-    """Build and score the corpus, then time every arm ``args.repeats`` times, alternating."""
+def run_arms(args: argparse.Namespace, samples: int) -> dict:
+    """Build and score a corpus of ``samples``, then time every arm ``args.repeats`` times, alternating."""
     import ray
 
     from curation.common.raycluster import ensure_ray
@@ -178,7 +184,7 @@ def run_arms(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as root, \
             ProcessPoolExecutor(max_workers=w, mp_context=multiprocessing.get_context("spawn")) as pool:
         t0 = time.perf_counter()
-        urls = list_shards(make_corpus(root, args.samples, args.per_shard))
+        urls = list_shards(make_corpus(root, samples, args.per_shard))
         setup_s = time.perf_counter() - t0
         policy, work = write_policy(f"{root}/policy.json", args.keep), f"{root}/work"
         list(pool.map(time.sleep, [0.5] * w))  # every worker process started before timing
@@ -204,12 +210,13 @@ def run_arms(args: argparse.Namespace) -> dict:
     best = {k: min(range(len(v)), key=v.__getitem__) for k, v in times.items()}  # the fastest repeat of each arm
     gb = total / 1e9
     median = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
-    return {"input_mb": round(total / 1e6, 1), "samples": args.samples, "kept": kept, "shards": len(urls),
+    return {"input_mb": round(total / 1e6, 1), "samples": samples, "kept": kept, "shards": len(urls),
             "cpus": os.cpu_count(), "workers": w, "setup_s": round(setup_s, 1), "repeats": args.repeats,
             "load_average": {"before": [round(x, 2) for x in load0], "after": [round(x, 2) for x in load]},
             "mb_per_s": {k: round(total / 1e6 / v[best[k]], 1) for k, v in times.items()},
             "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
             "cpu_s": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
+            "cpu_s_median": {k: round(v, 3) for k, v in median.items()},
             "cpu_s_per_gb": {k: round(v / gb, 2) for k, v in median.items()},  # each arm's median repeat
             "ray_system_cpu_s_per_gb": round(ray_sys[best[f"ours_ray{w}"]] / gb, 2),
             "cli_wall_s": round(cli_s, 2) if cli_s else None}
@@ -249,9 +256,29 @@ def report(result: dict) -> None:
               f"start included)")
 
 
+def marginal(small: dict, large: dict) -> dict:
+    """What one more GB costs each arm: the difference of the two corpora's median CPU seconds over
+    the difference of their sizes (per-run costs, the same at both sizes, cancel), and the ratios."""
+    gb = (large["input_mb"] - small["input_mb"]) / 1e3
+    per_gb = {k: round((large["cpu_s_median"][k] - small["cpu_s_median"][k]) / gb, 2) for k in small["cpu_s_median"]}
+    w = small["workers"]
+    out = {"gb": round(gb, 3), "cpu_s_per_gb": per_gb,
+           "reshard_cpu_vs_verified_copy": round(per_gb[f"ours_ray{w}"] / per_gb[f"verified_copy_{w}"], 3),
+           "reshard_cpu_vs_checked_copy": round(per_gb[f"ours_ray{w}"] / per_gb[f"checked_copy_{w}"], 3),
+           "ours_1_cpu_vs_verified_copy": round(per_gb["ours_1"] / per_gb["verified_copy_1"], 3)}
+    print(f"marginal CPU s per GB, {small['input_mb']:.0f} -> {large['input_mb']:.0f} MB (per-run costs cancel):")
+    for arm, v in per_gb.items():
+        print(f"  {arm:<38} {v:9.2f}")
+    print(f"  {w} workers each: curate reshard {out['reshard_cpu_vs_verified_copy']:.3f} x the least verified copy, "
+          f"{out['reshard_cpu_vs_checked_copy']:.3f} x the copy with both hashes; 1 process: "
+          f"{out['ours_1_cpu_vs_verified_copy']:.3f} x")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--samples", type=int, nargs="+", default=[20000],
+                    help="corpus size(s) in samples (20000: about 1 GB); two sizes also give the marginal CPU per GB")
     ap.add_argument("--per-shard", type=int, default=1000)
     ap.add_argument("--max-samples", type=int, default=1000, help="samples per output shard")
     ap.add_argument("--keep", type=float, default=1.0, help="fraction of samples kept")
@@ -260,8 +287,11 @@ def main() -> None:
     ap.add_argument("--no-cli", action="store_true", help="skip the timed `curate reshard` subprocess")
     ap.add_argument("--json")
     args = ap.parse_args()
-    result = run_arms(args)
-    report(result)
+    runs = []
+    for samples in args.samples:
+        runs.append(run_arms(args, samples))
+        report(runs[-1])
+    result = runs[0] if len(runs) == 1 else {"runs": runs, "marginal": marginal(runs[0], runs[-1])}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
