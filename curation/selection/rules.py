@@ -43,13 +43,15 @@ class Chain:
     (``by_dataset()``), unless it is global. Consecutive marks are fused into one step.
     """
 
-    def __init__(self, rows: int = 0) -> None:
+    def __init__(self, rows: int = 0, keyed: set[str] | None = None) -> None:
         self.steps: list[tuple[str, str]] = []  # (table, SELECT): chain steps and helper tables, in order
         self.n = 0
         self.rows = rows  # how many rows the selection starts from (sizes near_dedup's index)
         self.dataset: str | None = None
         self._marks: list[tuple[str, str]] = []  # pending (reason SQL, condition)
         self._helpers = 0
+        self.in_order: set[str] = set()  # steps that keep their source's row order (marks: no join, no window)
+        self.keyed = set(keyed or ())  # columns s0 holds as their 64-bit key, values in table keyed_values(c)
 
     @property
     def prev(self) -> str:
@@ -98,6 +100,12 @@ class Chain:
                 f"AS dropped_by) FROM {self.prev}")
         self.n += 1
         self.steps.append((self.prev, body))
+        self.in_order.add(self.prev)
+
+
+def keyed_values(column: str) -> str:
+    """The side table of a keyed column: (_rid, _v) for the rows whose key another row shares."""
+    return q(f"_values_{column}")
 
 
 def rank_order(prefer: str | None, datasets: list[str] | None = None) -> str:
@@ -234,16 +242,32 @@ class _DedupBase(SelectionRule):
 class DedupRule(_DedupBase):
     rule: Literal["dedup"]
     column: str = "sha256"
+    key_sql: ClassVar[str] = "hash({})"  # the fixed-width key of (partition, value): equal values, equal keys
 
     def apply(self, chain: Chain, label: str) -> None:
+        """Among kept rows with a value, every row but the first (by :meth:`order`) of each group of
+        equal values (within its dataset unless global) is dropped.
+
+        The pool is never sorted on the value: a hash aggregate over a fixed-width key (DuckDB's
+        64-bit ``hash`` of the partition and the value) finds the keys held by more than one row;
+        only the rows with such a key (the duplicates, and any row whose key collides) are ranked,
+        partitioned by the value itself, so a hash collision never drops a row."""
         col = q(self.column)
         src = chain.source()
-        part = ", ".join(self.partition(chain) + ["dropped_by IS NULL", col])
-        chain.add(
-            f"SELECT * EXCLUDE (_rn) REPLACE (CASE WHEN dropped_by IS NULL AND _rn > 1 THEN {lit(label)} "
-            f"ELSE dropped_by END AS dropped_by) FROM (SELECT *, CASE WHEN dropped_by IS NULL AND {col} "
-            f"IS NOT NULL THEN row_number() OVER (PARTITION BY {part} ORDER BY {self.order()}) END AS _rn FROM {src})"
-        )
+        part = self.partition(chain)
+        key = self.key_sql.format(", ".join(part + [col]))
+        alive = f"dropped_by IS NULL AND {col} IS NOT NULL"
+        shared = chain.helper(f"SELECT {key} AS _k FROM {src} WHERE {alive} GROUP BY _k HAVING count(*) > 1")
+        if self.column in chain.keyed:  # s0 holds the key; the values of rows whose key repeats are aside
+            value, rows = "v._v", f"{src} s JOIN {keyed_values(self.column)} v ON s._rid = v._rid"
+        else:
+            value, rows = col, f"{src} s"
+        drops = chain.helper(
+            f"SELECT _rid FROM (SELECT s._rid, row_number() OVER (PARTITION BY {', '.join(part + [value])} ORDER BY "
+            f"{self.order()}) AS _rn FROM {rows} WHERE {alive} AND {key} IN (SELECT _k FROM {shared})) WHERE _rn > 1")
+        src = chain.source()
+        chain.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {lit(label)} "
+                  f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {drops} n ON p._rid = n._rid")
 
 
 @register
@@ -298,17 +322,21 @@ class _RankingRule(SelectionRule):
         raise NotImplementedError
 
     def apply(self, chain: Chain, label: str) -> None:
+        """Rank the kept rows of each dataset; drop those past the limit and those with no value.
+        Only the kept rows, and only the columns the ranking reads, are sorted (a helper of their
+        row ids); the step marks them by a join on the row id."""
         direction = "ASC" if self.ascending else "DESC"
         src = chain.source()
         part = chain.by_dataset()
         over = f"PARTITION BY {', '.join(part)}" if part else ""
-        chain.add(
-            f"SELECT * EXCLUDE (_rk, _alive) REPLACE (CASE WHEN dropped_by IS NULL AND (_rk > {self._limit()} OR "
-            f"{q(self.column)} IS NULL) THEN {lit(label)} ELSE dropped_by END AS dropped_by) FROM (SELECT *, "
-            f"row_number() OVER (PARTITION BY {', '.join(part + ['dropped_by IS NULL'])} ORDER BY {q(self.column)} "
-            f"{direction} NULLS LAST, shard, key) AS _rk, sum(CASE WHEN dropped_by IS NULL THEN 1 ELSE 0 END) OVER ({over}) "
-            f"AS _alive FROM {src})"  # not count(*) FILTER (...) OVER (): DuckDB runs that one in quadratic time
-        )
+        col = q(self.column)
+        drops = chain.helper(
+            f"SELECT _rid FROM (SELECT _rid, {col}, row_number() OVER ({over} ORDER BY {col} {direction} NULLS LAST, "
+            f"shard, key) AS _rk, count(*) OVER ({over}) AS _alive FROM (SELECT _rid, {', '.join(part + [col])}, shard, "
+            f"key FROM {src} WHERE dropped_by IS NULL)) WHERE _rk > {self._limit()} OR {col} IS NULL")
+        src = chain.source()
+        chain.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {lit(label)} "
+                  f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {drops} n ON p._rid = n._rid")
 
 
 @register
