@@ -1,8 +1,7 @@
 """Selection rules: each one a class that owns its YAML fields, the score columns it reads, the
 reason it records, and the SQL step that drops samples.
 
-A rule is a pydantic model (its fields are what a policy YAML writes under ``rule: <name>``)
-with three methods:
+A rule is a pydantic model (its fields are what a policy YAML writes under ``rule: <name>``):
 
 - ``columns(all_columns)``: the score columns it reads (checked against the store before any
   query runs, and the only columns the sandboxed query may read);
@@ -13,10 +12,8 @@ with three methods:
 
 ``early = True`` rules (``valid``) run before scorer errors are counted, so a sample is dropped
 for its cause (an empty caption), not for the scorer error that cause produces downstream.
-
 Adding a rule is adding one class here, decorated with :func:`register`: policies accept it,
-the compiler runs it, its reason shows in ``curate select --explain``.
-"""
+the compiler runs it, its reason shows in ``curate select --explain``."""
 
 from __future__ import annotations
 
@@ -40,8 +37,7 @@ class Chain:
     plan of one statement over a table: a ranking sorts once, whatever came before it. While
     ``dataset`` is set, a rule sees only that dataset's rows (``source()``) and ``add`` keeps the
     other rows as they are; while it is None, a rule sees every dataset and works within each
-    (``by_dataset()``), unless it is global. Consecutive marks are fused into one step.
-    """
+    (``by_dataset()``), unless it is global. Consecutive marks are fused into one step."""
 
     def __init__(self, rows: int = 0, keyed: set[str] | None = None) -> None:
         self.steps: list[tuple[str, str]] = []  # (table, SELECT): chain steps and helper tables, in order
@@ -74,6 +70,12 @@ class Chain:
         self.n += 1
         self.steps.append((self.prev, body))
 
+    def drop_rows(self, rows: str, label_sql: str) -> None:
+        """A step that drops, as ``label_sql``, the kept rows whose ``_rid`` is in table ``rows``."""
+        src = self.source()
+        self.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {label_sql} "
+                 f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {rows} n ON p._rid = n._rid")
+
     def helper(self, body: str) -> str:
         """A helper table (not a step); returns its name."""
         self.flush()
@@ -104,8 +106,7 @@ class Chain:
 
 
 def keyed_values(column: str) -> str:
-    """The side table of a keyed column: (_rid, _v) for the rows whose key another row shares."""
-    return q(f"_values_{column}")
+    return q(f"_values_{column}")  # a keyed column's side table: (_rid, _v) of rows whose key repeats
 
 
 def rank_order(prefer: str | None, datasets: list[str] | None = None) -> str:
@@ -245,13 +246,9 @@ class DedupRule(_DedupBase):
     key_sql: ClassVar[str] = "hash({})"  # the fixed-width key of (partition, value): equal values, equal keys
 
     def apply(self, chain: Chain, label: str) -> None:
-        """Among kept rows with a value, every row but the first (by :meth:`order`) of each group of
-        equal values (within its dataset unless global) is dropped.
-
-        The pool is never sorted on the value: a hash aggregate over a fixed-width key (DuckDB's
-        64-bit ``hash`` of the partition and the value) finds the keys held by more than one row;
-        only the rows with such a key (the duplicates, and any row whose key collides) are ranked,
-        partitioned by the value itself, so a hash collision never drops a row."""
+        """Drop every kept row but the first (by :meth:`order`) of each group of equal values. No sort
+        of the pool: a hash aggregate on a 64-bit key finds keys that repeat; only rows with such a
+        key are ranked, partitioned by the value itself, so a key collision never drops a row."""
         col = q(self.column)
         src = chain.source()
         part = self.partition(chain)
@@ -265,9 +262,7 @@ class DedupRule(_DedupBase):
         drops = chain.helper(
             f"SELECT _rid FROM (SELECT s._rid, row_number() OVER (PARTITION BY {', '.join(part + [value])} ORDER BY "
             f"{self.order()}) AS _rn FROM {rows} WHERE {alive} AND {key} IN (SELECT _k FROM {shared})) WHERE _rn > 1")
-        src = chain.source()
-        chain.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {lit(label)} "
-                  f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {drops} n ON p._rid = n._rid")
+        chain.drop_rows(drops, lit(label))
 
 
 @register
@@ -322,9 +317,7 @@ class _RankingRule(SelectionRule):
         raise NotImplementedError
 
     def apply(self, chain: Chain, label: str) -> None:
-        """Rank the kept rows of each dataset; drop those past the limit and those with no value.
-        Only the kept rows, and only the columns the ranking reads, are sorted (a helper of their
-        row ids); the step marks them by a join on the row id."""
+        """Drop the kept rows past the limit, or with no value: only kept rows' ranking columns are sorted."""
         direction = "ASC" if self.ascending else "DESC"
         src = chain.source()
         part = chain.by_dataset()
@@ -334,9 +327,7 @@ class _RankingRule(SelectionRule):
             f"SELECT _rid FROM (SELECT _rid, {col}, row_number() OVER ({over} ORDER BY {col} {direction} NULLS LAST, "
             f"shard, key) AS _rk, count(*) OVER ({over}) AS _alive FROM (SELECT _rid, {', '.join(part + [col])}, shard, "
             f"key FROM {src} WHERE dropped_by IS NULL)) WHERE _rk > {self._limit()} OR {col} IS NULL")
-        src = chain.source()
-        chain.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {lit(label)} "
-                  f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {drops} n ON p._rid = n._rid")
+        chain.drop_rows(drops, lit(label))
 
 
 @register
