@@ -4,14 +4,16 @@ One DuckDB connection of its own (:func:`curation.selection.sqlsafe.engine`), in
 
 1. with the store's views (it reaches the score files, local or S3) it copies the columns the
    policy reads into table ``s0`` (with ``dropped_by``, and ``_not_scored`` when incomplete
-   scores are allowed), then drops the views;
+   scores are allowed), then drops the views. The scorers' files are zipped row by row when
+   their rows line up in (dataset, shard, key) order (one scoring run writes them so), joined on
+   the key otherwise; a column only dedup compares is held as its 64-bit key (``_key``);
 2. :func:`curation.selection.sqlsafe.sandbox` locks it: no file but the result's temp name, no
    network, no extension, the configuration locked; it runs the steps: the score columns are
    stored once, and each step stores only its ``dropped_by`` column (``_run_steps``), so a rule
    reads and sorts only the columns it names;
 3. it writes the decision table with ``COPY`` (sorted by dataset, shard, key: a reader of one
-   shard's keys reads few row groups) to a temp name beside the result, renamed into place
-   (on S3: in the temp folder, then one upload).
+   shard's keys reads few row groups; no sort when the zipped rows were in that order already)
+   to a temp name beside the result, renamed into place (on S3: in the temp folder, then one upload).
 
 Memory is bounded by DuckDB's ``memory_limit``: past it DuckDB spills its tables to a temp folder
 of this run (removed at the end); no step passes rows through Python.
@@ -152,8 +154,8 @@ def _key(con: duckdb.DuckDBPyConnection, keyed: list[str]) -> None:
         con.execute(f"CREATE TABLE {keyed_values(c)} AS SELECT rowid AS _rid, {col} AS _v FROM s0 WHERE {col} IS NOT "
                     f"NULL AND hash({col}) IN (SELECT hash({col}) FROM s0 WHERE {col} IS NOT NULL GROUP BY ALL "
                     f"HAVING count(*) > 1)")
-        con.execute(f"ALTER TABLE s0 ALTER {col} SET DATA TYPE UBIGINT USING CASE WHEN {col} IS NOT NULL THEN hash({col}) "
-                    f"END")
+        con.execute(f"ALTER TABLE s0 ALTER {col} SET DATA TYPE UBIGINT USING "
+                    f"CASE WHEN {col} IS NOT NULL THEN hash({col}) END")
 
 
 def _view(step: str, decisions: str | None) -> str:
