@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curation.selection.policy import Policy, PolicyError
-from curation.selection.rules import Chain, DedupRule
+from curation.selection.rules import Chain, DedupRule, keyed_values
 from curation.selection.sqlsafe import ident as q
 from curation.selection.sqlsafe import literal as lit
 
@@ -75,7 +75,9 @@ class CompiledPolicy:
     @property
     def sql(self) -> str:
         """The steps as one readable script (``curate select --explain``, the manifest)."""
-        return ";\n".join(f"CREATE TABLE {name} AS\n  {body}" for name, body in self.steps) + ";\n" + \
+        head = "".join(f"-- s0 holds {c} as hash({c}); {keyed_values(c)}(_rid, _v): the values whose hash repeats\n"
+                       for c in self.keyed)
+        return head + ";\n".join(f"CREATE TABLE {name} AS\n  {body}" for name, body in self.steps) + ";\n" + \
             f"SELECT dataset, shard, key, kind, dropped_by FROM {self.final} ORDER BY dataset, shard, key;"
 
 
