@@ -98,9 +98,7 @@ def near_dedup_steps(chain: Any, column: str, max_distance: int, order: str, lab
         f"FROM _g w JOIN _e e ON w.node = e.src JOIN recurring._g r ON r.node = e.dst GROUP BY e.dst "
         f"HAVING min(w.grp) < min(r.grp)) "
         f"SELECT a._rid FROM {ranked} a JOIN _g g ON a._rank = g.node WHERE g.grp < a._rank")
-    src = chain.source()
-    chain.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {label_sql} "
-              f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {groups} n ON p._rid = n._rid")
+    chain.drop_rows(groups, label_sql)
 
 
 def candidate_pairs_sql(alive: str, rows: int, max_distance: int, blocks: int | None = None) -> str:

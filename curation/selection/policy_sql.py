@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curation.selection.policy import Policy, PolicyError
-from curation.selection.rules import Chain
+from curation.selection.rules import Chain, DedupRule, keyed_values
 from curation.selection.sqlsafe import ident as q
 from curation.selection.sqlsafe import literal as lit
+
+IDENTITY_COLUMNS = ("dataset", "shard", "key", "kind")
 
 
 def _apply(ch: Chain, rules: list[tuple[int, Any]], early: bool) -> None:
@@ -31,12 +33,13 @@ def _apply(ch: Chain, rules: list[tuple[int, Any]], early: bool) -> None:
 
 
 def compile_steps(policy: Policy, datasets: list[str], error_columns: list[str], rows: int = 0,
-                  not_scored: bool = False) -> Chain:
+                  not_scored: bool = False, keyed: set[str] | None = None) -> Chain:
     """The steps over table ``s0`` (the score columns plus ``dropped_by``, and ``_not_scored``
     when ``not_scored``): unreadable, not scored, early rules, scorer errors, the other rules.
     ``defaults`` run on every dataset at once (each within its dataset unless global), then each
-    dataset's own rules on its rows; within a dataset this is the policy's order."""
-    ch = Chain(rows)
+    dataset's own rules on its rows; within a dataset this is the policy's order. ``keyed``: the
+    columns ``s0`` holds as their 64-bit key (:func:`keyed_columns`)."""
+    ch = Chain(rows, keyed)
     if "basic_error" in error_columns:
         ch.mark("unreadable", "basic_error IS NOT NULL")  # unreadable input (the reader's error, as basic recorded it)
     if not_scored:
@@ -66,11 +69,15 @@ class CompiledPolicy:
     datasets: list[str]
     columns: list[str] = field(default_factory=list)  # the score columns the query reads
     scorers: list[str] = field(default_factory=list)  # the scorers whose columns the rules read
+    in_order: set[str] = field(default_factory=set)  # steps whose rows come out in their source's order
+    keyed: list[str] = field(default_factory=list)  # columns held as their key, values where keys repeat
 
     @property
     def sql(self) -> str:
         """The steps as one readable script (``curate select --explain``, the manifest)."""
-        return ";\n".join(f"CREATE TABLE {name} AS\n  {body}" for name, body in self.steps) + ";\n" + \
+        head = "".join(f"-- s0 holds {c} as hash({c}); {keyed_values(c)}(_rid, _v): the values whose hash repeats\n"
+                       for c in self.keyed)
+        return head + ";\n".join(f"CREATE TABLE {name} AS\n  {body}" for name, body in self.steps) + ";\n" + \
             f"SELECT dataset, shard, key, kind, dropped_by FROM {self.final} ORDER BY dataset, shard, key;"
 
 
@@ -105,14 +112,31 @@ def _needed(policy: Policy, columns: list[str], error_cols: list[str]) -> list[s
     return [c for c in columns if c in need]
 
 
+def keyed_columns(policy: Policy, columns: list[str], error_cols: list[str]) -> set[str]:
+    """Columns that only ``dedup`` rules read, as the values they compare (not as ``prefer``): the
+    selection holds each as a 64-bit key (``hash``) and, in a side table, the values of the rows
+    whose key repeats, which is all that dedup needs (a sha256 hex: 8 bytes a row, not 68)."""
+    keyed, other = set(), set(IDENTITY_COLUMNS) | set(error_cols)
+    for _, rules in _all_rules(policy):
+        for r in rules:
+            cols = r.columns(columns)
+            if isinstance(r, DedupRule):
+                keyed.add(r.column)
+                cols = [c for c in cols if c != r.column]
+            other.update(cols)
+    return keyed - other
+
+
 def compile_policy(policy: Policy, datasets: list[str], columns: list[str], rows: int = 0,
                    owners: dict[str, str] | None = None, not_scored: bool = False) -> CompiledPolicy:
     """The steps that turn the ``scores`` columns into decisions (dataset, shard, key, kind, dropped_by).
     ``rows`` sizes near_dedup's index; ``owners`` maps a score column to its scorer."""
     _check_names(policy, datasets, columns)
     error_cols = [c for c in columns if c == "error" or c.endswith("_error")] if policy.drop_errors else []
-    ch = compile_steps(policy, datasets, error_cols, rows, not_scored)
+    keyed = keyed_columns(policy, columns, error_cols)
+    ch = compile_steps(policy, datasets, error_cols, rows, not_scored, keyed)
     needed = _needed(policy, columns, error_cols)
     read = {c for _, rules in _all_rules(policy) for r in rules for c in r.columns(columns)}
     scorers = sorted({(owners or {}).get(c) for c in read} - {None})  # type: ignore[arg-type]
-    return CompiledPolicy(ch.steps, ch.prev, sorted(datasets), needed, scorers)
+    return CompiledPolicy(ch.steps, ch.prev, sorted(datasets), needed, scorers, ch.in_order,
+                          sorted(keyed))

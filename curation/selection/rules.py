@@ -1,8 +1,7 @@
 """Selection rules: each one a class that owns its YAML fields, the score columns it reads, the
 reason it records, and the SQL step that drops samples.
 
-A rule is a pydantic model (its fields are what a policy YAML writes under ``rule: <name>``)
-with three methods:
+A rule is a pydantic model (its fields are what a policy YAML writes under ``rule: <name>``):
 
 - ``columns(all_columns)``: the score columns it reads (checked against the store before any
   query runs, and the only columns the sandboxed query may read);
@@ -13,10 +12,8 @@ with three methods:
 
 ``early = True`` rules (``valid``) run before scorer errors are counted, so a sample is dropped
 for its cause (an empty caption), not for the scorer error that cause produces downstream.
-
 Adding a rule is adding one class here, decorated with :func:`register`: policies accept it,
-the compiler runs it, its reason shows in ``curate select --explain``.
-"""
+the compiler runs it, its reason shows in ``curate select --explain``."""
 
 from __future__ import annotations
 
@@ -40,16 +37,17 @@ class Chain:
     plan of one statement over a table: a ranking sorts once, whatever came before it. While
     ``dataset`` is set, a rule sees only that dataset's rows (``source()``) and ``add`` keeps the
     other rows as they are; while it is None, a rule sees every dataset and works within each
-    (``by_dataset()``), unless it is global. Consecutive marks are fused into one step.
-    """
+    (``by_dataset()``), unless it is global. Consecutive marks are fused into one step."""
 
-    def __init__(self, rows: int = 0) -> None:
+    def __init__(self, rows: int = 0, keyed: set[str] | None = None) -> None:
         self.steps: list[tuple[str, str]] = []  # (table, SELECT): chain steps and helper tables, in order
         self.n = 0
         self.rows = rows  # how many rows the selection starts from (sizes near_dedup's index)
         self.dataset: str | None = None
         self._marks: list[tuple[str, str]] = []  # pending (reason SQL, condition)
         self._helpers = 0
+        self.in_order: set[str] = set()  # steps that keep their source's row order (marks: no join, no window)
+        self.keyed = set(keyed or ())  # columns s0 holds as their 64-bit key, values in table keyed_values(c)
 
     @property
     def prev(self) -> str:
@@ -71,6 +69,12 @@ class Chain:
             body = f"SELECT * FROM {self.prev} WHERE dataset <> {lit(self.dataset)} UNION ALL BY NAME {body}"
         self.n += 1
         self.steps.append((self.prev, body))
+
+    def drop_rows(self, rows: str, label_sql: str) -> None:
+        """A step that drops, as ``label_sql``, the kept rows whose ``_rid`` is in table ``rows``."""
+        src = self.source()
+        self.add(f"SELECT p.* REPLACE (CASE WHEN p.dropped_by IS NULL AND n._rid IS NOT NULL THEN {label_sql} "
+                 f"ELSE p.dropped_by END AS dropped_by) FROM {src} p LEFT JOIN {rows} n ON p._rid = n._rid")
 
     def helper(self, body: str) -> str:
         """A helper table (not a step); returns its name."""
@@ -98,6 +102,11 @@ class Chain:
                 f"AS dropped_by) FROM {self.prev}")
         self.n += 1
         self.steps.append((self.prev, body))
+        self.in_order.add(self.prev)
+
+
+def keyed_values(column: str) -> str:
+    return q(f"_values_{column}")  # a keyed column's side table: (_rid, _v) of rows whose key repeats
 
 
 def rank_order(prefer: str | None, datasets: list[str] | None = None) -> str:
@@ -234,16 +243,26 @@ class _DedupBase(SelectionRule):
 class DedupRule(_DedupBase):
     rule: Literal["dedup"]
     column: str = "sha256"
+    key_sql: ClassVar[str] = "hash({})"  # the fixed-width key of (partition, value): equal values, equal keys
 
     def apply(self, chain: Chain, label: str) -> None:
+        """Drop every kept row but the first (by :meth:`order`) of each group of equal values. No sort
+        of the pool: a hash aggregate on a 64-bit key finds keys that repeat; only rows with such a
+        key are ranked, partitioned by the value itself, so a key collision never drops a row."""
         col = q(self.column)
         src = chain.source()
-        part = ", ".join(self.partition(chain) + ["dropped_by IS NULL", col])
-        chain.add(
-            f"SELECT * EXCLUDE (_rn) REPLACE (CASE WHEN dropped_by IS NULL AND _rn > 1 THEN {lit(label)} "
-            f"ELSE dropped_by END AS dropped_by) FROM (SELECT *, CASE WHEN dropped_by IS NULL AND {col} "
-            f"IS NOT NULL THEN row_number() OVER (PARTITION BY {part} ORDER BY {self.order()}) END AS _rn FROM {src})"
-        )
+        part = self.partition(chain)
+        key = self.key_sql.format(", ".join(part + [col]))
+        alive = f"dropped_by IS NULL AND {col} IS NOT NULL"
+        shared = chain.helper(f"SELECT {key} AS _k FROM {src} WHERE {alive} GROUP BY _k HAVING count(*) > 1")
+        if self.column in chain.keyed:  # s0 holds the key; the values of rows whose key repeats are aside
+            value, rows = "v._v", f"{src} s JOIN {keyed_values(self.column)} v ON s._rid = v._rid"
+        else:
+            value, rows = col, f"{src} s"
+        drops = chain.helper(
+            f"SELECT _rid FROM (SELECT s._rid, row_number() OVER (PARTITION BY {', '.join(part + [value])} ORDER BY "
+            f"{self.order()}) AS _rn FROM {rows} WHERE {alive} AND {key} IN (SELECT _k FROM {shared})) WHERE _rn > 1")
+        chain.drop_rows(drops, lit(label))
 
 
 @register
@@ -298,17 +317,17 @@ class _RankingRule(SelectionRule):
         raise NotImplementedError
 
     def apply(self, chain: Chain, label: str) -> None:
+        """Drop the kept rows past the limit, or with no value: only kept rows' ranking columns are sorted."""
         direction = "ASC" if self.ascending else "DESC"
         src = chain.source()
         part = chain.by_dataset()
         over = f"PARTITION BY {', '.join(part)}" if part else ""
-        chain.add(
-            f"SELECT * EXCLUDE (_rk, _alive) REPLACE (CASE WHEN dropped_by IS NULL AND (_rk > {self._limit()} OR "
-            f"{q(self.column)} IS NULL) THEN {lit(label)} ELSE dropped_by END AS dropped_by) FROM (SELECT *, "
-            f"row_number() OVER (PARTITION BY {', '.join(part + ['dropped_by IS NULL'])} ORDER BY {q(self.column)} "
-            f"{direction} NULLS LAST, shard, key) AS _rk, sum(CASE WHEN dropped_by IS NULL THEN 1 ELSE 0 END) OVER ({over}) "
-            f"AS _alive FROM {src})"  # not count(*) FILTER (...) OVER (): DuckDB runs that one in quadratic time
-        )
+        col = q(self.column)
+        drops = chain.helper(
+            f"SELECT _rid FROM (SELECT _rid, {col}, row_number() OVER ({over} ORDER BY {col} {direction} NULLS LAST, "
+            f"shard, key) AS _rk, count(*) OVER ({over}) AS _alive FROM (SELECT _rid, {', '.join(part + [col])}, shard, "
+            f"key FROM {src} WHERE dropped_by IS NULL)) WHERE _rk > {self._limit()} OR {col} IS NULL")
+        chain.drop_rows(drops, lit(label))
 
 
 @register

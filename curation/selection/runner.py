@@ -4,14 +4,16 @@ One DuckDB connection of its own (:func:`curation.selection.sqlsafe.engine`), in
 
 1. with the store's views (it reaches the score files, local or S3) it copies the columns the
    policy reads into table ``s0`` (with ``dropped_by``, and ``_not_scored`` when incomplete
-   scores are allowed), then drops the views;
+   scores are allowed), then drops the views. The scorers' files are zipped row by row when
+   their rows line up in (dataset, shard, key) order (one scoring run writes them so), joined on
+   the key otherwise; a column only dedup compares is held as its 64-bit key (``_key``);
 2. :func:`curation.selection.sqlsafe.sandbox` locks it: no file but the result's temp name, no
    network, no extension, the configuration locked; it runs the steps: the score columns are
    stored once, and each step stores only its ``dropped_by`` column (``_run_steps``), so a rule
    reads and sorts only the columns it names;
 3. it writes the decision table with ``COPY`` (sorted by dataset, shard, key: a reader of one
-   shard's keys reads few row groups) to a temp name beside the result, renamed into place
-   (on S3: in the temp folder, then one upload).
+   shard's keys reads few row groups; no sort when the zipped rows were in that order already)
+   to a temp name beside the result, renamed into place (on S3: in the temp folder, then one upload).
 
 Memory is bounded by DuckDB's ``memory_limit``: past it DuckDB spills its tables to a temp folder
 of this run (removed at the end); no step passes rows through Python.
@@ -29,6 +31,7 @@ from typing import Any
 import duckdb
 
 from curation.data import storage
+from curation.selection.rules import keyed_values
 from curation.selection.sqlsafe import ident as q
 from curation.selection.sqlsafe import literal as lit
 from curation.selection.sqlsafe import engine, sandbox
@@ -60,14 +63,73 @@ class Resources:
         return s
 
 
+IDENTITY = ("dataset", "shard", "key", "kind")
+
+
+def _zip_columns(views: dict[str, list[str]]) -> dict[str, str] | None:
+    """The ``scores`` view's columns (``curation.scoring.store``'s names: identity once, ``error``
+    and names two scorers share prefixed with the scorer) as expressions over the scorers' views
+    zipped by position (``t0``, ``t1``, ...); None when two sources would give one name."""
+    names = list(views)
+    counts: dict[str, int] = {}
+    for cols in views.values():
+        for c in cols:
+            counts[c] = counts.get(c, 0) + 1
+    out = {c: f"COALESCE({', '.join(f't{i}.{q(c)}' for i in range(len(names)))})" for c in IDENTITY}
+    for i, n in enumerate(names):
+        for c in views[n]:
+            if c in IDENTITY:
+                continue
+            alias = f"{n}_{c}" if (c == "error" or counts[c] > 1) else c
+            if alias in out:
+                return None
+            out[alias] = f"t{i}.{q(c)}"
+    return out
+
+
+def _load_zipped(con: duckdb.DuckDBPyConnection, views: dict[str, list[str]], columns: list[str]) -> bool:
+    """Table ``s0`` from the scorers' files zipped row by row (``POSITIONAL JOIN``: no join over the
+    pool), when that is what the store's join gives: every scorer's rows have the first scorer's
+    (dataset, shard, key) in the same order, and (dataset, shard, key) strictly increases down the
+    table, so no key repeats. False (and no ``s0``) when it is not so: the caller joins."""
+    expr = _zip_columns(views)
+    if expr is None or not views or any(c not in expr for c in columns):
+        return False
+    same = " AND ".join([f"t0.{c} IS NOT NULL" for c in IDENTITY[:3]] +
+                        [f"t{i}.{c} = t0.{c}" for i in range(1, len(views)) for c in IDENTITY[:3]])
+    zipped = " POSITIONAL JOIN ".join(f"{q(n)} t{i}" for i, n in enumerate(views))
+    cols = ", ".join(f"{expr[c]} AS {q(c)}" for c in columns)
+    con.execute(f"CREATE TABLE s0 AS SELECT {cols}, CAST(NULL AS VARCHAR) AS dropped_by, "
+                f"coalesce({same}, false) AS _zip_ok FROM {zipped}")
+    if con.execute("SELECT bool_and(_zip_ok) FROM s0").fetchall()[0][0] is not False:
+        con.execute("ALTER TABLE s0 DROP COLUMN _zip_ok")
+        if "dataset" in columns and "shard" in columns and "key" in columns and _ordered(con, "s0"):
+            return True
+    con.execute("DROP TABLE s0")
+    return False
+
+
+def _ordered(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether (dataset, shard, key) strictly increases with the row id: each row against the one
+    before it, zipped by position (one pass, no sort)."""
+    bad = con.execute(
+        f"SELECT count(*) FROM (SELECT rowid AS r, dataset AS d, shard AS s, key AS k FROM {table} WHERE rowid > 0) a "
+        f"POSITIONAL JOIN (SELECT rowid AS r0, dataset AS d0, shard AS s0, key AS k0 FROM {table}) b "
+        f"WHERE a.r IS NOT NULL AND NOT coalesce(a.r = b.r0 + 1 AND (b.d0, b.s0, b.k0) < (a.d, a.s, a.k), false)"
+    ).fetchall()[0][0]
+    return bad == 0
+
+
 def _load(store: Any, con: duckdb.DuckDBPyConnection, columns: list[str],
-          missing: list[tuple[str, str, str]] | None) -> None:
-    """Table ``s0``: the columns the policy reads, ``dropped_by`` and (with ``missing``) ``_not_scored``."""
+          missing: list[tuple[str, str, str]] | None) -> bool:
+    """Table ``s0``: the columns the policy reads, ``dropped_by`` and (with ``missing``) ``_not_scored``.
+    True when its rows are in (dataset, shard, key) order, each key once (the zipped load)."""
     view = type(store)(store.work, store.storage_options, con=con)  # the store's views, on this connection
+    ordered = missing is None and _load_zipped(con, view.views, columns)
     cols = ", ".join(f"s.{q(c)}" for c in columns)
-    if missing is None:
+    if not ordered and missing is None:
         con.execute(f"CREATE TABLE s0 AS SELECT {cols}, CAST(NULL AS VARCHAR) AS dropped_by FROM scores s")
-    else:
+    elif missing is not None:
         import pyarrow as pa
 
         m = pa.table({"dataset": [x[0] for x in missing], "shard": [x[1] for x in missing],
@@ -80,6 +142,20 @@ def _load(store: Any, con: duckdb.DuckDBPyConnection, columns: list[str],
         con.unregister("_missing_in")
     for name in ["scores", *view.views]:
         con.execute(f"DROP VIEW IF EXISTS {q(name)}")
+    return ordered
+
+
+def _key(con: duckdb.DuckDBPyConnection, keyed: list[str]) -> None:
+    """Each keyed column (``curation.selection.policy_sql.keyed_columns``) of ``s0`` becomes its
+    64-bit ``hash`` (NULL stays NULL), and its values go aside (``keyed_values``) for the rows
+    whose hash another row shares: a column that only dedup compares shrinks to 8 bytes a row."""
+    for c in keyed:
+        col = q(c)
+        con.execute(f"CREATE TABLE {keyed_values(c)} AS SELECT rowid AS _rid, {col} AS _v FROM s0 WHERE {col} IS NOT "
+                    f"NULL AND hash({col}) IN (SELECT hash({col}) FROM s0 WHERE {col} IS NOT NULL GROUP BY ALL "
+                    f"HAVING count(*) > 1)")
+        con.execute(f"ALTER TABLE s0 ALTER {col} SET DATA TYPE UBIGINT USING "
+                    f"CASE WHEN {col} IS NOT NULL THEN hash({col}) END")
 
 
 def _view(step: str, decisions: str | None) -> str:
@@ -91,10 +167,11 @@ def _view(step: str, decisions: str | None) -> str:
             f"FROM _base b POSITIONAL JOIN {decisions} d")
 
 
-def _run_steps(con: duckdb.DuckDBPyConnection, steps: list[tuple[str, str]]) -> None:
+def _run_steps(con: duckdb.DuckDBPyConnection, steps: list[tuple[str, str]], in_order: set[str] = frozenset()) -> None:
     """Run the steps over ``s0``. The score columns are stored once (``_base``); a step stores only
     its ``dropped_by`` column, ordered by row id, and ``s<k>`` is a view of the base with it, so a
-    rule reads (and sorts) only the columns it names, and no step copies the pool's columns."""
+    rule reads (and sorts) only the columns it names, and no step copies the pool's columns. A step in
+    ``in_order`` (a mark: a projection of its source) keeps the base's row order and is not sorted."""
     con.execute("ALTER TABLE s0 RENAME TO _base")
     con.execute(_view("s0", None))
     made: list[str] = []  # what the newest step's view and the helpers after it hold
@@ -103,7 +180,8 @@ def _run_steps(con: duckdb.DuckDBPyConnection, steps: list[tuple[str, str]]) -> 
             con.execute(f"CREATE TABLE {name} AS {body}")
             made.append(f"TABLE {name}")
             continue
-        con.execute(f"CREATE TABLE _d{name} AS SELECT dropped_by FROM ({body}) ORDER BY _rid")
+        order = "" if name in in_order else " ORDER BY _rid"
+        con.execute(f"CREATE TABLE _d{name} AS SELECT dropped_by FROM ({body}){order}")
         rows = con.execute(f"SELECT (SELECT count(*) FROM _d{name}) = (SELECT count(*) FROM _base)").fetchall()[0][0]
         assert rows, f"step {name} changed the number of rows"  # every step marks, none adds or removes
         con.execute(_view(name, f"_d{name}"))
@@ -166,15 +244,17 @@ def execute(store: Any, compiled: Any, url: str, resources: Resources | None = N
     target = _target(url, tmp, store.storage_options)
     try:
         with engine(res.settings(os.path.join(tmp, "spill"))) as con:
-            _load(store, con, compiled.columns, missing)
+            ordered = _load(store, con, compiled.columns, missing)
+            _key(con, compiled.keyed)
             for name, data in (tables or {}).items():
                 con.register("_incoming", data)
                 con.execute(f"CREATE TABLE {q(name)} AS SELECT * FROM _incoming")
                 con.unregister("_incoming")
             sandbox(con, [target])
-            _run_steps(con, compiled.steps)
+            _run_steps(con, compiled.steps, compiled.in_order)
             counts = _counts(con, compiled.final)
-            con.execute(f"COPY (SELECT {DECISION_COLUMNS} FROM {compiled.final} ORDER BY dataset, shard, key) TO "
+            order = "" if ordered else " ORDER BY dataset, shard, key"  # already in that order: no sort
+            con.execute(f"COPY (SELECT {DECISION_COLUMNS} FROM {compiled.final}{order}) TO "
                         f"{lit(target)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880{_kv(metadata)})")
         _publish(target, url, store.storage_options)
         return counts
