@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pretrain-steps", type=int, default=None, help=f"vision pretraining steps (default {PRETRAIN_STEPS})")
     ap.add_argument("--proxy-steps", type=int, default=40, help="steps per early-stopping round of the proxies")
     ap.add_argument("--proxy-rounds", type=int, default=None, help="most early-stopping rounds per proxy (default 10)")
+    ap.add_argument("--proxy-data", choices=["source", "trusted"], default="source",
+                    help="the proxies' training data: source (default), clean pairs of the pool's own sources "
+                         "(its head/tail frequencies); trusted, the filter's uniformly drawn trusted set")
+    ap.add_argument("--small-proxy", choices=["weak", "tiny"], default="weak",
+                    help="the small proxy: weak (default, benchmarks/pruning/model.py SMALL_PROXY) or bootstrap's tiny")
     ap.add_argument("--deltaloss-mode", choices=["capability", "reference"], default=DEFAULT_MODE)
     ap.add_argument("--compare-modes", action="store_true", help="also run the other DeltaLoss mode's arms")
     ap.add_argument("--json", help="write the results here (and the bar chart beside it, .png)")

@@ -31,6 +31,19 @@ IMAGE_MODE = "resize"
 PRETRAIN_PAIRS = 8000
 PRETRAIN_STEPS = 1500
 
+# The DeltaLoss proxies (benchmarks/pruning/arms.py), both trained to convergence on the same
+# data: NVILA's small and large models differ in capacity, so the small one cannot fit what the
+# large one fits. SMALL_PROXY is a quarter of the tiny NVILA's width with one LLM layer, and its
+# projector reads the patch embeddings after one vision layer (the feature layer is -2 of 2);
+# LARGE_PROXY is bootstrap's "small" NVILA (4 vision and 4 LLM layers, 256 wide).
+SMALL_PROXY = {
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+                   image_size=32, patch_size=8),
+    "llm": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True),
+}
+LARGE_PROXY = "small"
+
 EPOCHS = 8.0  # passes over an arm's kept data (budget "epochs")
 CURVE = (0.5, 1.0, 2.0)  # full data's learning curve, in multiples of EPOCHS
 BATCH = 16
