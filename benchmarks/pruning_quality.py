@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pretrain-pairs", type=int, default=None, help=f"vision pretraining pairs (default {PRETRAIN_PAIRS})")
     ap.add_argument("--pretrain-steps", type=int, default=None, help=f"vision pretraining steps (default {PRETRAIN_STEPS})")
     ap.add_argument("--proxy-steps", type=int, default=40, help="steps per early-stopping round of the proxies")
-    ap.add_argument("--proxy-rounds", type=int, default=None, help="most early-stopping rounds per proxy (default 10)")
+    ap.add_argument("--proxy-rounds", type=int, default=None, help="most early-stopping rounds per proxy (default 30: the weak small proxy "
+                         "learns slowly; early stopping ends each proxy at its plateau)")
     ap.add_argument("--proxy-data", choices=["source", "trusted"], default="source",
                     help="the proxies' training data: source (default), clean pairs of the pool's own sources "
                          "(its head/tail frequencies); trusted, the filter's uniformly drawn trusted set")
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", help="keep everything under this folder instead of a temporary one")
     args = ap.parse_args(argv)
     full = {"pool": 1200, "trusted": 400, "calib": 150, "heldout": 150, "pretrain_pairs": PRETRAIN_PAIRS,
-            "pretrain_steps": PRETRAIN_STEPS, "epochs": EPOCHS, "proxy_rounds": 10, "seeds": [0, 1, 2]}
+            "pretrain_steps": PRETRAIN_STEPS, "epochs": EPOCHS, "proxy_rounds": 30, "seeds": [0, 1, 2]}
     for k, v in (QUICK if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)

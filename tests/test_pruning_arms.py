@@ -185,3 +185,20 @@ def test_proxy_data_follows_the_pools_sources_without_noise_or_heldout_pairs(tmp
     assert all((d["shape"], d["color"], d["bg"]) in heads[d["source"]] for d in head)
     assert all((d["shape"], d["color"], d["bg"]) not in heads[d["source"]] for d in rows if d["group"] == "tail")
     assert 0.5 < sum(d["source"] == "sft_a" for d in rows) / len(rows) < 0.7
+
+
+def test_benchmark_proxies_have_the_chosen_sizes_and_share_their_data(tmp_path):
+    from benchmarks.pruning.run import proxy_sizes
+    from training_hooks.proxies import train_proxies
+
+    sets = build_sets(str(tmp_path / "s"), PoolSpec(samples=40, seed=6, per_shard=40), trusted=8, calib=8, heldout=8,
+                      proxy_trusted=24)
+    (small, large), lr = proxy_sizes("weak")
+    assert lr and proxy_sizes("tiny") == (("tiny", large), None)
+    # the benchmark's large proxy is bootstrap's "small" NVILA; "tiny" keeps this test fast
+    res = train_proxies(sets["proxy_trusted"], str(tmp_path / "p"), steps=2, batch_size=4, max_rounds=1, round_steps=2,
+                        info=lambda t: None, converge_small=True, image_mode="resize", sizes=(small, "tiny"), small_lr=lr)
+    # the weak small proxy is a far smaller model than the other, both trained on the same data
+    assert res["large"]["parameters"] > 5 * res["small"]["parameters"]
+    record = json.loads((tmp_path / "p" / "proxies.json").read_text())
+    assert record["small"]["steps"] == record["large"]["steps"] == 2

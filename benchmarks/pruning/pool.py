@@ -131,9 +131,11 @@ def head_seeds(name: str, spec: PoolSpec, n: int) -> list[int]:
 def source_samples(name: str, count: int, spec: PoolSpec, heads: dict[str, list[Scene]]) -> Iterator[tuple[dict, dict]]:
     """Clean pairs drawn from the pool's own sources, as trusted data from the same web sources
     would be: each sub-dataset by its share, its head combinations (the same near-identical
-    renders) at the pool's head share of clean data, its tail otherwise; captioned in the
-    corpus' templates, never the pool's styles, and never a held-out pair. Nothing of the
-    injected noise: no filter or proxy learns what the noise looks like."""
+    renders) at the pool's head share of clean data, its tail otherwise; captioned as the pool
+    captions its clean samples (its own styles at ``POOL_STYLE_SHARE``: the sources' styles,
+    clean and noisy alike, so they tell nothing about noise), never a held-out pair. Nothing of
+    the injected noise: no proxy learns what the noise looks like. (The filter's trusted set
+    keeps the corpus' templates only.)"""
     rng = np.random.default_rng([spec.seed, sum(name.encode()), 29])
     seeds = {ds: head_seeds(ds, spec, len(heads[ds])) for ds, _ in SUB_DATASETS}
     names, shares = zip(*SUB_DATASETS)
@@ -147,7 +149,7 @@ def source_samples(name: str, count: int, spec: PoolSpec, heads: dict[str, list[
         else:
             scene, group = D.scene_outside(rng, spec.held, {D.combo(s) for s in heads[ds]}), "tail"
             im = D.clean_image(scene, w, h, rng)
-        yield (_sample(f"{i:06d}", encode_image(im, "jpg"), D.caption(scene, rng, False)),
+        yield (_sample(f"{i:06d}", encode_image(im, "jpg"), D.caption(scene, rng, True)),
                _truth(name, i, spec.per_shard, "clean", scene, {"group": group, "source": ds}))
 
 

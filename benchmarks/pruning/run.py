@@ -26,7 +26,7 @@ def prepare(root: str, args: Any, seed: int, modes: list[str], say: Callable[[st
     say(f"seed {seed} pool: {describe(sets['truth'])}; head combinations {sets['heads']}; held-out pairs {sets['held']}")
     t = time.time()
     models = A.train_scoring_models(sets, root, seed, modes, args.proxy_steps, args.proxy_rounds,
-                                    proxy_sizes(getattr(args, "small_proxy", "tiny")))
+                                    *proxy_sizes(getattr(args, "small_proxy", "tiny")))
     timings["filter_and_proxies"] = round(time.time() - t, 1)
     t = time.time()
     works = A.score_pool(sets, root, models)
@@ -40,11 +40,14 @@ def prepare(root: str, args: Any, seed: int, modes: list[str], say: Callable[[st
             "prepare_seconds": round(time.time() - t0, 1), "timings": timings}
 
 
-def proxy_sizes(small: str) -> tuple[Any, Any]:
-    """The proxies' (small, large) sizes: ``weak`` is ``model.SMALL_PROXY``, else a bootstrap size name."""
-    from benchmarks.pruning.model import LARGE_PROXY, SMALL_PROXY
+def proxy_sizes(small: str) -> tuple[tuple[Any, Any], float | None]:
+    """The proxies' (small, large) sizes and the small one's learning rate: ``weak`` is
+    ``model.SMALL_PROXY`` at ``SMALL_PROXY_LR``, else a bootstrap size name at the default."""
+    from benchmarks.pruning.model import LARGE_PROXY, SMALL_PROXY, SMALL_PROXY_LR
 
-    return (SMALL_PROXY if small == "weak" else small, LARGE_PROXY)
+    if small == "weak":
+        return (SMALL_PROXY, LARGE_PROXY), SMALL_PROXY_LR
+    return (small, LARGE_PROXY), None
 
 
 def proxy_summary(models: dict[str, Any]) -> str:
