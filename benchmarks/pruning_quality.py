@@ -18,6 +18,8 @@ Arms, each 50 % of every sub-dataset (``full``: all), curated through the real p
 pretrained initialization (``benchmarks/pruning/model.py``, the one place that sets model and
 budget): full | random_50 | clip_50 | likelihood_50 (top half by -loss_large alone) |
 deltaloss_50 | clip_then_deltaloss_50 (CLIP >= the calibrated threshold, then DeltaLoss).
+Plus ``oracle_50``, a ground-truth diagnostic, not a scorer: no injected noise, every clean tail
+sample, head samples up to half; the ceiling of a 50 % selection at the budget.
 
 Budget (``--budget``): ``epochs`` (default) gives every arm ``--epochs`` passes over its own
 kept data, so a 50 % arm takes half the optimizer steps; ``steps`` gives every arm full data's
@@ -67,7 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pretrain-pairs", type=int, default=None, help=f"vision pretraining pairs (default {PRETRAIN_PAIRS})")
     ap.add_argument("--pretrain-steps", type=int, default=None, help=f"vision pretraining steps (default {PRETRAIN_STEPS})")
     ap.add_argument("--proxy-steps", type=int, default=40, help="steps per early-stopping round of the proxies")
-    ap.add_argument("--proxy-rounds", type=int, default=None, help="most early-stopping rounds per proxy (default 10)")
+    ap.add_argument("--proxy-rounds", type=int, default=None, help="most early-stopping rounds per proxy (default 10; give --small-proxy weak 30)")
+    ap.add_argument("--proxy-data", choices=["trusted", "source"], default="trusted",
+                    help="the proxies' training data: trusted (default), the filter's uniformly drawn trusted set; "
+                         "source, clean pairs of the pool's own sources (its head/tail frequencies and caption styles)")
+    ap.add_argument("--small-proxy", choices=["tiny", "weak"], default="tiny",
+                    help="the small proxy: bootstrap's tiny (default) or weak (benchmarks/pruning/model.py SMALL_PROXY)")
     ap.add_argument("--deltaloss-mode", choices=["capability", "reference"], default=DEFAULT_MODE)
     ap.add_argument("--compare-modes", action="store_true", help="also run the other DeltaLoss mode's arms")
     ap.add_argument("--json", help="write the results here (and the bar chart beside it, .png)")

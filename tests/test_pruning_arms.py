@@ -150,3 +150,55 @@ def test_plateau_needs_three_budgets_and_no_gain_at_the_largest():
     assert plateau(curve(0.40, 0.55, 0.555))  # the largest gains less than a point
     assert not plateau(curve(0.35, 0.50, 0.65))  # still climbing
     assert not plateau(curve(0.50, 0.50))  # two budgets say nothing
+
+
+def test_oracle_keeps_no_noise_all_tail_and_head_up_to_half(tmp_path):
+    sets = build_sets(str(tmp_path / "s"), PoolSpec(samples=200, seed=2, per_shard=100), trusted=8, calib=8, heldout=8)
+    sizes = {ds: sum(r["dataset"] == ds for r in sets["truth"]) for ds in sets["pool"]}
+    keys = A.oracle_keys(sets["truth"], sizes, seed=2)
+    truth = {(r["dataset"], r["key"]): r for r in sets["truth"]}
+    for ds, n in sizes.items():
+        kept = [truth[(ds, k)] for k in keys[ds]]
+        assert len(kept) == n // 2
+        assert all(r["noise"] == "clean" for r in kept)
+        tail = {r["key"] for r in sets["truth"] if r["dataset"] == ds and r["noise"] == "clean"
+                and json.loads(r["detail"])["group"] == "tail"}
+        assert tail <= set(keys[ds])  # the pool's tail is under half: all of it, head fills the rest
+    # the selection engine keeps exactly those keys
+    rows = [{**_row(r["dataset"], 0, 0.0, 0.0, 0.5), "key": r["key"]} for r in sets["truth"]]
+    kept = _kept(_store(tmp_path, rows), A.arm_policy("oracle_50", sizes, 2, 0.0, keys))
+    assert kept == {ds: set(v) for ds, v in keys.items()}
+    with pytest.raises(ValueError, match="ground-truth"):
+        A.arm_policy("oracle_50", sizes, 2, 0.0)
+
+
+def test_proxy_data_follows_the_pools_sources_without_noise_or_heldout_pairs(tmp_path):
+    spec = PoolSpec(samples=100, seed=5, per_shard=100)
+    sets = build_sets(str(tmp_path / "s"), spec, trusted=8, calib=8, heldout=8, proxy_trusted=300)
+    rows = [json.loads(r["detail"]) for r in _truth(str(tmp_path / "s" / "proxy_trusted"))]
+    assert len(rows) == 300
+    held = set(map(tuple, sets["held"]))
+    assert all((d["shape"], d["color"]) not in held for d in rows)
+    heads = {ds: {tuple(c) for c in combos} for ds, combos in sets["heads"].items()}
+    head = [d for d in rows if d["group"] == "head"]
+    assert 0.5 < len(head) / len(rows) < 0.7  # the pool's head share of clean data (0.6)
+    assert all((d["shape"], d["color"], d["bg"]) in heads[d["source"]] for d in head)
+    assert all((d["shape"], d["color"], d["bg"]) not in heads[d["source"]] for d in rows if d["group"] == "tail")
+    assert 0.5 < sum(d["source"] == "sft_a" for d in rows) / len(rows) < 0.7
+
+
+def test_benchmark_proxies_have_the_chosen_sizes_and_share_their_data(tmp_path):
+    from benchmarks.pruning.run import proxy_sizes
+    from training_hooks.proxies import train_proxies
+
+    sets = build_sets(str(tmp_path / "s"), PoolSpec(samples=40, seed=6, per_shard=40), trusted=8, calib=8, heldout=8,
+                      proxy_trusted=24)
+    (small, large), lr = proxy_sizes("weak")
+    assert lr and proxy_sizes("tiny") == (("tiny", large), None)
+    # the benchmark's large proxy is bootstrap's "small" NVILA; "tiny" keeps this test fast
+    res = train_proxies(sets["proxy_trusted"], str(tmp_path / "p"), steps=2, batch_size=4, max_rounds=1, round_steps=2,
+                        info=lambda t: None, converge_small=True, image_mode="resize", sizes=(small, "tiny"), small_lr=lr)
+    # the weak small proxy is a far smaller model than the other, both trained on the same data
+    assert res["large"]["parameters"] > 5 * res["small"]["parameters"]
+    record = json.loads((tmp_path / "p" / "proxies.json").read_text())
+    assert record["small"]["steps"] == record["large"]["steps"] == 2

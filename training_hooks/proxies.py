@@ -66,14 +66,19 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
                   seed: int = 0, use_ray: bool = False, info: Callable[[str], None] = print, max_rounds: int = 10,
                   round_steps: int | None = None, patience: int = 1, min_delta: float = 0.01,
                   lr: float = 1e-3, mode: str = DEFAULT_MODE, pool: str | list[str] | None = None,
-                  converge_small: bool = False, image_mode: str = "dynamic_s2") -> dict[str, Any]:
+                  converge_small: bool = False, image_mode: str = "dynamic_s2",
+                  sizes: tuple[str | dict[str, Any], str | dict[str, Any]] = ("tiny", "small"),
+                  small_lr: float | None = None) -> dict[str, Any]:
     """Train the DeltaLoss scorer's two models under ``out`` and record them in ``proxies.json``.
 
     ``mode="capability"``: ``small`` and ``large`` on the trusted data (NVILA's DeltaLoss); the
     small one ``steps`` per stage, or to convergence too with ``converge_small``.
     ``mode="reference"``: ``pool`` (a model trained on the ``pool`` shards being pruned) and
     ``reference`` (the same architecture trained on the trusted data), both to convergence.
-    ``image_mode``: how the proxies tile an image (``model.config.IMAGE_MODES``)."""
+    ``image_mode``: how the proxies tile an image (``model.config.IMAGE_MODES``). ``sizes``: the
+    small and large proxies' model sizes (``training_hooks.bootstrap.SIZES`` names or size specs);
+    ``small_lr``: the small proxy's learning rate (default ``lr``: a much narrower model
+    takes a larger one to converge in as many steps)."""
     if mode not in MODES:
         raise ValueError(f"unknown proxy mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "reference" and not pool:
@@ -88,7 +93,7 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
     stop = dict(max_rounds=max_rounds, patience=patience, min_delta=min_delta, info=info)
     rounds = round_steps or max(steps, 25)
     if mode == "capability":
-        results = _capability(manifest_url, out, steps, rounds, settings, stop, converge_small)
+        results = _capability(manifest_url, out, steps, rounds, settings, stop, converge_small, sizes, small_lr)
     else:
         pool = [pool] if isinstance(pool, str) else list(pool or [])
         pool_url = seed_manifest(pool, os.path.join(out, "pool-work"), os.path.join(out, "pool-curated"))
@@ -117,18 +122,21 @@ def _runner(manifest_url: str, n: int, s: dict[str, Any]) -> Callable[[str, str]
 
 
 def _capability(manifest_url: str, out: str, steps: int, rounds: int, s: dict[str, Any],
-                stop: dict[str, Any], converge_small: bool = False) -> dict[str, Any]:
-    """A small proxy (``steps`` per stage, or to convergence) and a ~9x larger one trained to convergence."""
+                stop: dict[str, Any], converge_small: bool = False,
+                sizes: tuple[Any, Any] = ("tiny", "small"), small_lr: float | None = None) -> dict[str, Any]:
+    """A small proxy (``steps`` per stage, or to convergence) and a larger one (by default ~9x)
+    trained to convergence."""
     from curation.selection.manifest import load_manifest
     from training_hooks.bootstrap import init_tiny_model
 
     m = load_manifest(manifest_url)
-    small_init = init_tiny_model(m, os.path.join(out, "init-small"), size="tiny", seed=s["seed"], image_mode=s["image_mode"])
+    small_init = init_tiny_model(m, os.path.join(out, "init-small"), size=sizes[0], seed=s["seed"], image_mode=s["image_mode"])
     # one tokenizer for both proxies: the large one is built with the small one's vocabulary
-    large_init = init_tiny_model(m, os.path.join(out, "init-large"), size="small", seed=s["seed"], image_mode=s["image_mode"])
+    large_init = init_tiny_model(m, os.path.join(out, "init-large"), size=sizes[1], seed=s["seed"], image_mode=s["image_mode"])
     _share_tokenizer(small_init, large_init)
-    small = (_train_to_convergence(_runner(manifest_url, rounds, s), small_init, out, "small", **stop) if converge_small
-             else _train_small(_runner(manifest_url, steps, s), small_init, out))
+    s_small = dict(s, lr=small_lr or s["lr"])
+    small = (_train_to_convergence(_runner(manifest_url, rounds, s_small), small_init, out, "small", **stop)
+             if converge_small else _train_small(_runner(manifest_url, steps, s_small), small_init, out))
     results = {"small": small,
                "large": _train_to_convergence(_runner(manifest_url, rounds, s), large_init, out, "large", **stop)}
     for name, init in (("small", small_init), ("large", large_init)):

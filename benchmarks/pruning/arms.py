@@ -19,12 +19,36 @@ from typing import Any
 from curation.data.shards import dataset_of, list_shards
 
 ARMS = ("full", "random_50", "clip_50", "likelihood_50", "deltaloss_50", "clip_then_deltaloss_50")
+# ground-truth diagnostics, not scorers: what a perfect 50 % selection reaches at the same budget
+DIAGNOSTIC_ARMS = ("oracle_50",)
+
+
+def oracle_keys(truth: list[dict[str, Any]], sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
+    """The ground-truth half of each sub-dataset (``oracle_50``, a diagnostic: it reads the labels
+    no scorer sees): no injected noise, every clean tail sample, then head samples (a random
+    subset, by ``seed``, spread over the head combinations as they come) up to 50 %."""
+    import json
+
+    import numpy as np
+
+    out: dict[str, list[str]] = {}
+    for ds, n in sizes.items():
+        rows = [r for r in truth if r["dataset"] == ds and r["noise"] == "clean"]
+        tail = [r["key"] for r in rows if json.loads(r["detail"]).get("group") != "head"]
+        head = [r["key"] for r in rows if json.loads(r["detail"]).get("group") == "head"]
+        rng = np.random.default_rng([seed, sum(ds.encode()), 41])
+        room = max(0, n // 2 - len(tail))
+        out[ds] = sorted(tail[: n // 2] + [head[i] for i in sorted(rng.permutation(len(head))[:room])])
+    return out
 
 
 def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list[str],
-                         proxy_steps: int, max_rounds: int) -> dict[str, Any]:
-    """The DFN filter and, per DeltaLoss mode, the proxies (capability: both trained to
-    convergence, so they differ in capacity only); with their cost in seconds."""
+                         proxy_steps: int, max_rounds: int, proxy_sizes: tuple[Any, Any] = ("tiny", "small"),
+                         small_lr: float | None = None) -> dict[str, Any]:
+    """The DFN filter on the trusted set and, per DeltaLoss mode, the proxies (capability: both
+    trained to convergence, so they differ in capacity only; ``proxy_sizes``: small, large) on
+    ``proxy_trusted`` when the sets have it (clean pairs of the pool's sources), else the
+    trusted set; with their cost in seconds."""
     from benchmarks.pruning import model as M
     from curation.scoring.dfn import FilterTrainConfig, train_filter
     from training_hooks.proxies import train_proxies
@@ -34,10 +58,10 @@ def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list
                                                                    shuffle_buffer=512, seed=seed))
     out: dict[str, Any] = {"dfn": f"{root}/dfn", "dfn_seconds": round(time.time() - t0, 1), "proxies": {}}
     for mode in modes:
-        res = train_proxies(sets["trusted"], f"{root}/proxies-{mode}", steps=proxy_steps, batch_size=8, seed=seed,
+        res = train_proxies(sets.get("proxy_trusted", sets["trusted"]), f"{root}/proxies-{mode}", steps=proxy_steps, batch_size=8, seed=seed,
                             mode=mode, pool=list(sets["pool"].values()) if mode == "reference" else None,
                             max_rounds=max_rounds, info=lambda t: None, converge_small=mode == "capability",
-                            image_mode=M.IMAGE_MODE)
+                            image_mode=M.IMAGE_MODE, sizes=proxy_sizes, small_lr=small_lr)
         out["proxies"][mode] = res
     return out
 
@@ -94,8 +118,10 @@ def spearman_delta_vs_likelihood(work: str) -> float:
     return round(float(spearmanr([r[0] for r in rows], [-r[1] for r in rows]).statistic), 4)
 
 
-def arm_policy(arm: str, sizes: dict[str, int], seed: int, clip_min: float) -> dict[str, Any]:
-    """The arm's selection policy: 50 % of each sub-dataset (all of it for ``full``)."""
+def arm_policy(arm: str, sizes: dict[str, int], seed: int, clip_min: float,
+               oracle: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The arm's selection policy: 50 % of each sub-dataset (all of it for ``full``);
+    ``oracle_50`` keeps ``oracle``'s keys (``oracle_keys``) and nothing else."""
     half = {"rule": "top_k", "fraction": 0.5}
     per_arm: dict[str, list[dict[str, Any]]] = {
         "full": [],
@@ -107,6 +133,12 @@ def arm_policy(arm: str, sizes: dict[str, int], seed: int, clip_min: float) -> d
         "deltaloss_50": [{**half, "column": "delta_loss"}],
     }
     datasets = {ds: list(per_arm.get(arm, [])) for ds in sizes}
+    if arm == "oracle_50":
+        if oracle is None:
+            raise ValueError("oracle_50 needs the ground-truth keys (oracle_keys)")
+        datasets = {ds: [{"rule": "sql", "name": "oracle_half",
+                          "keep_where": "key IN (" + ", ".join(f"'{k}'" for k in oracle[ds]) + ")" if oracle[ds] else "false"}]
+                    for ds in sizes}
     if arm == "clip_then_deltaloss_50":  # CLIP filter, then DeltaLoss down to half of the sub-dataset
         datasets = {ds: [{"rule": "threshold", "column": "clip_score", "min": clip_min},
                          {"rule": "top_k", "column": "delta_loss", "k": n // 2}] for ds, n in sizes.items()}

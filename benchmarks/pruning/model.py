@@ -31,6 +31,24 @@ IMAGE_MODE = "resize"
 PRETRAIN_PAIRS = 8000
 PRETRAIN_STEPS = 1500
 
+# The DeltaLoss proxies (benchmarks/pruning/arms.py), both trained to convergence on the same
+# data: NVILA's small and large models differ in capacity, so the small one cannot fit what the
+# large one fits. SMALL_PROXY (~85 k parameters) has half the tiny NVILA's vision width and one
+# 48-wide LLM layer (tiny: two, 128 wide), and its projector reads the patch embeddings after one
+# vision layer (the feature layer is -2 of 2); LARGE_PROXY is bootstrap's "small" NVILA (4 vision
+# and 4 LLM layers, 256 wide, 4.2 M parameters: ~50x).
+SMALL_PROXY = {
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+                   image_size=32, patch_size=8),
+    "llm": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True),
+}
+LARGE_PROXY = "small"
+# the proxies' learning rates (from random weights): the large one at train_proxies' default
+# 1e-3; the much narrower small one at SMALL_PROXY_LR (at 1e-3 it was still losing 0.04 of
+# held-out loss per 40-step round after 700 steps: slow, not converged)
+SMALL_PROXY_LR = 5e-3
+
 EPOCHS = 8.0  # passes over an arm's kept data (budget "epochs")
 CURVE = (0.5, 1.0, 2.0)  # full data's learning curve, in multiples of EPOCHS
 BATCH = 16

@@ -122,6 +122,37 @@ def clean_samples(name: str, count: int, seed: int, per_shard: int, held: set[tu
                                                                               {"group": "tail"})
 
 
+def head_seeds(name: str, spec: PoolSpec, n: int) -> list[int]:
+    """The fixed shading seeds of sub-dataset ``name``'s head renders (as ``pool_samples`` draws them)."""
+    rng = np.random.default_rng([spec.seed, sum(name.encode()), 11])
+    return [int(rng.integers(1 << 30)) for _ in range(n)]
+
+
+def source_samples(name: str, count: int, spec: PoolSpec, heads: dict[str, list[Scene]]) -> Iterator[tuple[dict, dict]]:
+    """Clean pairs drawn from the pool's own sources, as trusted data from the same web sources
+    would be: each sub-dataset by its share, its head combinations (the same near-identical
+    renders) at the pool's head share of clean data, its tail otherwise; captioned as the pool
+    captions its clean samples (its own styles at ``POOL_STYLE_SHARE``: the sources' styles,
+    clean and noisy alike, so they tell nothing about noise), never a held-out pair. Nothing of
+    the injected noise: no proxy learns what the noise looks like. (The filter's trusted set
+    keeps the corpus' templates only.)"""
+    rng = np.random.default_rng([spec.seed, sum(name.encode()), 29])
+    seeds = {ds: head_seeds(ds, spec, len(heads[ds])) for ds, _ in SUB_DATASETS}
+    names, shares = zip(*SUB_DATASETS)
+    for i in range(count):
+        ds = names[int(rng.choice(len(names), p=np.array(shares) / sum(shares)))]
+        w, h = D.image_size(rng)
+        if rng.random() < HEAD_SHARE_OF_CLEAN:
+            j = int(rng.integers(len(heads[ds])))
+            scene, group = heads[ds][j], "head"
+            im = render_scene(scene, w, h, np.random.default_rng(seeds[ds][j]), jitter=tuple(rng.uniform(-3, 3, size=2)))
+        else:
+            scene, group = D.scene_outside(rng, spec.held, {D.combo(s) for s in heads[ds]}), "tail"
+            im = D.clean_image(scene, w, h, rng)
+        yield (_sample(f"{i:06d}", encode_image(im, "jpg"), D.caption(scene, rng, True)),
+               _truth(name, i, spec.per_shard, "clean", scene, {"group": group, "source": ds}))
+
+
 def _sample(key: str, image: bytes, caption: str) -> dict:
     meta = {"key": key, "caption": caption, "status": "success", "url": f"https://sft.example.com/{key}.jpg"}
     return {"__key__": key, "jpg": image, "txt": caption, "json": json.dumps(meta).encode()}
@@ -152,9 +183,11 @@ def write_corpus(out: str, datasets: dict[str, Iterator[tuple[dict, dict]]], per
 
 
 def build_sets(root: str, spec: PoolSpec, trusted: int = 400, calib: int = 150, heldout: int = 150,
-               pretrain: int = 0) -> dict[str, Any]:
+               pretrain: int = 0, proxy_trusted: int = 0) -> dict[str, Any]:
     """Write ``<root>/pool`` (the sub-datasets), ``<root>/trusted``, ``<root>/calib``,
-    ``<root>/heldout`` and (``pretrain`` > 0) ``<root>/pretrain/pretrain_pairs``."""
+    ``<root>/heldout``, (``pretrain`` > 0) ``<root>/pretrain/pretrain_pairs`` and
+    (``proxy_trusted`` > 0) ``<root>/proxy_trusted``: clean pairs of the pool's sources
+    (``source_samples``) for the DeltaLoss proxies."""
     spec.held = D.heldout_pairs(spec.seed)
     rng = np.random.default_rng([spec.seed, 5])
     heads = {name: pick_heads(rng, HEAD_COMBOS, spec.held) for name, _ in SUB_DATASETS}
@@ -170,6 +203,10 @@ def build_sets(root: str, spec: PoolSpec, trusted: int = 400, calib: int = 150, 
             folder, p = ("pretrain", 1000) if name == "pretrain_pairs" else (name, per)
             write_corpus(f"{root}/{folder}", {name: clean_samples(name, n, seed * 10 + s, p, spec.held, inside)}, p)
             out[name] = f"{root}/{folder}/{name}"
+    if proxy_trusted:
+        write_corpus(f"{root}/proxy_trusted", {"proxy_trusted": source_samples("proxy_trusted", proxy_trusted, spec, heads)},
+                     per)
+        out["proxy_trusted"] = f"{root}/proxy_trusted/proxy_trusted"
     return out
 
 

@@ -19,12 +19,14 @@ def prepare(root: str, args: Any, seed: int, modes: list[str], say: Callable[[st
     proxies; score stores; the CLIP threshold; Spearman of DeltaLoss against the likelihood."""
     t0 = time.time()
     spec = PoolSpec(samples=args.pool, noise_rate=args.noise_rate, seed=seed)
+    source = getattr(args, "proxy_data", "trusted") == "source"
     sets = build_sets(f"{root}/data", spec, trusted=args.trusted, calib=args.calib, heldout=args.heldout,
-                      pretrain=args.pretrain_pairs)
+                      pretrain=args.pretrain_pairs, proxy_trusted=args.trusted if source else 0)
     timings = {"sets": round(time.time() - t0, 1)}
     say(f"seed {seed} pool: {describe(sets['truth'])}; head combinations {sets['heads']}; held-out pairs {sets['held']}")
     t = time.time()
-    models = A.train_scoring_models(sets, root, seed, modes, args.proxy_steps, args.proxy_rounds)
+    models = A.train_scoring_models(sets, root, seed, modes, args.proxy_steps, args.proxy_rounds,
+                                    *proxy_sizes(getattr(args, "small_proxy", "tiny")))
     timings["filter_and_proxies"] = round(time.time() - t, 1)
     t = time.time()
     works = A.score_pool(sets, root, models)
@@ -38,6 +40,16 @@ def prepare(root: str, args: Any, seed: int, modes: list[str], say: Callable[[st
             "prepare_seconds": round(time.time() - t0, 1), "timings": timings}
 
 
+def proxy_sizes(small: str) -> tuple[tuple[Any, Any], float | None]:
+    """The proxies' (small, large) sizes and the small one's learning rate: ``weak`` is
+    ``model.SMALL_PROXY`` at ``SMALL_PROXY_LR``, else a bootstrap size name at the default."""
+    from benchmarks.pruning.model import LARGE_PROXY, SMALL_PROXY, SMALL_PROXY_LR
+
+    if small == "weak":
+        return (SMALL_PROXY, LARGE_PROXY), SMALL_PROXY_LR
+    return (small, LARGE_PROXY), None
+
+
 def proxy_summary(models: dict[str, Any]) -> str:
     return "; ".join(f"{mode}: " + ", ".join(f"{n} held-out {r['heldout_loss']:.3f} ({r['steps']} steps, "
                                               f"{r['parameters']} params, {r['seconds']:.0f} s)" for n, r in res.items())
@@ -46,7 +58,7 @@ def proxy_summary(models: dict[str, Any]) -> str:
 
 def arm_list(default_mode: str, modes: list[str]) -> dict[str, tuple[str, str]]:
     """Arm name -> (policy arm, DeltaLoss mode); the other mode's DeltaLoss arms get its name."""
-    out = {arm: (arm, default_mode) for arm in A.ARMS}
+    out = {arm: (arm, default_mode) for arm in A.ARMS + A.DIAGNOSTIC_ARMS}
     for mode in modes:
         if mode != default_mode:
             out[f"deltaloss_{mode}_50"] = ("deltaloss_50", mode)
@@ -80,8 +92,9 @@ def run_seed(root: str, prep: dict[str, Any], arms: dict[str, tuple[str, str]], 
     from curation.selection.manifest import load_manifest
 
     cur = {}
+    oracle = A.oracle_keys(prep["sets"]["truth"], prep["sizes"], seed)
     for name, (policy_arm, mode) in arms.items():
-        policy = A.arm_policy(policy_arm, prep["sizes"], seed, prep["clip_min"])
+        policy = A.arm_policy(policy_arm, prep["sizes"], seed, prep["clip_min"], oracle)
         _, url, kept = A.curate_arm(prep["works"][mode], name, policy, f"{root}/curated/{name}")
         cur[name] = (url, kept)
     # every arm's model gets the full pool's tokenizer
@@ -192,11 +205,22 @@ def targets(summary: dict[str, Any]) -> dict[str, bool]:
             "clip_then_deltaloss_50 >= full_best": acc["clip_then_deltaloss_50"] >= best}
 
 
+def oracle_ceiling(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """What the ground-truth half reaches against the targets (None without the oracle arm)."""
+    r = summary["arms"].get("oracle_50")
+    if r is None:
+        return None
+    best = summary["full_best"]["accuracy_mean"]
+    return {"accuracy_mean": r["accuracy_mean"], "minus_full_best": round(r["accuracy_mean"] - best, 4),
+            "reaches_full_best_minus_1pt": r["accuracy_mean"] >= best - 0.01, "reaches_full_best": r["accuracy_mean"] >= best}
+
+
 def table(summary: dict[str, Any]) -> str:
     lines = ["| arm | caption accuracy (mean ± std) | all attributes right | held-out loss | kept | optimizer steps | "
              "train s | noise share of kept | head share of kept |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, r in summary["arms"].items():
-        lines.append(f"| {arm} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['all_right_mean']:.3f} | "
+        label = f"{arm} (ground-truth diagnostic)" if arm in A.DIAGNOSTIC_ARMS else arm
+        lines.append(f"| {label} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['all_right_mean']:.3f} | "
                      f"{r['heldout_loss_mean']:.4f} | {r['kept']:.0f} | {r['optimizer_steps']:.0f} | {r['train_seconds']:.0f} | "
                      f"{r['noise_share_of_kept']:.1%} | {r['head_share_of_kept']:.1%} |")
     lines.append("\nfull data's curve: " + ", ".join(f"{p['epochs']:g} epochs ({p['steps']:.0f} steps) "
@@ -245,6 +269,11 @@ def write_outputs(args: Any, summary: dict[str, Any], preps: list[dict[str, Any]
            "full_plateau": summary["full_plateau"],
            "spearman_delta_vs_neg_loss_large": _mean([p["spearman"] for p in preps]),
            "spearman_per_seed": [p["spearman"] for p in preps], "seconds": round(seconds, 1),
+           "diagnostic_arms": {"oracle_50": "ground-truth diagnostic, not a scorer: drops every injected noise sample, "
+                                            "keeps every clean tail sample, then head samples up to 50 % of each "
+                                            "sub-dataset; the ceiling a 50 % selection reaches at this budget"},
+           "oracle_ceiling": oracle_ceiling(summary),
+           "proxy_data": getattr(args, "proxy_data", "trusted"), "small_proxy": getattr(args, "small_proxy", "tiny"),
            "cpu_seconds": round(cpu_seconds, 1), "targets": targets(summary), "seeds": args.seeds, "pool": args.pool,
            "noise_rate": args.noise_rate, "deltaloss_mode": args.deltaloss_mode, "proxies": proxies_record(preps),
            "clip_threshold_per_seed": [p["clip_min"] for p in preps],
