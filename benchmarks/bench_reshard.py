@@ -35,8 +35,8 @@ sizes): per-run costs (selection in DuckDB, planning, the manifest, Ray's task s
 
 What bounds the ratios: resharding hashes every byte twice (the input against the checksum it was
 scored with, BLAKE3 for local shards; the output for the md5 the wids index records), the least
-verified copy once (md5): at 1.35 (md5) and 0.16 (BLAKE3) CPU seconds per GB here, the copy with
-both hashes alone costs about 1.07-1.1x the least verified copy. A plain copy from the page cache
+verified copy once (md5): at 1.66 (md5) and 0.39 (BLAKE3) CPU seconds per GB here (1 MiB updates),
+the copy with both hashes alone costs about 1.2x the least verified copy (1.18x measured). A plain copy from the page cache
 runs at memory speed; the output md5 alone keeps anything that writes a wids index well below it
 on 2 cores.
 
