@@ -308,3 +308,16 @@ def test_fast_header_reading_agrees_with_the_exact_one():
                 read += fast is not None
                 assert fast is None or fast == plain_member(bytes(changed))
     assert read > 100  # some changes leave a header the fast reading still takes
+
+
+def test_fast_key_split_agrees_with_the_readers():
+    """The fast path's sample key (``_key``) is the shard reader's (``split_key``, the whole name
+    when it has no key): dots in folders, hidden files, no extension, several dots, a newline."""
+    from curation.data.shards import split_key
+    from curation.selection.plain_tar import _key
+
+    names = ["a/0.jpg", "0.jpg", "a.b/c.d.jpg", "a.b/c", "a/.hidden", ".hidden.jpg", "a/b.", "x",
+             "a/b/c.tar.gz", "a\nb.jpg", "a/b\n.jpg", "dir\n/x.jpg", "../evil.txt", "a//b.jpg", "a/b/.c.d"]
+    for name in names:
+        parts = split_key(name)
+        assert _key(name) == (parts[0] if parts else name), name
