@@ -73,20 +73,11 @@ class ScoreStore:
             self.con.execute("CREATE OR REPLACE VIEW scores AS SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS shard, "
                              "NULL::VARCHAR AS key, NULL::VARCHAR AS kind WHERE false").fetchall()
             return
-        counts: dict[str, int] = {}
-        for cols in self.views.values():
-            for c in cols:
-                counts[c] = counts.get(c, 0) + 1
         names = list(self.views)
         first = names[0]
         select = [f"COALESCE({', '.join(f'{_quote(n)}.{c}' for n in names)}) AS {c}" for c in IDENTITY]
         select.append(f"COALESCE({', '.join(f'{_quote(n)}.kind' for n in names)}) AS kind")
-        for n in names:
-            for c in self.views[n]:
-                if c in IDENTITY or c == "kind":
-                    continue
-                alias = f"{n}_{c}" if (c == "error" or counts[c] > 1) else c
-                select.append(f"{_quote(n)}.{_quote(c)} AS {_quote(alias)}")
+        select += [f"{_quote(n)}.{_quote(c)} AS {_quote(alias)}" for alias, n, c in self.column_sources()]
         # explicit ON conditions (not USING) so that qualified identity columns stay addressable;
         # COALESCE gives each identity column its value whichever table has the row
         join = _quote(first)
@@ -135,14 +126,20 @@ class ScoreStore:
         t = self.catalog(scorer)
         return set(zip(t.column("dataset").to_pylist(), t.column("shard").to_pylist()))
 
-    def column_owners(self) -> dict[str, str]:
-        """Each column of the ``scores`` view (as named there) -> the scorer that wrote it."""
+    def column_sources(self) -> list[tuple[str, str, str]]:
+        """(name in the ``scores`` view, scorer, column in its files) of every score column, in the
+        view's order: a column that two scorers share, and each scorer's ``error``, are prefixed
+        with the scorer's name; the identity columns and ``kind`` are not score columns."""
         counts: dict[str, int] = {}
         for cols in self.views.values():
             for c in cols:
                 counts[c] = counts.get(c, 0) + 1
-        return {(f"{n}_{c}" if (c == "error" or counts[c] > 1) else c): n
-                for n, cols in self.views.items() for c in cols if c not in IDENTITY and c != "kind"}
+        return [(f"{n}_{c}" if (c == "error" or counts[c] > 1) else c, n, c)
+                for n, cols in self.views.items() for c in cols if c not in IDENTITY and c != "kind"]
+
+    def column_owners(self) -> dict[str, str]:
+        """Each column of the ``scores`` view (as named there) -> the scorer that wrote it."""
+        return {alias: n for alias, n, _ in self.column_sources()}
 
     def fingerprint(self) -> str:
         """A key of the score files present now, from the catalogs: each scorer's files with their

@@ -66,33 +66,26 @@ class Resources:
 IDENTITY = ("dataset", "shard", "key", "kind")
 
 
-def _zip_columns(views: dict[str, list[str]]) -> dict[str, str] | None:
-    """The ``scores`` view's columns (``curation.scoring.store``'s names: identity once, ``error``
-    and names two scorers share prefixed with the scorer) as expressions over the scorers' views
-    zipped by position (``t0``, ``t1``, ...); None when two sources would give one name."""
-    names = list(views)
-    counts: dict[str, int] = {}
-    for cols in views.values():
-        for c in cols:
-            counts[c] = counts.get(c, 0) + 1
-    out = {c: f"COALESCE({', '.join(f't{i}.{q(c)}' for i in range(len(names)))})" for c in IDENTITY}
-    for i, n in enumerate(names):
-        for c in views[n]:
-            if c in IDENTITY:
-                continue
-            alias = f"{n}_{c}" if (c == "error" or counts[c] > 1) else c
-            if alias in out:
-                return None
-            out[alias] = f"t{i}.{q(c)}"
+def _zip_columns(store: Any) -> dict[str, str] | None:
+    """The ``scores`` view's columns (named as the store names them, ``column_sources``) as
+    expressions over the scorers' views zipped by position (``t0``, ``t1``, ...); None when two
+    sources would give one name."""
+    index = {n: i for i, n in enumerate(store.views)}
+    out = {c: f"COALESCE({', '.join(f't{i}.{q(c)}' for i in index.values())})" for c in IDENTITY}
+    for alias, n, c in store.column_sources():
+        if alias in out:
+            return None
+        out[alias] = f"t{index[n]}.{q(c)}"
     return out
 
 
-def _load_zipped(con: duckdb.DuckDBPyConnection, views: dict[str, list[str]], columns: list[str]) -> bool:
+def _load_zipped(con: duckdb.DuckDBPyConnection, store: Any, columns: list[str]) -> bool:
     """Table ``s0`` from the scorers' files zipped row by row (``POSITIONAL JOIN``: no join over the
     pool), when that is what the store's join gives: every scorer's rows have the first scorer's
     (dataset, shard, key) in the same order, and (dataset, shard, key) strictly increases down the
     table, so no key repeats. False (and no ``s0``) when it is not so: the caller joins."""
-    expr = _zip_columns(views)
+    views = store.views
+    expr = _zip_columns(store)
     if expr is None or not views or any(c not in expr for c in columns):
         return False
     same = " AND ".join([f"t0.{c} IS NOT NULL" for c in IDENTITY[:3]] +
@@ -125,7 +118,7 @@ def _load(store: Any, con: duckdb.DuckDBPyConnection, columns: list[str],
     """Table ``s0``: the columns the policy reads, ``dropped_by`` and (with ``missing``) ``_not_scored``.
     True when its rows are in (dataset, shard, key) order, each key once (the zipped load)."""
     view = type(store)(store.work, store.storage_options, con=con)  # the store's views, on this connection
-    ordered = missing is None and _load_zipped(con, view.views, columns)
+    ordered = missing is None and _load_zipped(con, view, columns)
     cols = ", ".join(f"s.{q(c)}" for c in columns)
     if not ordered and missing is None:
         con.execute(f"CREATE TABLE s0 AS SELECT {cols}, CAST(NULL AS VARCHAR) AS dropped_by FROM scores s")
