@@ -19,6 +19,7 @@ import duckdb
 from curation.data import storage
 
 IDENTITY = ("dataset", "shard", "key")
+VIEW_IDENTITY = (*IDENTITY, "kind")  # the ``scores`` view's columns that are not scores
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -135,7 +136,7 @@ class ScoreStore:
             for c in cols:
                 counts[c] = counts.get(c, 0) + 1
         return [(f"{n}_{c}" if (c == "error" or counts[c] > 1) else c, n, c)
-                for n, cols in self.views.items() for c in cols if c not in IDENTITY and c != "kind"]
+                for n, cols in self.views.items() for c in cols if c not in VIEW_IDENTITY]
 
     def column_owners(self) -> dict[str, str]:
         """Each column of the ``scores`` view (as named there) -> the scorer that wrote it."""

@@ -18,12 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from curation.scoring.store import VIEW_IDENTITY
 from curation.selection.policy import Policy, PolicyError
 from curation.selection.rules import Chain, DedupRule, keyed_values
 from curation.selection.sqlsafe import ident as q
 from curation.selection.sqlsafe import literal as lit
-
-IDENTITY_COLUMNS = ("dataset", "shard", "key", "kind")
 
 
 def _apply(ch: Chain, rules: list[tuple[int, Any]], early: bool) -> None:
@@ -116,7 +115,7 @@ def keyed_columns(policy: Policy, columns: list[str], error_cols: list[str]) -> 
     """Columns that only ``dedup`` rules read, as the values they compare (not as ``prefer``): the
     selection holds each as a 64-bit key (``hash``) and, in a side table, the values of the rows
     whose key repeats, which is all that dedup needs (a sha256 hex: 8 bytes a row, not 68)."""
-    keyed, other = set(), set(IDENTITY_COLUMNS) | set(error_cols)
+    keyed, other = set(), set(VIEW_IDENTITY) | set(error_cols)
     for _, rules in _all_rules(policy):
         for r in rules:
             cols = r.columns(columns)

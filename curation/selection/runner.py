@@ -31,6 +31,7 @@ from typing import Any
 import duckdb
 
 from curation.data import storage
+from curation.scoring.store import VIEW_IDENTITY as IDENTITY
 from curation.selection.rules import keyed_values
 from curation.selection.sqlsafe import ident as q
 from curation.selection.sqlsafe import literal as lit
@@ -61,9 +62,6 @@ class Resources:
         if self.threads:
             s["threads"] = int(self.threads)
         return s
-
-
-IDENTITY = ("dataset", "shard", "key", "kind")
 
 
 def _zip_columns(store: Any) -> dict[str, str] | None:
