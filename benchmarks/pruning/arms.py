@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from curation.data.shards import dataset_of, list_shards
+from curation.selection.sqlsafe import literal
 
 ARMS = ("full", "random_50", "clip_50", "likelihood_50", "deltaloss_50", "clip_then_deltaloss_50")
 # ground-truth diagnostics, not scorers: what a perfect 50 % selection reaches at the same budget
@@ -137,7 +138,7 @@ def arm_policy(arm: str, sizes: dict[str, int], seed: int, clip_min: float,
         if oracle is None:
             raise ValueError("oracle_50 needs the ground-truth keys (oracle_keys)")
         datasets = {ds: [{"rule": "sql", "name": "oracle_half",
-                          "keep_where": "key IN (" + ", ".join(f"'{k}'" for k in oracle[ds]) + ")" if oracle[ds] else "false"}]
+                          "keep_where": "key IN (" + ", ".join(map(literal, oracle[ds])) + ")" if oracle[ds] else "false"}]
                     for ds in sizes}
     if arm == "clip_then_deltaloss_50":  # CLIP filter, then DeltaLoss down to half of the sub-dataset
         datasets = {ds: [{"rule": "threshold", "column": "clip_score", "min": clip_min},
