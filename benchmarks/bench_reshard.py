@@ -13,8 +13,8 @@ score store), then times on the same files, page cache warm, arms alternating:
   checksum it was scored with, members copied byte for byte, md5 of every output shard, one
   fsync per shard, stats, wids index) and the manifest, groups of shards as tasks on a local
   Ray of W CPUs started before timing (as a cluster would be);
-- copy with both hashes, W processes: the least verified copy plus a BLAKE3 of what it reads (the
-  hash local shards are scored with), on the same buffer: the least copy that gives resharding's
+- copy with both hashes, W processes: the least verified copy plus an XXH3-128 of what it reads
+  (the hash local shards are scored with), on the same buffer: the least copy that gives resharding's
   two guarantees (for the record);
 - the same pair at one process: the least verified copy in one process, and ``curate`` in one
   process without Ray (for the record);
@@ -34,11 +34,13 @@ marginal CPU seconds per GB (the difference of the median CPU seconds over the d
 sizes): per-run costs (selection in DuckDB, planning, the manifest, Ray's task start) cancel.
 
 What bounds the ratios: resharding hashes every byte twice (the input against the checksum it was
-scored with, BLAKE3 for local shards; the output for the md5 the wids index records), the least
-verified copy once (md5): at 1.66 (md5) and 0.39 (BLAKE3) CPU seconds per GB here (1 MiB updates),
-the copy with both hashes alone costs about 1.2x the least verified copy (1.18x measured). A plain copy from the page cache
-runs at memory speed; the output md5 alone keeps anything that writes a wids index well below it
-on 2 cores.
+scored with, XXH3-128 for local shards; the output for the md5 the wids index records), the least
+verified copy once (md5): at 1.53 (md5) and 0.03 (XXH3-128) CPU seconds per GB here (1 MiB
+updates, one thread; BLAKE3, the input hash before, 0.28-0.39), the copy with both hashes costs
+about 1.02x the least verified copy, and the rest of the 1.15x allowed is resharding's own work
+(parsing tar headers, grouping samples, writing shards, the manifest). A plain copy from the
+page cache runs at memory speed; the output md5 alone keeps anything that writes a wids index
+well below it on 2 cores.
 
     python benchmarks/bench_reshard.py [--samples 20000 [60000]] [--keep 1.0] [--workers 2] [--repeats 3] [--json out.json]
 """
@@ -96,12 +98,12 @@ def write_policy(path: str, keep: float) -> str:
 
 
 def copy_file(job: tuple[str, str, str]) -> int:
-    """cp of one shard; ``verified`` adds an md5 of what is written and an fsync, ``checked`` also a
-    BLAKE3 of what is read (resharding's two hashes, on one buffer; the hash shards are scored with)."""
-    import blake3
+    """cp of one shard; ``verified`` adds an md5 of what is written and an fsync, ``checked`` also an
+    XXH3-128 of what is read (resharding's two hashes, on one buffer; the hash shards are scored with)."""
+    import xxhash
 
     url, dst_path, mode = job
-    md5, check = hashlib.md5(), blake3.blake3()
+    md5, check = hashlib.md5(), xxhash.xxh3_128()
     with open(url, "rb", buffering=0) as src, open(dst_path, "wb", buffering=0) as dst:
         while chunk := src.read(1 << 20):
             if mode == "checked":

@@ -180,19 +180,22 @@ def test_one_pass_scan_gives_each_member_its_raw_blocks_and_the_file_md5(tmp_pat
 
 
 def _record_as_earlier_versions_did(work: str, corpus: str, algo: str) -> None:
-    """Rewrite the ``basic`` score files' shard checksums to what versions before BLAKE3 recorded:
-    ``sha256:<hex>``, or earlier still the bare md5 (the file contents stay: only the footer
-    metadata changes)."""
+    """Rewrite the ``basic`` score files' shard checksums to what versions before XXH3-128
+    recorded: ``blake3:<hex>``, ``sha256:<hex>`` before that, or earlier still the bare md5 (the
+    file contents stay: only the footer metadata changes)."""
     import pyarrow.parquet as pq
 
+    from curation.data.records import new_hash
     from curation.scoring.scorefile import META_PREFIX, score_file_url
 
     for u in list_shards(f"{corpus}/pairs"):
         path = score_file_url(work, "basic", "pairs", os.path.basename(u)[: -len(".tar")])
         table = pq.read_table(path)
         meta = dict(table.schema.metadata)
-        assert meta[META_PREFIX + b"shard_checksum"].startswith(b"blake3:")
-        digest = hashlib.new(algo, open(u, "rb").read()).hexdigest()
+        assert meta[META_PREFIX + b"shard_checksum"].startswith(b"xxh128:")
+        h = new_hash(algo)
+        h.update(open(u, "rb").read())
+        digest = h.hexdigest()
         meta[META_PREFIX + b"shard_checksum"] = (digest if algo == "md5" else f"{algo}:{digest}").encode()
         pq.write_table(table.replace_schema_metadata(meta), path)
 
@@ -203,12 +206,12 @@ class BasicAgain(BasicScorer):
     name = "basic_again"
 
 
-@pytest.mark.parametrize("algo", ["md5", "sha256"])
+@pytest.mark.parametrize("algo", ["md5", "sha256", "blake3"])
 def test_scores_recorded_by_an_earlier_version_still_count(scored_pairs, tmp_path, monkeypatch, algo):
-    """Inputs are checksummed with BLAKE3 now; a store an earlier version wrote (sha256, or md5
-    before that) is neither rescored nor refused, a changed input is still caught against the old
-    checksum, and a second scorer scoring today (blake3) does not conflict with it: the inputs are
-    then verified with blake3."""
+    """Inputs are checksummed with XXH3-128 now; a store an earlier version wrote (blake3, sha256,
+    or md5 before that) is neither rescored nor refused, a changed input is still caught against
+    the old checksum, and a second scorer scoring today (xxh128) does not conflict with it: the
+    inputs are then verified with the cheaper xxh128."""
     corpus, work = scored_pairs
     _record_as_earlier_versions_did(work, corpus, algo)
     tasks = [ShardTask(u, "pairs") for u in list_shards(f"{corpus}/pairs")]
@@ -226,11 +229,14 @@ def test_scores_recorded_by_an_earlier_version_still_count(scored_pairs, tmp_pat
     assert old.outputs["pairs"].samples == 32
     assert {checksum_algo(i.checksum) for i in old.inputs["pairs"]} == {algo}  # verified with the old hash
     monkeypatch.setitem(scorers._REGISTRY, "basic_again", f"{__name__}:BasicAgain")
-    assert not score_local(tasks, ScorerSpec("basic_again"), work).failed  # records blake3
+    assert not score_local(tasks, ScorerSpec("basic_again"), work).failed  # records xxh128
     keep_all = {"defaults": [{"rule": "dedup", "column": "basic_sha256"}]}  # two scorers: name the column
     manifest, _ = curate(work, keep_all, str(tmp_path / "out"), ReshardConfig(max_samples=5), use_ray=False)
     assert manifest.outputs["pairs"].samples == 32
-    assert {checksum_algo(i.checksum) for i in manifest.inputs["pairs"]} == {"blake3"}
+    assert {checksum_algo(i.checksum) for i in manifest.inputs["pairs"]} == {"xxh128"}
+    open(victim, "wb").write(bytes(data))  # with two hashes on record, a changed byte is still caught
+    with pytest.raises(ValueError, match=re.escape(victim) + " was scored in two versions"):
+        curate(work, keep_all, str(tmp_path / "refused2"), ReshardConfig(max_samples=5), use_ray=False)
 
 
 def _ustar(path: str, members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT) -> None:

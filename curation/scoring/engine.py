@@ -97,7 +97,7 @@ class SourceConflictError(ValueError):
 
 def _legacy_match(t: ShardTask, md: dict[str, str], storage_options: dict[str, Any] | None) -> bool:
     """A score file written before versions were recorded: the driver hashes the shard once, the
-    old way, with the hash its checksum was made with (md5 or sha256 from older versions, blake3)."""
+    old way, with the hash its checksum was made with (md5, sha256 or blake3 from older versions, xxh128)."""
     recorded = md.get("shard_checksum") or ""
     if not recorded or storage.is_remote(t.url):
         return bool(recorded) and recorded == t.version  # on a store the ETag was the checksum

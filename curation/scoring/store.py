@@ -171,8 +171,9 @@ class ScoreStore:
 
     def _same_bytes(self, prev: dict[str, Any], md: dict[str, str]) -> bool:
         """Two checksums of one local shard made with different hashes (an md5 or a sha256 from an
-        earlier version, a blake3 now): true when the file today matches both. ``prev`` keeps the
-        one cheapest to verify (blake3, then sha256, then md5): resharding hashes every byte with it."""
+        earlier version, an xxh128 now): true when the file today matches both. ``prev`` keeps the
+        one cheapest to verify (``records.BY_COST``): resharding hashes every byte with it."""
+        from curation.data.records import BY_COST
         from curation.data.shards import checksum_algo, file_checksum
 
         a, b = prev["checksum"], md["shard_checksum"]
@@ -182,7 +183,7 @@ class ScoreStore:
             ok = all(file_checksum(prev["url"], self.storage_options, checksum_algo(c))[1] == c for c in (a, b))
         except FileNotFoundError:
             return False
-        cheapest = ("blake3", "sha256", "md5").index
+        cheapest = BY_COST.index
         if ok and cheapest(checksum_algo(b)) < cheapest(checksum_algo(a)):
             prev["checksum"] = b
         return ok
