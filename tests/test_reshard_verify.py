@@ -294,36 +294,101 @@ def test_fast_path_gives_what_the_full_scanner_gives_or_hands_over(tmp_path, chu
 
 
 def test_fast_header_reading_agrees_with_the_exact_one():
-    """The fast path's reading of common headers (``_common_member``) gives what ``plain_member``
-    gives, or leaves the header to it: for every one-byte change of ustar and GNU headers."""
-    from curation.selection.plain_tar import _common_member, plain_member
+    """The fast path's bulk reading of common headers (``common_headers``, every header of a buffer
+    at once) gives what ``plain_member`` gives, or leaves the header to it: for every one-byte
+    change of ustar and GNU headers, with and without its checksum fixed."""
+    from curation.selection.plain_tar import common_headers, plain_member
 
     rng = np.random.default_rng(5)
-    read = 0
+    headers = []
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT):
         for size in (0, 1, 511, 513, 8 ** 11 - 1):
             info = tarfile.TarInfo("dir/a.b.jpg")
             info.size = size
             header = info.tobuf(fmt)[:512]
-            assert _common_member(header) == plain_member(header) == ("dir/a.b.jpg", size)
+            headers.append(header)
             for _ in range(200):
                 changed = bytearray(header)
                 at = int(rng.choice([0, 124, 134, 135, 148, 153, 154, 155, 156, 257, 345, int(rng.integers(512))]))
                 changed[at] = int(rng.choice([0, 32, 43, 48, 55, 56, 57, 95, int(rng.integers(256))]))
-                fast = _common_member(bytes(changed))
-                read += fast is not None
-                assert fast is None or fast == plain_member(bytes(changed))
-    assert read > 100  # some changes leave a header the fast reading still takes
+                headers.append(bytes(changed))
+                if not 148 <= at < 156:  # the same change with the checksum made to add up again
+                    changed[148:156] = b" " * 8
+                    changed[148:156] = b"%06o\0 " % sum(changed)
+                    headers.append(bytes(changed))
+    blocks = np.frombuffer(b"".join(headers), dtype=np.uint8).reshape(-1, 512)
+    common, sizes = common_headers(blocks)
+    assert common[0] and (blocks[0, :11].tobytes().decode(), int(sizes[0])) == plain_member(headers[0])
+    for h, ok, size in zip(headers, common.tolist(), sizes.tolist()):
+        if ok:
+            assert (h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), size) == plain_member(h)
+    assert 100 < common.sum() < len(headers)  # some changes leave a header the fast reading still takes
+
+
+NAMES = ["a/0.jpg", "0.jpg", "a.b/c.d.jpg", "a.b/c", "a/.hidden", ".hidden.jpg", "a/b.", "x",
+         "a/b/c.tar.gz", "a\nb.jpg", "a/b\n.jpg", "dir\n/x.jpg", "../evil.txt", "a//b.jpg", "a/b/.c.d", "é/ü.x.y",
+         "a/b.jpg\n"]
 
 
 def test_fast_key_split_agrees_with_the_readers():
-    """The fast path's sample key (``_key``) is the shard reader's (``split_key``, the whole name
-    when it has no key): dots in folders, hidden files, no extension, several dots, a newline."""
+    """The fast path's sample keys (``_key``, and ``bulk_keys`` where it is sure) are the shard
+    reader's (``split_key``, the whole name when it has no key): dots in folders, hidden files,
+    no extension, several dots, a newline."""
     from curation.data.shards import split_key
-    from curation.selection.plain_tar import _key
+    from curation.selection.plain_tar import _key, bulk_keys
 
-    names = ["a/0.jpg", "0.jpg", "a.b/c.d.jpg", "a.b/c", "a/.hidden", ".hidden.jpg", "a/b.", "x",
-             "a/b/c.tar.gz", "a\nb.jpg", "a/b\n.jpg", "dir\n/x.jpg", "../evil.txt", "a//b.jpg", "a/b/.c.d"]
-    for name in names:
+    rows = np.zeros((len(NAMES), 100), dtype=np.uint8)
+    for i, name in enumerate(NAMES):
+        raw = name.encode()
+        rows[i, :len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    lengths = bulk_keys(rows).tolist()
+    for name, n in zip(NAMES, lengths):
         parts = split_key(name)
-        assert _key(name) == (parts[0] if parts else name), name
+        want = parts[0] if parts else name
+        assert _key(name) == want, name
+        assert n < 0 or name.encode()[:n].decode() == want, name
+    assert sum(n >= 0 for n in lengths) >= 7  # the common names are split in bulk
+
+
+def _odd_header(path: str, at: int, how: str) -> None:
+    """Rewrite the header at byte ``at`` in a layout other than the common one that tarstream still
+    reads the same (a size with leading spaces, a checksum with a leading space), checksum fixed."""
+    data = bytearray(open(path, "rb").read())
+    h = data[at:at + 512]
+    if how == "size":
+        size = int(bytes(h[124:135]), 8)
+        h[124:136] = b"%11o " % size
+    h[148:156] = b" " * 8
+    h[148:156] = b" %06o\0" % sum(h) if how == "checksum" else b"%06o\0 " % sum(h)
+    data[at:at + 512] = h
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("chunk", [700, 4096, 1 << 20])
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+def test_bulk_fast_path_gives_what_the_full_scanner_gives_on_odd_names_and_layouts(tmp_path, chunk, fmt):
+    """Names the bulk key split leaves to the exact one, a key coming back, refused names inside a
+    sample, and headers in other layouts the exact reading takes, among common ones: the fast
+    path's samples (and bytes) are the full scanner's."""
+    from curation.selection.plain_tar import plain_samples
+    from curation.selection.reshard_inputs import tar_samples
+
+    rng = np.random.default_rng(fmt * 10 + chunk % 7)
+    keys = [f"k/{i:03d}" for i in range(12)]
+    members = []
+    for i, key in enumerate(keys):
+        for ext in ("jpg", "txt", "json")[: 1 + i % 3]:
+            members.append((f"{key}.{ext}", rng.integers(0, 256, int(rng.integers(0, 1500)), dtype=np.uint8).tobytes()))
+        if i == 4:
+            members.append(("k/004/../x.txt", b"refused inside a sample"))
+        if i in (2, 7):
+            members.append((NAMES[int(rng.integers(len(NAMES)))], b"odd"))
+    members.insert(9, ("k/000.again", b"a key that comes back is skipped"))
+    path = str(tmp_path / "mixed.tar")
+    _ustar(path, members, fmt)
+    offsets = [e.offset for e in tarfile.open(path)]
+    _odd_header(path, offsets[3], "size")
+    _odd_header(path, offsets[10], "checksum")
+    want = _samples(tar_samples, path, chunk)
+    assert _samples(plain_samples, path, chunk) == want
+    assert len(want[0]) >= 12 and any(why for _, _, why in want[0])

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from curation.data import storage
 from curation.data.shards import split_key, unsafe_name
@@ -68,45 +68,48 @@ def _refusal(name: str, is_file: bool) -> str | None:
     return unsafe_name(name)
 
 
-def tar_samples(src: VerifiedInput) -> Iterator[tuple[str, list[Piece], str | None]]:
+Run = tuple[str, "str | None", list[Piece]]  # members of one key that follow one another: (key, why not, pieces)
+Sample = tuple[str, list[Piece], "str | None"]  # (key, pieces of its members' raw blocks, why it must not be written)
+
+
+def tar_samples(src: VerifiedInput) -> Iterator[Sample]:
     """(key, pieces of its members' raw blocks, why it must not be written) per sample, in tar order.
 
     The same scanner and the same key rules as the shard reader, so both see the same samples.
     """
-    members = ((e.name, lambda name, e=e: _refusal(name, e.is_file),
-                lambda e=e: src.last(e.nbytes, e.header) or [(e.header + e.body, 0, e.nbytes)]) for e in scan(src))
-    return group_samples(src, members)
+
+    def runs() -> Iterator[Run]:
+        for e in scan(src):
+            parts = split_key(e.name)
+            yield ((parts[0] if parts else e.name), _refusal(e.name, e.is_file),
+                   src.last(e.nbytes, e.header) or [(e.header + e.body, 0, e.nbytes)])
+            src.release()
+
+    return group_samples(runs())
 
 
-Member = tuple[str, Callable[[str], "str | None"], Callable[[], list[Piece]]]
-
-
-def group_samples(src: VerifiedInput, members: Iterable[Member]) -> Iterator[tuple[str, list[Piece], str | None]]:
-    """Members -> samples by the shard reader's key rules: contiguous members of one key form a
-    sample, a key that comes back after another is skipped (as the reader skips it), and the first
-    member refused (``refusal(name)``) marks its sample. Each member is ``(name, refusal, pieces)``,
-    ``pieces()`` giving its raw blocks while the scanner still stands on it; ``src`` is released
-    after each member."""
+def group_samples(runs: Iterable[Run]) -> Iterator[Sample]:
+    """Runs of members -> samples by the shard reader's key rules: contiguous members of one key
+    form a sample, a key that comes back after another is skipped (as the reader skips it), and
+    the first refused member marks its sample (its pieces, and those after it, are not taken).
+    A run is one member (the full scanner) or several adjacent members of one key (the fast path,
+    ``plain_tar``); its pieces are taken while the scanner still stands on it."""
     key: str | None = None
     pieces: list[Piece] = []
     why: str | None = None
     seen: set[str] = set()
-    for name, refusal, take in members:
-        parts = split_key(name)
-        k = parts[0] if parts else name
+    for k, refused, taken in runs:
         if k != key:
             if k in seen:
-                src.release()
                 continue
             if key is not None:
                 yield key, pieces, why
             key, pieces, why = k, [], None
             seen.add(k)
         if why is None:
-            why = refusal(name)
+            why = refused
             if why is None:
-                pieces.extend(take())
-        src.release()
+                pieces.extend(taken)
     if key is not None:
         yield key, pieces, why
 
