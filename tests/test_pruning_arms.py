@@ -202,3 +202,23 @@ def test_benchmark_proxies_have_the_chosen_sizes_and_share_their_data(tmp_path):
     assert res["large"]["parameters"] > 5 * res["small"]["parameters"]
     record = json.loads((tmp_path / "p" / "proxies.json").read_text())
     assert record["small"]["steps"] == record["large"]["steps"] == 2
+
+
+def test_arms_option_keeps_full_data_and_targets_skip_what_did_not_run():
+    from benchmarks.pruning.run import arm_list, targets
+
+    assert set(arm_list("capability", ["capability"])) == set(A.ARMS + A.DIAGNOSTIC_ARMS)
+    only = arm_list("capability", ["capability", "reference"], ["deltaloss_50"])
+    assert only == {"full": ("full", "capability"), "deltaloss_50": ("deltaloss_50", "capability"),
+                    "deltaloss_reference_50": ("deltaloss_50", "reference")}
+
+    def summary(**acc):
+        return {"arms": {a: {"accuracy_mean": v} for a, v in acc.items()}, "full_best": {"accuracy_mean": 0.55},
+                "full_plateau": True}
+
+    t = targets(summary(full=0.55, deltaloss_50=0.545, likelihood_50=0.50))
+    assert t == {"full data at its plateau": True, "deltaloss_50 >= full_best - 1pt": True,
+                 "deltaloss_50 >= likelihood_50": True}
+    t = targets(summary(full=0.55, random_50=0.52, deltaloss_50=0.53, clip_then_deltaloss_50=0.56))
+    assert not t["deltaloss_50 >= full_best - 1pt"] and not t["deltaloss_50 >= random_50 + 3pt"]
+    assert t["clip_then_deltaloss_50 >= full_best"]
