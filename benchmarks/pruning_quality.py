@@ -50,6 +50,7 @@ QUICK = {"pool": 300, "trusted": 120, "calib": 60, "heldout": 60, "pretrain_pair
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks.pruning.arms import ARMS, DIAGNOSTIC_ARMS
     from benchmarks.pruning.model import CURVE, EPOCHS, PRETRAIN_PAIRS, PRETRAIN_STEPS
     from training_hooks.proxies import DEFAULT_MODE
 
@@ -75,8 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "source, clean pairs of the pool's own sources (its head/tail frequencies and caption styles)")
     ap.add_argument("--small-proxy", choices=["tiny", "weak"], default="tiny",
                     help="the small proxy: bootstrap's tiny (default) or weak (benchmarks/pruning/model.py SMALL_PROXY)")
+    ap.add_argument("--large-proxy", choices=["small", "pretrained"], default="small",
+                    help="the large proxy: bootstrap's small from random weights (default) or pretrained, the seed's "
+                         "pretrained NVILA that every arm starts from (benchmarks/pruning/model.py benchmark_model)")
     ap.add_argument("--deltaloss-mode", choices=["capability", "reference"], default=DEFAULT_MODE)
     ap.add_argument("--compare-modes", action="store_true", help="also run the other DeltaLoss mode's arms")
+    ap.add_argument("--arms", nargs="+", default=None, choices=[a for a in ARMS + DIAGNOSTIC_ARMS if a != "full"],
+                    help="train only these arms (and full data, at each point of --curve); default: all")
     ap.add_argument("--json", help="write the results here (and the bar chart beside it, .png)")
     ap.add_argument("--chart", help="bar chart path (default: beside --json, or ./pruning_quality.png)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (per seed)")

@@ -253,3 +253,35 @@ def test_precision_option_bf16_autocast_close_to_fp32_with_its_own_hash(models):
     assert b["delta_loss"][0] > b["delta_loss"][1]  # the same ranking
     with pytest.raises(ValueError, match="precision must be one of"):
         DeltaLossScorer(models["small"], models["large"], precision="int8")
+
+
+def test_train_proxies_large_one_starts_from_a_given_model(tmp_path):
+    """``inits``: the large proxy starts from a given model (say, one with a pretrained tower)
+    instead of random weights; the fresh small one takes its tokenizer, so their losses compare."""
+    from curation.selection.manifest import load_manifest
+    from model.nvila import load_tokenizer
+    from training_hooks.bootstrap import init_tiny_model
+    from training_hooks.proxies import seed_manifest, train_proxies
+
+    synthesize(str(tmp_path / "t"), SynthConfig(seed=4, datasets=[DatasetSpec("trusted", "pair", 24, {}, 12)]))
+    synthesize(str(tmp_path / "o"), SynthConfig(seed=7, datasets=[DatasetSpec("other", "pair", 24, {}, 12)]))
+    url = seed_manifest([str(tmp_path / "o" / "other")], str(tmp_path / "ow"), str(tmp_path / "oc"))
+    given = init_tiny_model(load_manifest(url), str(tmp_path / "given"), size="tiny", seed=3, image_mode="resize")
+    trusted = str(tmp_path / "t" / "trusted")
+    with pytest.raises(ValueError, match="capability mode only"):
+        train_proxies(trusted, str(tmp_path / "x"), mode="reference", pool=trusted, inits=(None, given))
+    res = train_proxies(trusted, str(tmp_path / "proxies"), steps=2, batch_size=4, max_rounds=1, round_steps=2,
+                        image_mode="resize", inits=(None, given), info=lambda t: None)
+    record = json.loads((tmp_path / "proxies" / "proxies.json").read_text())
+    assert record["large"]["init"] == given and record["small"]["init"] == "random"
+    assert load_tokenizer(res["small"]["dir"]).get_vocab() == load_tokenizer(given).get_vocab()
+    start = NVILAForCausalLM.from_pretrained(given).state_dict()
+    after = NVILAForCausalLM.from_pretrained(res["large"]["dir"]).state_dict()
+    assert set(after) == set(start)
+    moved = sum(float((after[k].float() - start[k].float()).norm()) for k in start)
+    size = sum(float(start[k].float().norm()) for k in start)
+    assert 0 < moved < 0.1 * size  # trained a little from the given weights, not from fresh ones
+    # two given models must already share a tokenizer
+    own = init_tiny_model(load_manifest(record["manifest"]), str(tmp_path / "own"), size="tiny", image_mode="resize")
+    with pytest.raises(ValueError, match="different tokenizers"):
+        train_proxies(trusted, str(tmp_path / "y"), image_mode="resize", inits=(own, given))

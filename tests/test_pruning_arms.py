@@ -202,3 +202,37 @@ def test_benchmark_proxies_have_the_chosen_sizes_and_share_their_data(tmp_path):
     assert res["large"]["parameters"] > 5 * res["small"]["parameters"]
     record = json.loads((tmp_path / "p" / "proxies.json").read_text())
     assert record["small"]["steps"] == record["large"]["steps"] == 2
+
+
+def test_arms_option_keeps_full_data_and_targets_skip_what_did_not_run():
+    from benchmarks.pruning.run import arm_list, targets
+
+    assert set(arm_list("capability", ["capability"])) == set(A.ARMS + A.DIAGNOSTIC_ARMS)
+    only = arm_list("capability", ["capability", "reference"], ["deltaloss_50"])
+    assert only == {"full": ("full", "capability"), "deltaloss_50": ("deltaloss_50", "capability"),
+                    "deltaloss_reference_50": ("deltaloss_50", "reference")}
+
+    def summary(**acc):
+        return {"arms": {a: {"accuracy_mean": v} for a, v in acc.items()}, "full_best": {"accuracy_mean": 0.55},
+                "full_plateau": True}
+
+    t = targets(summary(full=0.55, deltaloss_50=0.545, likelihood_50=0.50))
+    assert t == {"full data at its plateau": True, "deltaloss_50 >= full_best - 1pt": True,
+                 "deltaloss_50 >= likelihood_50": True}
+    t = targets(summary(full=0.55, random_50=0.52, deltaloss_50=0.53, clip_then_deltaloss_50=0.56))
+    assert not t["deltaloss_50 >= full_best - 1pt"] and not t["deltaloss_50 >= random_50 + 3pt"]
+    assert t["clip_then_deltaloss_50 >= full_best"]
+
+
+def test_diagnosis_counts_the_top_half_of_each_sub_dataset_by_ground_truth():
+    from benchmarks.pruning.diagnose import top_half_shares
+
+    def truth(key, noise="clean", grp="tail"):
+        return {"noise": noise, "detail": json.dumps({"group": grp}), "key": key}
+
+    t = {("a", "1"): truth("1", grp="head"), ("a", "2"): truth("2"), ("a", "3"): truth("3", "word_salad_caption"),
+         ("a", "4"): truth("4", grp="head"), ("b", "5"): truth("5"), ("b", "6"): truth("6", "blank_image")}
+    rows = [("a", "1", 0.1), ("a", "2", 0.9), ("a", "3", 2.0), ("a", "4", 0.0), ("b", "5", 0.2), ("b", "6", 0.5)]
+    # a: salad and the tail sample on top; b: the blank image; so 2 noise, 1 tail of 3 kept
+    assert top_half_shares(rows, {"a": 4, "b": 2}, t, 2) == {"noise": 0.667, "tail": 0.333}
+    assert top_half_shares(rows, {"a": 4, "b": 2}, t, 2, ascending=True) == {"head": 0.667, "tail": 0.333}

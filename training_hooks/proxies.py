@@ -68,7 +68,8 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
                   lr: float = 1e-3, mode: str = DEFAULT_MODE, pool: str | list[str] | None = None,
                   converge_small: bool = False, image_mode: str = "dynamic_s2",
                   sizes: tuple[str | dict[str, Any], str | dict[str, Any]] = ("tiny", "small"),
-                  small_lr: float | None = None) -> dict[str, Any]:
+                  small_lr: float | None = None,
+                  inits: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
     """Train the DeltaLoss scorer's two models under ``out`` and record them in ``proxies.json``.
 
     ``mode="capability"``: ``small`` and ``large`` on the trusted data (NVILA's DeltaLoss); the
@@ -78,13 +79,19 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
     ``image_mode``: how the proxies tile an image (``model.config.IMAGE_MODES``). ``sizes``: the
     small and large proxies' model sizes (``training_hooks.bootstrap.SIZES`` names or size specs);
     ``small_lr``: the small proxy's learning rate (default ``lr``: a much narrower model
-    takes a larger one to converge in as many steps)."""
+    takes a larger one to converge in as many steps). ``inits``: model directories the small
+    and large proxies start from instead of random weights (``None``: a fresh ``sizes`` model),
+    e.g. the large one from an NVILA whose vision tower was pretrained, so that it reads scenes
+    the trusted data shows rarely; the fresh proxy takes the given one's tokenizer (two given
+    ones must share theirs). Capability mode only."""
     if mode not in MODES:
         raise ValueError(f"unknown proxy mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "reference" and not pool:
         raise ValueError("the reference-model mode needs the pool to be pruned (--pool SHARDS)")
     if mode == "capability" and pool:
         raise ValueError("--pool is only used by the reference-model mode (--mode reference)")
+    if mode == "reference" and any(inits):
+        raise ValueError("inits (proxies started from given models) are for the capability mode only")
     trusted = [trusted] if isinstance(trusted, str) else list(trusted)
     os.makedirs(out, exist_ok=True)
     manifest_url = seed_manifest(trusted, os.path.join(out, "seed-work"), os.path.join(out, "seed-curated"))
@@ -93,7 +100,7 @@ def train_proxies(trusted: str | list[str], out: str, *, steps: int = 60, batch_
     stop = dict(max_rounds=max_rounds, patience=patience, min_delta=min_delta, info=info)
     rounds = round_steps or max(steps, 25)
     if mode == "capability":
-        results = _capability(manifest_url, out, steps, rounds, settings, stop, converge_small, sizes, small_lr)
+        results = _capability(manifest_url, out, steps, rounds, settings, stop, converge_small, sizes, small_lr, inits)
     else:
         pool = [pool] if isinstance(pool, str) else list(pool or [])
         pool_url = seed_manifest(pool, os.path.join(out, "pool-work"), os.path.join(out, "pool-curated"))
@@ -123,25 +130,42 @@ def _runner(manifest_url: str, n: int, s: dict[str, Any]) -> Callable[[str, str]
 
 def _capability(manifest_url: str, out: str, steps: int, rounds: int, s: dict[str, Any],
                 stop: dict[str, Any], converge_small: bool = False,
-                sizes: tuple[Any, Any] = ("tiny", "small"), small_lr: float | None = None) -> dict[str, Any]:
+                sizes: tuple[Any, Any] = ("tiny", "small"), small_lr: float | None = None,
+                inits: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
     """A small proxy (``steps`` per stage, or to convergence) and a larger one (by default ~9x)
-    trained to convergence."""
-    from curation.selection.manifest import load_manifest
-    from training_hooks.bootstrap import init_tiny_model
+    trained to convergence, each from ``inits`` or from random weights."""
+    small_init, large_init = (_start(manifest_url, os.path.join(out, f"init-{name}"), size, given, s)
+                              for name, size, given in zip(("small", "large"), sizes, inits))
+    # one tokenizer for both proxies: a fresh one takes the given one's (else the small one's)
+    if all(inits):
+        from model.nvila import load_tokenizer
 
-    m = load_manifest(manifest_url)
-    small_init = init_tiny_model(m, os.path.join(out, "init-small"), size=sizes[0], seed=s["seed"], image_mode=s["image_mode"])
-    # one tokenizer for both proxies: the large one is built with the small one's vocabulary
-    large_init = init_tiny_model(m, os.path.join(out, "init-large"), size=sizes[1], seed=s["seed"], image_mode=s["image_mode"])
-    _share_tokenizer(small_init, large_init)
+        if load_tokenizer(small_init).get_vocab() != load_tokenizer(large_init).get_vocab():
+            raise ValueError("the given small and large proxies use different tokenizers")
+    elif inits[1]:
+        _share_tokenizer(large_init, small_init)
+    else:
+        _share_tokenizer(small_init, large_init)
     s_small = dict(s, lr=small_lr or s["lr"])
     small = (_train_to_convergence(_runner(manifest_url, rounds, s_small), small_init, out, "small", **stop)
              if converge_small else _train_small(_runner(manifest_url, steps, s_small), small_init, out))
     results = {"small": small,
                "large": _train_to_convergence(_runner(manifest_url, rounds, s), large_init, out, "large", **stop)}
-    for name, init in (("small", small_init), ("large", large_init)):
-        results[name]["parameters"] = _parameters(init)
+    for name, init, given in (("small", small_init, inits[0]), ("large", large_init, inits[1])):
+        results[name].update(parameters=_parameters(init), init=given or "random")
     return results
+
+
+def _start(manifest_url: str, dest: str, size: Any, given: str | None, s: dict[str, Any]) -> str:
+    """A proxy's starting point at ``dest``: a copy of the model at ``given``, or a fresh ``size`` NVILA."""
+    from curation.selection.manifest import load_manifest
+    from training_hooks.bootstrap import init_tiny_model
+
+    if given:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(given, dest)
+        return dest
+    return init_tiny_model(load_manifest(manifest_url), dest, size=size, seed=s["seed"], image_mode=s["image_mode"])
 
 
 def _reference(manifest_url: str, pool_url: str, out: str, rounds: int, s: dict[str, Any],

@@ -45,11 +45,11 @@ def oracle_keys(truth: list[dict[str, Any]], sizes: dict[str, int], seed: int) -
 
 def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list[str],
                          proxy_steps: int, max_rounds: int, proxy_sizes: tuple[Any, Any] = ("tiny", "small"),
-                         small_lr: float | None = None) -> dict[str, Any]:
+                         small_lr: float | None = None, large_init: str | None = None) -> dict[str, Any]:
     """The DFN filter on the trusted set and, per DeltaLoss mode, the proxies (capability: both
-    trained to convergence, so they differ in capacity only; ``proxy_sizes``: small, large) on
-    ``proxy_trusted`` when the sets have it (clean pairs of the pool's sources), else the
-    trusted set; with their cost in seconds."""
+    trained to convergence; ``proxy_sizes``: small, large; ``large_init``: the model the large
+    capability proxy starts from, else random weights) on ``proxy_trusted`` when the sets have
+    it (clean pairs of the pool's sources), else the trusted set; with their cost in seconds."""
     from benchmarks.pruning import model as M
     from curation.scoring.dfn import FilterTrainConfig, train_filter
     from training_hooks.proxies import train_proxies
@@ -62,7 +62,8 @@ def train_scoring_models(sets: dict[str, Any], root: str, seed: int, modes: list
         res = train_proxies(sets.get("proxy_trusted", sets["trusted"]), f"{root}/proxies-{mode}", steps=proxy_steps, batch_size=8, seed=seed,
                             mode=mode, pool=list(sets["pool"].values()) if mode == "reference" else None,
                             max_rounds=max_rounds, info=lambda t: None, converge_small=mode == "capability",
-                            image_mode=M.IMAGE_MODE, sizes=proxy_sizes, small_lr=small_lr)
+                            image_mode=M.IMAGE_MODE, sizes=proxy_sizes, small_lr=small_lr,
+                            inits=(None, large_init if mode == "capability" else None))
         out["proxies"][mode] = res
     return out
 
