@@ -47,8 +47,12 @@ def _rank_loop(rank: int, world: int, model: Any, head: WordHead, views: torch.T
     from training_hooks.vision_pretrain import _batches, _train
 
     vocab, size = settings["vocab"], settings["batch_size"]
-    # SigLIP's last layer, post-layernorm and pooling head never reach the loss
-    net = DistributedDataParallel(_Words(model.vision_tower, head), find_unused_parameters=True)
+    # the layers after the feature layer, the post-layernorm and the pooling head never reach the
+    # loss: left out of DDP's gradient averaging, so they stay untouched, as in one process
+    unused = _unused(model.vision_tower)
+    for p in unused:
+        p.requires_grad_(False)
+    net = DistributedDataParallel(_Words(model.vision_tower, head))
 
     def loss_of(batch: list[int]) -> torch.Tensor:
         mine = batch[rank::world]
@@ -56,9 +60,21 @@ def _rank_loop(rank: int, world: int, model: Any, head: WordHead, views: torch.T
         targets = multi_hot([ids[i] for i in mine], vocab)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(batch)
 
-    return _train([*model.vision_tower.parameters(), *head.parameters()], loss_of, model,
-                  _batches(rng, "words", list(ids), train, vocab, size, 1), settings["steps"], settings["lr"], info,
-                  world=world)
+    try:
+        return _train([*model.vision_tower.parameters(), *head.parameters()], loss_of, model,
+                      _batches(rng, "words", list(ids), train, vocab, size, 1), settings["steps"], settings["lr"], info,
+                      world=world)
+    finally:
+        for p in unused:
+            p.requires_grad_(True)
+
+
+def _unused(tower: Any) -> list[nn.Parameter]:
+    """The tower's trainable parameters its output does not depend on (``VisionTower.forward``)."""
+    layers = tower.model.encoder.layers
+    used = [tower.model.embeddings, *layers[: tower.feature_layer % (len(layers) + 1)]]
+    keep = {id(p) for m in used for p in m.parameters()}
+    return [p for p in tower.parameters() if p.requires_grad and id(p) not in keep]
 
 
 def _spawned_rank(rank: int, world: int, init: str, model_dir: str, views: torch.Tensor, ids: list[list[int]],
