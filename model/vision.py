@@ -25,9 +25,14 @@ class VisionTower(nn.Module):
         self.hidden_size = cfg.hidden_size
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=tiles.to(self.dtype), output_hidden_states=True)
-        h = out.hidden_states[self.feature_layer]  # (N, P*P, C)
-        return h.view(h.shape[0], self.grid, self.grid, h.shape[-1])
+        # only the layers up to ``feature_layer`` run: what the model's own forward would return
+        # as ``hidden_states[feature_layer]``, without the layers after it, the post-layernorm and
+        # the pooling head, whose outputs nothing reads (at -2 of 3 layers: a third of the tower)
+        layers = self.model.encoder.layers
+        h = self.model.embeddings(tiles.to(self.dtype))  # hidden_states[0]
+        for layer in layers[: self.feature_layer % (len(layers) + 1)]:
+            h = layer(h, None)
+        return h.view(h.shape[0], self.grid, self.grid, h.shape[-1])  # (N, P, P, C)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -141,3 +141,35 @@ def test_cli_names_what_is_missing(pairs, tmp_path):
     assert r.exit_code != 0 and "unknown vision pretraining objective 'clip'; expected one of words, sigmoid" in r.output
     assert not os.path.exists(tmp_path / "m" / REPORT)
 
+
+
+def test_tower_stops_at_its_feature_layer_with_the_same_features(tmp_path):
+    """The tower runs only the layers up to its feature layer: exactly SigLIP's own hidden state there."""
+    m = _model(tmp_path / "m", ["a red circle", "a blue square"])
+    tiles = torch.randn(5, 3, 32, 32)
+    for train in (False, True):
+        m.train(train)
+        full = m.vision_tower.model(pixel_values=tiles, output_hidden_states=True).hidden_states[-2]
+        assert torch.equal(m.vision_tower(tiles), full.view(5, 4, 4, -1))
+
+
+def test_two_data_parallel_workers_train_as_one_with_the_whole_batch(pairs, tmp_path):
+    from curation.data.shards import read_shard
+
+    texts = [s.caption for s in read_shard(str(pairs / "clean" / "p" / "00000.tar"))]
+    reports, towers = {}, {}
+    for workers in (1, 2):
+        _model(tmp_path / f"m{workers}", texts)
+        reports[workers] = pretrain_vision(str(tmp_path / f"m{workers}"), str(pairs / "clean" / "p"), steps=12,
+                                           batch_size=32, heldout=64, workers=workers)
+        towers[workers] = NVILAForCausalLM.from_pretrained(str(tmp_path / f"m{workers}")).vision_tower
+    assert reports[2]["workers"] == 2 and reports[1]["workers"] == 1
+    # the same batches and steps, each split between the ranks: the same curve and weights up to float order
+    one, two = [c["loss"] for c in reports[1]["curve"]], [c["loss"] for c in reports[2]["curve"]]
+    assert len(one) == len(two) and all(abs(a - b) <= 1e-3 * abs(a) for a, b in zip(one, two))
+    assert _changed(towers[1].model.encoder.layers[0], _model(tmp_path / "fresh", texts).vision_tower.model.encoder.layers[0])
+    for (name, a), b in zip(towers[1].named_parameters(), towers[2].parameters()):
+        # the key bias shifts every logit of a query alike, so softmax gives it a gradient of float
+        # noise only, which AdamW scales up to full steps: it follows the float order, nothing else
+        if not name.endswith("k_proj.bias"):
+            assert torch.allclose(a, b, atol=1e-5), name

@@ -127,7 +127,8 @@ def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs:
                           workers: int = 1) -> dict[str, Any]:
     """``init_tiny_model``, then its vision tower pretrained (``vision_pretrain``, ``objective``) on
     ``pairs`` clean synthetic pairs, written to ``pairs_dir`` (seed ``pairs_seed``) unless already
-    there (by ``workers`` processes): the stand-in for the pretrained SigLIP NVILA starts from.
+    there (by ``workers`` processes): the stand-in for the pretrained SigLIP NVILA starts from;
+    the caption-word pretraining also runs on ``workers`` data-parallel processes on a CPU.
     Returns the pretraining report."""
     import os
 
@@ -139,4 +140,4 @@ def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs:
         synthesize(pairs_dir, SynthConfig(seed=pairs_seed, datasets=[DatasetSpec("pretrain_pairs", "pair", pairs, {}, 1000)]),
                    workers=workers)
     return pretrain_vision(out_dir, os.path.join(pairs_dir, "pretrain_pairs"), objective=objective, steps=steps,
-                           batch_size=min(128, pairs // 4), seed=seed, info=info)
+                           batch_size=min(128, pairs // 4), seed=seed, info=info, workers=workers)

@@ -167,6 +167,37 @@ def stage_total_steps(plan: Any, manifest: Any, sources: list[SourceDataset], wo
     return steps_for_epochs(plan.epochs or 1.0, epoch_samples(manifest, sources), plan.batch_size, world_size)
 
 
+MEMO_BYTES = 256 * 2**20  # media tensors a stage keeps for its later epochs (the demo's stages: ~60 MB)
+
+
+class MemoBuild:
+    """``build`` (an ``ExampleBuilder``) at most once per sample: the example of a sample is the
+    same every epoch (no augmentation; the prompt is picked by key), so a stage that reads its data
+    for many epochs preprocesses and tokenizes each sample once. Examples are kept until their media
+    reach ``limit`` bytes (later samples are built each time, as without it); a skipped sample is
+    counted in the builder's ``skipped`` again each time it comes, as without it."""
+
+    def __init__(self, build: Callable[[Any], Any], limit: int = MEMO_BYTES) -> None:
+        self.build, self.limit, self.bytes = build, limit, 0
+        self.skipped: Counter | None = getattr(build, "skipped", None)
+        self.kept: dict[tuple, tuple[Any, Counter]] = {}
+
+    def __call__(self, sample: Any) -> Any:
+        ident = getattr(sample, "identity", None)
+        if ident in self.kept:
+            ex, skips = self.kept[ident]
+            if self.skipped is not None:
+                self.skipped.update(skips)
+            return ex
+        before = Counter(self.skipped) if self.skipped is not None else Counter()
+        ex = self.build(sample)
+        size = sum(m.tiles.nbytes for m in ex.media) if ex is not None else 0
+        if ident is not None and self.bytes + size <= self.limit:
+            self.bytes += size
+            self.kept[ident] = (ex, (self.skipped - before) if self.skipped is not None else Counter())
+        return ex
+
+
 def example_stream(sources: list[SourceDataset], build: Callable[[Any], Any], seed: int, rank: int = 0,
                    world_size: int = 1, start: int = 0, counts: Counter | None = None) -> Iterator[tuple[int, Any]]:
     """This rank's training examples, as ``(position after it, example)``.

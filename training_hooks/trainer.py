@@ -33,7 +33,8 @@ from curation.common.prefetch import prefetch
 from model.examples import ExampleBuilder
 from training_hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from training_hooks.device import all_positions, all_sum, stage_device, to_device
-from training_hooks.data import DataSplit, batches, example_stream, stage_sources, stage_total_steps, stream_samples
+from training_hooks.data import (DataSplit, MemoBuild, batches, example_stream, stage_sources, stage_total_steps,
+                                 stream_samples)
 from training_hooks.recipe import StagePlan
 
 IGNORE_INDEX = -100
@@ -202,7 +203,7 @@ def run_stage(config: dict[str, Any], rank: int = 0, world_size: int = 1) -> dic
     skipped, mixed_counts = Counter(), Counter()
     builder = ExampleBuilder(st.core, st.tok, plan.max_length, config.get("prompts") or ("Describe the image.",),
                              config.get("video_prompts") or ("Describe the video.",), skipped)
-    examples = example_stream(st.sources, builder, seed, rank, world_size, position, mixed_counts)
+    examples = example_stream(st.sources, MemoBuild(builder), seed, rank, world_size, position, mixed_counts)
     stream = prefetch(batches(examples, plan.batch_size, st.tok.pad_token_id, plan.max_length))
     ctx = {"device": st.device, "world_size": world_size, "rank": rank, "bf16": config.get("precision") == "bf16"}
     model.train()

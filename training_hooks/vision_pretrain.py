@@ -156,8 +156,10 @@ def retrieval_accuracy(model: Any, heads: ContrastiveHeads, media: Sequence[Any]
 
 
 def _train(params: list[Any], loss_of: Callable[[list[int]], torch.Tensor], model: Any, batches: Any, steps: int,
-           lr: float, info: Callable[[str], None]) -> list[dict[str, Any]]:
-    """AdamW with warmup and cosine decay over ``params``; the loss curve."""
+           lr: float, info: Callable[[str], None], world: int = 1) -> list[dict[str, Any]]:
+    """AdamW with warmup and cosine decay over ``params``; the loss curve. With ``world`` > 1
+    data-parallel ranks (``training_hooks.vision_parallel``) ``loss_of`` gives this rank's share
+    of the batch's loss; DDP averages the gradients, so each rank steps on ``world`` times its share."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -167,14 +169,24 @@ def _train(params: list[Any], loss_of: Callable[[list[int]], torch.Tensor], mode
     for step in range(1, steps + 1):
         loss = loss_of(next(batches))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world if world > 1 else loss).backward()
         opt.step()
         sched.step()
         if step % max(1, steps // 20) == 0 or step == steps:
-            value = loss.item()
+            value = _batch_loss(loss, world)
             curve.append({"step": step, "loss": round(value, 4)})
             info(f"vision pretraining: step {step}/{steps} loss {value:.3f}")
     return curve
+
+
+def _batch_loss(share: torch.Tensor, world: int) -> float:
+    if world == 1:
+        return share.item()
+    import torch.distributed as dist
+
+    total = share.detach().clone()
+    dist.all_reduce(total)
+    return total.item()
 
 
 OBJECTIVES = ("words", "sigmoid")
@@ -196,7 +208,7 @@ def _words(model: Any, media: list[Any], ids: list[list[int]], train: list[int],
         return {"heldout_word_precision": round(heldout_precision(model, head, held_views, held_ids), 4),
                 "words_alone": round(words_alone, 4)}
 
-    return [*model.vision_tower.parameters(), *head.parameters()], loss_of, measure
+    return [*model.vision_tower.parameters(), *head.parameters()], loss_of, measure, head
 
 
 def _sigmoid(model: Any, media: list[Any], ids: list[list[int]], train: list[int], held: list[int], vocab: int,
@@ -214,14 +226,15 @@ def _sigmoid(model: Any, media: list[Any], ids: list[list[int]], train: list[int
                 "chance": round(1 / max(1, len(held)), 4)}
 
     params = [*model.vision_tower.parameters(), *model.projector.parameters(), *heads.parameters()]
-    return params, loss_of, measure
+    return params, loss_of, measure, None
 
 
 def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, objective: str = "words", steps: int = 3000,
                     batch_size: int = 128, lr: float = 2e-3, heldout: int = 128, group: int = 16, seed: int = 0,
-                    info: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                    info: Callable[[str], None] = lambda s: None, workers: int = 1) -> dict[str, Any]:
     """Pretrain ``model_dir``'s vision tower (``sigmoid``: and projector) on the pairs in ``shards``
-    with ``objective``; save it back into ``model_dir`` and return (and write) the report."""
+    with ``objective``; save it back into ``model_dir`` and return (and write) the report.
+    ``workers`` > 1 (``words`` on CPU): that many data-parallel processes, one batch split between them."""
     from model import NVILAForCausalLM
     from model.nvila import load_tokenizer
 
@@ -244,18 +257,25 @@ def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, objective: s
                          f"{len(train)} found in {shards} (skipped: {dict(skipped) or 'none'})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    params, loss_of, measure = (_words if objective == "words" else _sigmoid)(model, media, ids, train, held, len(tok),
-                                                                             device)
+    params, loss_of, measure, head = (_words if objective == "words" else _sigmoid)(model, media, ids, train, held,
+                                                                                   len(tok), device)
     before = measure()
-    curve = _train(params, loss_of, model, _batches(rng, objective, ids, train, len(tok), batch_size, group), steps,
-                   lr, info)
+    if workers > 1 and head is not None and device.type == "cpu":
+        from training_hooks.vision_parallel import train_words_parallel
+
+        curve = train_words_parallel(model_dir, model, head, media, ids, train, rng, vocab=len(tok), steps=steps,
+                                     batch_size=batch_size, lr=lr, workers=workers, info=info)
+    else:
+        curve = _train(params, loss_of, model, _batches(rng, objective, ids, train, len(tok), batch_size, group), steps,
+                       lr, info)
     model.eval()
     after = measure()
     model.to("cpu").save_pretrained(model_dir, tok)
     report = {"model": model_dir, "objective": objective, "pairs": len(media), "train_pairs": len(train),
               "heldout_pairs": len(held), "skipped": dict(skipped), "steps": steps, "batch_size": batch_size,
               "group": group if objective == "sigmoid" else None, "lr": lr, "heldout": {"before": before, "after": after},
-              "curve": curve, "seconds": round(time.time() - t0, 1)}
+              "curve": curve, "seconds": round(time.time() - t0, 1),
+              "workers": workers if head is not None and device.type == "cpu" else 1}
     with open(os.path.join(model_dir, REPORT), "w") as f:
         json.dump(report, f, indent=2)
     return report

@@ -32,8 +32,8 @@ def image_view(model: Any, data: Any) -> torch.Tensor:
 
 def multi_hot(ids: Sequence[list[int]], vocab: int, device: Any = None) -> torch.Tensor:
     hot = torch.zeros(len(ids), vocab, device=device)
-    for row, seq in enumerate(ids):
-        hot[row, seq] = 1.0
+    rows = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(seq) for seq in ids], dtype=torch.long))
+    hot[rows.to(hot.device), torch.tensor([i for seq in ids for i in seq], dtype=torch.long, device=hot.device)] = 1.0
     return hot
 
 
