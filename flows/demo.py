@@ -69,18 +69,41 @@ def _pretrained_init(out: str, manifest: Any, seed: int, size: str) -> tuple[str
     from training_hooks.bootstrap import init_pretrained_model
     from training_hooks.vision_pretrain import REPORT
 
-    init, pairs, key = os.path.join(out, "models", "nvila-demo"), os.path.join(out, "pretrain-pairs"), {"seed": seed, "size": size}
+    init, pairs, key = os.path.join(out, "models", "nvila-demo"), _pairs_dir(out), {"seed": seed, "size": size}
     if not _cached(init, REPORT, key):
         n_pairs, steps = d.vision_pretrain_for(size)
         fresh_pairs = not _cached(pairs, "ground_truth.parquet", key)  # (synthesized by init_pretrained_model)
-        init_pretrained_model(manifest, init, pairs, pairs=n_pairs, steps=steps, seed=seed, pairs_seed=seed + 4000, info=print,
-                              workers=min(2, os.cpu_count() or 1))
+        init_pretrained_model(manifest, init, pairs, pairs=n_pairs, steps=steps, seed=seed, pairs_seed=_pairs_seed(seed),
+                              info=print, workers=min(2, os.cpu_count() or 1))
         if fresh_pairs:
             _stamp(pairs, key)
         _stamp(init, key)
     with open(os.path.join(init, REPORT)) as f:
         vision = json.load(f)
     return init, {k: v for k, v in vision.items() if k != "curve"}
+
+
+def _pairs_dir(out: str) -> str:
+    return os.path.join(out, "pretrain-pairs")
+
+
+def _pairs_seed(seed: int) -> int:
+    return seed + 4000
+
+
+def _start_pretrain_pairs(out: str, seed: int, size: str, train: bool) -> Any:
+    """The tower's pretraining pairs, synthesized in a child process beside the filter and the
+    proxies (a core idles once the filter is done); None when there is nothing to synthesize."""
+    from flows import demo_parts as d
+    from flows.child import Child
+    from training_hooks.vision_pretrain import REPORT
+
+    key, pairs = {"seed": seed, "size": size}, _pairs_dir(out)
+    if not train or _cached(os.path.join(out, "models", "nvila-demo"), REPORT, key) or _cached(pairs, "ground_truth.parquet", key):
+        return None
+    child = Child("flows.demo_parts:pretrain_pairs", threads=1, pairs_dir=pairs, pairs=d.vision_pretrain_for(size)[0],
+                  seed=_pairs_seed(seed))
+    return lambda log: (child.result(log.info), _stamp(pairs, key))
 
 
 def _heldout(out: str, seed: int, size: str) -> str:
@@ -289,10 +312,14 @@ def _demo(out: str, size: str, seed: int, train: bool, ray_train: bool, log: Any
         corpus, check = _synthesize(out, size, seed, log)
     with _timed(timings, "train_filter_and_proxies"):
         # side by side, one torch thread each: the filter in a child process, the proxies here
+        # and the vision tower's pretraining pairs in a third process, taking the core the filter leaves
         trusted = os.path.join(out, "trusted", "trusted_pairs")
+        pairs_done = _start_pretrain_pairs(out, seed, size, train)
         filt_run = train_filter_task.submit(trusted, os.path.join(out, "models", "dfn-filter"), filter_steps, seed)
         proxies = train_proxies_task(trusted, os.path.join(out, "models", "proxies"), proxy_steps, seed)
         filt = filt_run.result()
+        if pairs_done is not None:
+            pairs_done(log)
     with _timed(timings, "score"):
         scores = _score(out, size, seed, filt["dir"], proxies)
     with _timed(timings, "curate"):

@@ -99,6 +99,16 @@ def vision_pretrain_for(size: str) -> tuple[int, int]:
     return VISION_PRETRAIN.get(size, VISION_PRETRAIN["small"])
 
 
+def pretrain_pairs(pairs_dir: str, pairs: int, seed: int, info: Callable[[str], None] = print) -> dict[str, Any]:
+    """The vision tower's pretraining pairs, synthesized in a child process (``flows.child``) beside
+    the filter and the proxies: they depend on the seed and size only, not on the curated manifest."""
+    from training_hooks.bootstrap import synthesize_pretrain_pairs
+
+    synthesize_pretrain_pairs(pairs_dir, pairs, seed)
+    info(f"{pairs} vision pretraining pairs ready in {pairs_dir}")
+    return {"dir": pairs_dir, "pairs": pairs}
+
+
 def train_filter(trusted: str, out: str, steps: int, seed: int, info: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo's DFN filter on the trusted pairs (``flows.tasks.train_filter_task`` runs it in a child process)."""
     from curation.scoring.dfn import FilterTrainConfig, train_filter as train

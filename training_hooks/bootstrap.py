@@ -132,12 +132,23 @@ def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs:
     Returns the pretraining report."""
     import os
 
-    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
     from training_hooks.vision_pretrain import pretrain_vision
 
     init_tiny_model(manifest, out_dir, size=size, seed=seed, image_mode=image_mode, prompts=prompts)
+    synthesize_pretrain_pairs(pairs_dir, pairs, pairs_seed, workers)
+    return pretrain_vision(out_dir, os.path.join(pairs_dir, "pretrain_pairs"), objective=objective, steps=steps,
+                           batch_size=min(128, pairs // 4), seed=seed, info=info, workers=workers)
+
+
+def synthesize_pretrain_pairs(pairs_dir: str, pairs: int, pairs_seed: int, workers: int = 1) -> str:
+    """The clean pairs the vision tower pretrains on (``<pairs_dir>/pretrain_pairs``), synthesized
+    unless already there; they depend on ``pairs`` and ``pairs_seed`` only (each shard is drawn
+    from its own seed, so ``workers`` changes nothing in them)."""
+    import os
+
+    from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+
     if not os.path.isfile(os.path.join(pairs_dir, "ground_truth.parquet")):
         synthesize(pairs_dir, SynthConfig(seed=pairs_seed, datasets=[DatasetSpec("pretrain_pairs", "pair", pairs, {}, 1000)]),
                    workers=workers)
-    return pretrain_vision(out_dir, os.path.join(pairs_dir, "pretrain_pairs"), objective=objective, steps=steps,
-                           batch_size=min(128, pairs // 4), seed=seed, info=info, workers=workers)
+    return os.path.join(pairs_dir, "pretrain_pairs")
