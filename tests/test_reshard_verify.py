@@ -331,11 +331,12 @@ NAMES = ["a/0.jpg", "0.jpg", "a.b/c.d.jpg", "a.b/c", "a/.hidden", ".hidden.jpg",
 
 
 def test_fast_key_split_agrees_with_the_readers():
-    """The fast path's sample keys (``_key``, and ``bulk_keys`` where it is sure) are the shard
+    """The fast path's sample keys (``sample_key``, and ``bulk_keys`` where it is sure) are the shard
     reader's (``split_key``, the whole name when it has no key): dots in folders, hidden files,
     no extension, several dots, a newline."""
     from curation.data.shards import split_key
-    from curation.selection.plain_tar import _key, bulk_keys
+    from curation.selection.plain_tar import bulk_keys
+    from curation.selection.reshard_inputs import sample_key
 
     rows = np.zeros((len(NAMES), 100), dtype=np.uint8)
     for i, name in enumerate(NAMES):
@@ -345,7 +346,7 @@ def test_fast_key_split_agrees_with_the_readers():
     for name, n in zip(NAMES, lengths):
         parts = split_key(name)
         want = parts[0] if parts else name
-        assert _key(name) == want, name
+        assert sample_key(name) == want, name
         assert n < 0 or name.encode()[:n].decode() == want, name
     assert sum(n >= 0 for n in lengths) >= 7  # the common names are split in bulk
 

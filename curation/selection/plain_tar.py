@@ -18,7 +18,7 @@ reshard bench's corpus; CPU seconds on the loaded machine could not tell the two
 
 Whatever the bulk reading is unsure of goes through the exact reading, one header at a time: a
 header in another layout (:func:`plain_member`), a name the bulk key split does not cover
-(:func:`_key`), a header across two buffers, a block starting with a NUL (the end, or damage).
+(``sample_key``), a header across two buffers, a block starting with a NUL (the end, or damage).
 It gives exactly what ``tar_samples`` gives, or nothing: on any header the full scanner would
 read differently (an extended header, a link, a directory, a base-256 size, a checksum that does
 not add up, a cut) it raises :class:`UnusualTar` before any run of its batch is given out, and
@@ -36,9 +36,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from curation.data.records import split_key, unsafe_name
+from curation.data.records import unsafe_name
 from curation.data.tarstream import BLOCK, REGULAR, ZERO_BLOCK, _header_name
-from curation.selection.reshard_inputs import Run, Sample, group_samples
+from curation.selection.reshard_inputs import Run, Sample, group_samples, sample_key
 from curation.selection.verified_copy import VerifiedInput
 
 _OCTAL = re.compile(rb"[0-7]*")
@@ -104,7 +104,7 @@ def common_headers(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def bulk_keys(names: np.ndarray) -> np.ndarray:
     """Each name's key length (names: rows of 100 bytes, NULs after the name): up to the first dot
     of the base name, as ``split_key`` splits; -1 where that rule is not sure (no dot after the
-    last slash, a base name starting with one, a newline) and ``_key`` must decide."""
+    last slash, a base name starting with one, a newline) and ``sample_key`` must decide."""
     zero = names == 0
     length = np.where(zero.any(axis=1), zero.argmax(axis=1), 100)
     inside = _POS < length[:, None]
@@ -126,13 +126,6 @@ def _unsafe(name: str) -> str | None:
     return unsafe_name(name) if name[:1] == "/" or name[1:2] == ":" or ".." in name else None
 
 
-def _key(name: str) -> str:
-    """A member's sample key, as ``split_key`` gives it (up to the first dot of the base name;
-    the whole name when there is none)."""
-    parts = split_key(name)
-    return parts[0] if parts else name
-
-
 def _walk(data: bytes, i: int, steps: dict[bytes, int]) -> tuple[list[int], int]:
     """Header offsets in ``data`` from ``i``, each header's size field giving the next, while a
     whole header lies in ``data``; stops before a block starting with a NUL (the end, or a header
@@ -143,10 +136,7 @@ def _walk(data: bytes, i: int, steps: dict[bytes, int]) -> tuple[list[int], int]
         field = data[i + 124:i + 136]
         step = get(field)
         if step is None:
-            try:  # the common layout (11 octal digits and a NUL) without a regular expression
-                n = int(field[:11], 8) if not field[11] and field[:11].isdigit() else _plain_size(field)
-            except ValueError:  # an 8 or a 9
-                n = -1
+            n = _plain_size(field)  # once per distinct size field (``steps`` keeps the step)
             if n < 0:
                 break
             step = steps[field] = BLOCK + (n + BLOCK - 1) // BLOCK * BLOCK
@@ -157,7 +147,7 @@ def _walk(data: bytes, i: int, steps: dict[bytes, int]) -> tuple[list[int], int]
 
 def _named_runs(names: list[str], bounds: list[int]) -> list[tuple[str, str | None, int, int]]:
     """One run per member, its key and refusal read the exact way (``group_samples`` joins them)."""
-    return [(_key(name), _unsafe(name), lo, hi) for name, lo, hi in zip(names, bounds, bounds[1:])]
+    return [(sample_key(name), _unsafe(name), lo, hi) for name, lo, hi in zip(names, bounds, bounds[1:])]
 
 
 def _name(row: np.ndarray) -> str:
@@ -223,7 +213,7 @@ def _one_header(src: VerifiedInput, pos: int) -> tuple[Run, int] | None:
     end = pos + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
     if not src.seek(end):
         raise UnusualTar(f"the member at byte {pos} is cut")
-    return (_key(name), _unsafe(name), src.pieces(pos, end)), end
+    return (sample_key(name), _unsafe(name), src.pieces(pos, end)), end
 
 
 def _walk_buffers(src: VerifiedInput, pos: int, steps: dict[bytes, int]) -> tuple[list[tuple[bytes, int, list[int]]], int]:

@@ -72,6 +72,13 @@ Run = tuple[str, "str | None", list[Piece]]  # members of one key that follow on
 Sample = tuple[str, list[Piece], "str | None"]  # (key, pieces of its members' raw blocks, why it must not be written)
 
 
+def sample_key(name: str) -> str:
+    """A member's sample key, as the shard reader groups it (``split_key``: up to the first dot of
+    the base name; the whole name when there is none)."""
+    parts = split_key(name)
+    return parts[0] if parts else name
+
+
 def tar_samples(src: VerifiedInput) -> Iterator[Sample]:
     """(key, pieces of its members' raw blocks, why it must not be written) per sample, in tar order.
 
@@ -80,8 +87,7 @@ def tar_samples(src: VerifiedInput) -> Iterator[Sample]:
 
     def runs() -> Iterator[Run]:
         for e in scan(src):
-            parts = split_key(e.name)
-            yield ((parts[0] if parts else e.name), _refusal(e.name, e.is_file),
+            yield (sample_key(e.name), _refusal(e.name, e.is_file),
                    src.last(e.nbytes, e.header) or [(e.header + e.body, 0, e.nbytes)])
             src.release()
 
