@@ -69,7 +69,7 @@ def _pretrained_init(out: str, manifest: Any, seed: int, size: str) -> tuple[str
     from training_hooks.bootstrap import init_pretrained_model
     from training_hooks.vision_pretrain import REPORT
 
-    init, pairs, key = os.path.join(out, "models", "nvila-demo"), _pairs_dir(out), {"seed": seed, "size": size}
+    init, pairs, key = _init_dir(out), _pairs_dir(out), {"seed": seed, "size": size}
     if not _cached(init, REPORT, key):
         n_pairs, steps = d.vision_pretrain_for(size)
         fresh_pairs = not _cached(pairs, "ground_truth.parquet", key)  # (synthesized by init_pretrained_model)
@@ -81,6 +81,10 @@ def _pretrained_init(out: str, manifest: Any, seed: int, size: str) -> tuple[str
     with open(os.path.join(init, REPORT)) as f:
         vision = json.load(f)
     return init, {k: v for k, v in vision.items() if k != "curve"}
+
+
+def _init_dir(out: str) -> str:
+    return os.path.join(out, "models", "nvila-demo")
 
 
 def _pairs_dir(out: str) -> str:
@@ -99,7 +103,7 @@ def _start_pretrain_pairs(out: str, seed: int, size: str, train: bool) -> Any:
     from training_hooks.vision_pretrain import REPORT
 
     key, pairs = {"seed": seed, "size": size}, _pairs_dir(out)
-    if not train or _cached(os.path.join(out, "models", "nvila-demo"), REPORT, key) or _cached(pairs, "ground_truth.parquet", key):
+    if not train or _cached(_init_dir(out), REPORT, key) or _cached(pairs, "ground_truth.parquet", key):
         return None
     child = Child("flows.demo_parts:pretrain_pairs", threads=1, pairs_dir=pairs, pairs=d.vision_pretrain_for(size)[0],
                   seed=_pairs_seed(seed))

@@ -130,13 +130,11 @@ def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs:
     there (by ``workers`` processes): the stand-in for the pretrained SigLIP NVILA starts from;
     the caption-word pretraining also runs on ``workers`` data-parallel processes on a CPU.
     Returns the pretraining report."""
-    import os
-
     from training_hooks.vision_pretrain import pretrain_vision
 
     init_tiny_model(manifest, out_dir, size=size, seed=seed, image_mode=image_mode, prompts=prompts)
-    synthesize_pretrain_pairs(pairs_dir, pairs, pairs_seed, workers)
-    return pretrain_vision(out_dir, os.path.join(pairs_dir, "pretrain_pairs"), objective=objective, steps=steps,
+    shards = synthesize_pretrain_pairs(pairs_dir, pairs, pairs_seed, workers)
+    return pretrain_vision(out_dir, shards, objective=objective, steps=steps,
                            batch_size=min(128, pairs // 4), seed=seed, info=info, workers=workers)
 
 

@@ -260,7 +260,8 @@ def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, objective: s
     params, loss_of, measure, head = (_words if objective == "words" else _sigmoid)(model, media, ids, train, held,
                                                                                    len(tok), device)
     before = measure()
-    if workers > 1 and head is not None and device.type == "cpu":
+    workers = workers if head is not None and device.type == "cpu" else 1  # data parallel: ``words`` on CPU
+    if workers > 1:
         from training_hooks.vision_parallel import train_words_parallel
 
         curve = train_words_parallel(model_dir, model, head, media, ids, train, rng, vocab=len(tok), steps=steps,
@@ -275,7 +276,7 @@ def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, objective: s
               "heldout_pairs": len(held), "skipped": dict(skipped), "steps": steps, "batch_size": batch_size,
               "group": group if objective == "sigmoid" else None, "lr": lr, "heldout": {"before": before, "after": after},
               "curve": curve, "seconds": round(time.time() - t0, 1),
-              "workers": workers if head is not None and device.type == "cpu" else 1}
+              "workers": workers}
     with open(os.path.join(model_dir, REPORT), "w") as f:
         json.dump(report, f, indent=2)
     return report
