@@ -30,6 +30,7 @@ verified.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import os
 import uuid
 from collections import deque
@@ -46,6 +47,25 @@ from curation.selection.sample_spans import Piece, Span, cut
 # same here (CPU per GB, in-process, 1 GB; peak RSS of a shuffled reshard, 303 MB both); reads of
 # this size come from malloc's heap (2 MiB and larger are mapped fresh each time: page faults).
 CHUNK = 1 << 20
+_HEAP_KEPT = False
+
+
+def keep_heap() -> None:
+    """Have glibc's malloc keep freed read buffers for the next reads (once per process). A batch's
+    buffers are freed together; by default malloc then hands the top of its heap back to the kernel
+    and the next reads fault those pages in again (80 thousand minor faults per GB here, against
+    9.6 thousand for a copy that frees each buffer as it goes). Buffers up to 4 MiB come from the
+    heap, and up to 64 MiB of freed heap is kept. Elsewhere than glibc: nothing."""
+    global _HEAP_KEPT
+    if _HEAP_KEPT:
+        return
+    _HEAP_KEPT = True
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD (setting it ends glibc's own adjusting of both)
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class HashFeed:
@@ -72,6 +92,7 @@ class VerifiedInput:
     """
 
     def __init__(self, f: BinaryIO, chunk: int = CHUNK, algo: str = "md5") -> None:
+        keep_heap()
         self._f = f
         self._chunk = chunk
         self._chunks: deque[tuple[int, bytes]] = deque()  # (offset, data), contiguous
