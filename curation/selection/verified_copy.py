@@ -10,8 +10,10 @@ output shard), so every byte is hashed twice. This module does both while the by
   recorded; md5 for S3 ETags) as soon as it is read, while it is still in the CPU's cache, and
   chunks are kept until the members in them have been copied, so a member is copied from the
   very buffer that was hashed.
-- :class:`GroupWriter` writes output shards from those buffers (adjacent members coalesce into
-  one ``write`` and one md5 update of the same bytes, still in cache), fsyncs each finished
+- :class:`GroupWriter` writes output shards from those buffers: it is given spans of
+  consecutive samples (``sample_spans.Span``), each copied as one byte range per output shard it
+  goes to (one ``write`` and one md5 update per read buffer, of the same bytes, still in cache;
+  per-sample work only where a shard is cut), fsyncs each finished
   shard on a background thread while the next one is written, and makes nothing visible until
   the group is committed: temp files renamed locally, multipart uploads completed on S3. A
   group whose input fails verification is discarded whole.
