@@ -248,12 +248,14 @@ def _ustar(path: str, members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR
 
 
 def _samples(scanner, path: str, chunk: int) -> tuple[list, tuple[int, str]]:
+    from curation.selection.sample_spans import Span, span_samples
     from curation.selection.verified_copy import VerifiedInput
 
     with open(path, "rb", buffering=0) as f:
         src = VerifiedInput(f, chunk=chunk)
-        got = [(key, b"".join(bytes(memoryview(b)[lo:hi]) for b, lo, hi in pieces), why)
-               for key, pieces, why in scanner(src)]
+        items = [x for i in scanner(src) for x in ([(s.keys[0], s.pieces, None) for s in span_samples(i)]
+                                                  if isinstance(i, Span) else [i])]
+        got = [(key, b"".join(bytes(memoryview(b)[lo:hi]) for b, lo, hi in pieces), why) for key, pieces, why in items]
         digest = src.finish()
     return got, digest
 

@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from curation.data import storage
-from curation.selection.reshard_inputs import (ReshardError, input_reader, open_input, stat_inputs, tar_samples,
-                                              verify_input)
-from curation.data.tarstream import TarFormatError
+from curation.selection.reshard_inputs import ReshardError, kept_spans, stat_inputs, tar_samples
 from curation.selection.plain_tar import Scanner, UnusualTar, plain_samples
-from curation.selection.verified_copy import GroupWriter, Piece
+from curation.selection.sample_spans import span_samples
+from curation.selection.verified_copy import GroupWriter
 
 log = logging.getLogger(__name__)
 
@@ -151,54 +150,6 @@ def _load_done(out: str, g: Group, storage_options: dict | None) -> GroupResult 
                        refused=rec.get("refused", []))
 
 
-def _group_keys(g: Group, storage_options: dict | None) -> dict[str, list[str]]:
-    """Each input's kept keys: given, or read from the decision table for this group alone."""
-    keys = {i.shard: i.kept for i in g.inputs if i.decisions is None}
-    by_table: dict[str, list[str]] = {}
-    for i in g.inputs:
-        if i.decisions is not None:
-            by_table.setdefault(i.decisions, []).append(i.shard)
-    if by_table:
-        from curation.selection.kept import load_kept
-
-        for table, shards in by_table.items():
-            keys.update(load_kept(table, g.dataset, shards, storage_options))
-    return keys
-
-
-def _samples_of(g: Group, storage_options: dict | None, sizes: dict[str, int],
-                refused: list[dict[str, str]], scanner: Scanner) -> Iterator[tuple[str, str, list[Piece]]]:
-    """(input shard, key, pieces) of every kept sample, each input verified as it is read: one whose
-    bytes are not the ones scored raises once read to its end, before the group commits anything."""
-    kept = _group_keys(g, storage_options)
-    for inp in g.inputs:
-        keep = set(kept[inp.shard])
-        found = 0
-        f = open_input(inp, storage_options)
-        src = input_reader(inp, f)
-        try:
-            try:
-                for key, pieces, why in scanner(src):
-                    if key not in keep:
-                        continue
-                    found += 1
-                    if why:
-                        refused.append({"dataset": inp.dataset, "shard": inp.shard, "key": key, "reason": why})
-                        log.warning("input shard %s: not writing kept sample %r: %s", inp.url, key, why)
-                        continue
-                    yield inp.shard, key, pieces
-            except TarFormatError as e:
-                verify_input(inp, src)  # a shard that changed explains a broken tar better than the break does
-                raise ReshardError(f"input shard {inp.url}: {e}") from None
-            sizes[inp.url] = verify_input(inp, src)
-        finally:
-            src.close()
-            f.close()
-        if found != len(keep):
-            raise ReshardError(f"input shard {inp.url} has {found} of the {len(keep)} kept samples the scores "
-                               f"list; it changed since it was scored")
-
-
 def write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict | None = None) -> GroupResult:
     """Copy one group's kept samples into new shards (idempotent: a complete group is skipped).
 
@@ -223,17 +174,18 @@ def _write_group(g: Group, out: str, cfg: ReshardConfig, storage_options: dict |
     _remove_parts(ds_url, f"{g.dataset}-{g.index:05d}-", storage_options)  # leftovers of an earlier plan
     sizes: dict[str, int] = {}
     refused: list[dict[str, str]] = []
-    samples = _samples_of(g, storage_options, sizes, refused, scanner)
+    samples = kept_spans(g, storage_options, sizes, refused, scanner)
     stream = samples
-    if cfg.shuffle_seed is not None:
-        stream = _shuffled(samples, cfg.shuffle_buffer, random.Random(f"{cfg.shuffle_seed}:{g.dataset}:{g.index}"))
+    if cfg.shuffle_seed is not None:  # the shuffle moves samples one by one
+        one_by_one = ((shard, s) for shard, span in samples for s in span_samples(span))
+        stream = _shuffled(one_by_one, cfg.shuffle_buffer, random.Random(f"{cfg.shuffle_seed}:{g.dataset}:{g.index}"))
     copied = 0
     with GroupWriter(ds_url, f"{g.dataset}-{g.index:05d}-{{index:04d}}.tar", cfg.max_samples, cfg.max_bytes,
                      storage_options) as writer:
         try:
-            for src_shard, _key, pieces in stream:
-                writer.write(src_shard, pieces)
-                copied += 1
+            for src_shard, span in stream:
+                writer.write(src_shard, span)
+                copied += len(span.keys)
         finally:
             stream.close()
             samples.close()  # closes the input being read if the loop ended early

@@ -5,13 +5,17 @@
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Iterable, Iterator
+import logging
+from typing import Any, BinaryIO, Callable, Iterator
 
 from curation.data import storage
 from curation.data.shards import split_key, unsafe_name
 from curation.data.records import checksum_algo, format_checksum
-from curation.data.tarstream import scan
-from curation.selection.verified_copy import Piece, VerifiedInput
+from curation.data.tarstream import TarFormatError, scan
+from curation.selection.sample_spans import Run, Sample, Span, group_samples, kept_parts, one_sample
+from curation.selection.verified_copy import VerifiedInput
+
+log = logging.getLogger(__name__)
 
 
 class ReshardError(RuntimeError):
@@ -68,10 +72,6 @@ def _refusal(name: str, is_file: bool) -> str | None:
     return unsafe_name(name)
 
 
-Run = tuple[str, "str | None", list[Piece]]  # members of one key that follow one another: (key, why not, pieces)
-Sample = tuple[str, list[Piece], "str | None"]  # (key, pieces of its members' raw blocks, why it must not be written)
-
-
 def sample_key(name: str) -> str:
     """A member's sample key, as the shard reader groups it (``split_key``: up to the first dot of
     the base name; the whole name when there is none)."""
@@ -92,32 +92,6 @@ def tar_samples(src: VerifiedInput) -> Iterator[Sample]:
             src.release()
 
     return group_samples(runs())
-
-
-def group_samples(runs: Iterable[Run]) -> Iterator[Sample]:
-    """Runs of members -> samples by the shard reader's key rules: contiguous members of one key
-    form a sample, a key that comes back after another is skipped (as the reader skips it), and
-    the first refused member marks its sample (its pieces, and those after it, are not taken).
-    A run is one member (the full scanner) or several adjacent members of one key (the fast path,
-    ``plain_tar``); its pieces are taken while the scanner still stands on it."""
-    key: str | None = None
-    pieces: list[Piece] = []
-    why: str | None = None
-    seen: set[str] = set()
-    for k, refused, taken in runs:
-        if k != key:
-            if k in seen:
-                continue
-            if key is not None:
-                yield key, pieces, why
-            key, pieces, why = k, [], None
-            seen.add(k)
-        if why is None:
-            why = refused
-            if why is None:
-                pieces.extend(taken)
-    if key is not None:
-        yield key, pieces, why
 
 
 def stat_inputs(inputs: list[Any], storage_options: dict | None = None) -> dict[str, int]:
@@ -143,3 +117,60 @@ def stat_inputs(inputs: list[Any], storage_options: dict | None = None) -> dict[
                 raise _changed(inp, etag)
             sizes[inp.url] = int(entry["size"])
     return sizes
+
+
+def group_keys(g: Any, storage_options: dict | None) -> dict[str, list[str]]:
+    """Each input's kept keys (``g``: a ``reshard.Group``): given, or read from the decision table
+    for this group alone."""
+    keys = {i.shard: i.kept for i in g.inputs if i.decisions is None}
+    by_table: dict[str, list[str]] = {}
+    for i in g.inputs:
+        if i.decisions is not None:
+            by_table.setdefault(i.decisions, []).append(i.shard)
+    if by_table:
+        from curation.selection.kept import load_kept
+
+        for table, shards in by_table.items():
+            keys.update(load_kept(table, g.dataset, shards, storage_options))
+    return keys
+
+
+def kept_spans(g: Any, storage_options: dict | None, sizes: dict[str, int], refused: list[dict[str, str]],
+               scanner: Callable[[VerifiedInput], Iterator[Sample | Span]]) -> Iterator[tuple[str, Span]]:
+    """(input shard, span) of the kept samples of a group's inputs, in input order; each input
+    verified as it is read: one whose bytes are not the ones scored raises once read to its end,
+    before the group commits anything. Kept samples that must not be written go to ``refused``."""
+    kept = group_keys(g, storage_options)
+    for inp in g.inputs:
+        keep = set(kept[inp.shard])
+        found = 0
+        f = open_input(inp, storage_options)
+        src = input_reader(inp, f)
+        try:
+            try:
+                for item in scanner(src):
+                    if type(item) is Span:
+                        marks = [k in keep for k in item.keys]
+                        found += sum(marks)
+                        for part in kept_parts(item, marks):
+                            yield inp.shard, part
+                        continue
+                    key, pieces, why = item
+                    if key not in keep:
+                        continue
+                    found += 1
+                    if why:
+                        refused.append({"dataset": inp.dataset, "shard": inp.shard, "key": key, "reason": why})
+                        log.warning("input shard %s: not writing kept sample %r: %s", inp.url, key, why)
+                        continue
+                    yield inp.shard, one_sample(key, pieces)
+            except TarFormatError as e:
+                verify_input(inp, src)  # a shard that changed explains a broken tar better than the break does
+                raise ReshardError(f"input shard {inp.url}: {e}") from None
+            sizes[inp.url] = verify_input(inp, src)
+        finally:
+            src.close()
+            f.close()
+        if found != len(keep):
+            raise ReshardError(f"input shard {inp.url} has {found} of the {len(keep)} kept samples the scores "
+                               f"list; it changed since it was scored")
