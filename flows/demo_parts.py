@@ -104,8 +104,8 @@ def pretrain_pairs(pairs_dir: str, pairs: int, seed: int, info: Callable[[str], 
     the filter and the proxies: they depend on the seed and size only, not on the curated manifest."""
     from training_hooks.bootstrap import synthesize_pretrain_pairs
 
-    synthesize_pretrain_pairs(pairs_dir, pairs, seed)
-    info(f"{pairs} vision pretraining pairs ready in {pairs_dir}")
+    synthesize_pretrain_pairs(pairs_dir, pairs, seed, decode_for="demo")  # read and decoded here, beside the filter
+    info(f"{pairs} vision pretraining pairs ready (and decoded) in {pairs_dir}")
     return {"dir": pairs_dir, "pairs": pairs}
 
 
