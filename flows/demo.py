@@ -291,6 +291,18 @@ def _report(out: str, report: dict[str, Any], manifest: Any, curated: dict[str, 
     return {k: v for k, v in report.items() if not k.startswith("_")}
 
 
+def warm_up() -> None:
+    """What the flow needs first, done before it runs (``curate demo`` does it while Prefect's
+    database migrates in a child process, which leaves a core idle): torch's import, and the local
+    Ray its scoring would start (the CPUs the scoring recipe asks for; or the cluster in RAY_ADDRESS)."""
+    import torch  # noqa: F401
+
+    from curation.common.raycluster import ensure_ray
+    from flows import demo_parts as d
+
+    ensure_ray(d.ray_cpus())
+
+
 @flow(name="demo", log_prints=True)
 def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True,
               ray_train: bool = True) -> dict[str, Any]:

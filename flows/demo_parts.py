@@ -118,10 +118,15 @@ def train_filter(trusted: str, out: str, steps: int, seed: int, info: Callable[[
     return {"dir": out, "steps": r.steps, "final_loss": r.final_loss}
 
 
+def ray_cpus() -> int:
+    """The CPUs of the local Ray the demo scores (and trains) on."""
+    return min(2, os.cpu_count() or 1)
+
+
 def score_recipe(cfg_datasets: list[Any], filter_dir: str, proxies: dict[str, str]) -> dict[str, Any]:
     return {
         "work": "work",
-        "ray": {"num_cpus": min(2, os.cpu_count() or 1)},
+        "ray": {"num_cpus": ray_cpus()},
         "sources": [{"shards": f"corpus/{d.name}", "kind": d.kind} for d in cfg_datasets],
         "scorers": [
             {"name": "basic", "workers": 1, "batch_size": 64},
