@@ -47,9 +47,9 @@ def test_decoded_pairs_train_the_same_tower_as_the_shards(tmp_path):
 
 def test_decoded_pairs_of_other_shards_are_not_used(tmp_path):
     shards = synthesize_pretrain_pairs(str(tmp_path / "pp"), 40, 3, decode_for="demo")
-    assert decoded_pairs.load(shards, 32) is not None
+    assert decoded_pairs.fresh(shards, 32)
     assert len(decoded_pairs.load(shards, 32)["views"]) == 40
     assert decoded_pairs.load(shards, 48) is None  # another tile size
     shard = os.path.join(shards, sorted(f for f in os.listdir(shards) if f.endswith(".tar"))[0])
     os.utime(shard, ns=(0, 0))  # a shard written since: the shards are read again
-    assert decoded_pairs.load(shards, 32) is None
+    assert decoded_pairs.load(shards, 32) is None and not decoded_pairs.fresh(shards, 32)

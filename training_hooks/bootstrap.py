@@ -162,6 +162,6 @@ def synthesize_pretrain_pairs(pairs_dir: str, pairs: int, pairs_seed: int, worke
     shards = os.path.join(pairs_dir, "pretrain_pairs")
     if decode_for is not None:
         tile = int((decode_for if isinstance(decode_for, dict) else SIZES[decode_for])["vision"]["image_size"])
-        if decoded_pairs.load(shards, tile) is None:
+        if not decoded_pairs.fresh(shards, tile):
             decoded_pairs.write(shards, tile)
     return shards

@@ -64,18 +64,25 @@ def write(shards: str, tile: int) -> str:
     return path
 
 
-def load(shards: str, tile: int) -> dict[str, Any] | None:
-    """What ``write`` kept for ``shards``, the views normalized as the tower sees them ((N, 3, t, t)
-    float32); None when there is no such file or the shards changed since."""
+def fresh(shards: str, tile: int) -> bool:
+    """Whether ``shards`` (a folder) has its pairs decoded at ``tile`` by ``write`` since they were last written."""
     from curation.data.shards import list_shards
-    from model.image_processing import MEAN, STD
 
     path = path_for(shards, tile) if os.path.isdir(shards) else ""
     if not path or not os.path.isfile(path):
-        return None
+        return False
     with np.load(path) as z:
-        if str(z["shards"]) != _fingerprint(list_shards(shards)):
-            return None
+        return str(z["shards"]) == _fingerprint(list_shards(shards))
+
+
+def load(shards: str, tile: int) -> dict[str, Any] | None:
+    """What ``write`` kept for ``shards``, the views normalized as the tower sees them ((N, 3, t, t)
+    float32); None when there is no such file or the shards changed since."""
+    from model.image_processing import MEAN, STD
+
+    if not fresh(shards, tile):
+        return None
+    with np.load(path_for(shards, tile)) as z:
         arr = torch.from_numpy(z["pixels"].astype(np.float32) / 255.0).permute(0, 3, 1, 2)
         views = (arr - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
         return {"views": views, "captions": z["captions"].tolist(), "unreadable": z["unreadable"].tolist(),
