@@ -62,14 +62,17 @@ def _stamp(path: str, key: dict[str, Any]) -> None:
         json.dump(key, f)
 
 
-def _pretrained_init(out: str, manifest: Any, seed: int, size: str) -> tuple[str, dict[str, Any]]:
+def _pretrained_init(out: str, manifest: Any, seed: int, size: str, pairs_ready: Any = None) -> tuple[str, dict[str, Any]]:
     """The NVILA both runs start from: built for the manifest, its vision tower pretrained on clean
-    pairs of its own (NVILA starts from a pretrained SigLIP); reused when built for this seed and size."""
+    pairs of its own (NVILA starts from a pretrained SigLIP); reused when built for this seed and size.
+    ``pairs_ready()`` waits for the pairs' own process (``_start_pretrain_pairs``), if one was started."""
     from flows import demo_parts as d
     from training_hooks.bootstrap import init_pretrained_model
     from training_hooks.vision_pretrain import REPORT
 
     init, pairs, key = _init_dir(out), _pairs_dir(out), {"seed": seed, "size": size}
+    if pairs_ready is not None:
+        pairs_ready()
     if not _cached(init, REPORT, key):
         n_pairs, steps = d.vision_pretrain_for(size)
         fresh_pairs = not _cached(pairs, "ground_truth.parquet", key)  # (synthesized by init_pretrained_model)
@@ -96,8 +99,10 @@ def _pairs_seed(seed: int) -> int:
 
 
 def _start_pretrain_pairs(out: str, seed: int, size: str, train: bool) -> Any:
-    """The tower's pretraining pairs, synthesized in a child process beside the filter and the
-    proxies (a core idles once the filter is done); None when there is nothing to synthesize."""
+    """The tower's pretraining pairs, synthesized (and read and decoded for the tower) in a child
+    process beside the filter and the proxies (a core idles once the filter is done) and on through
+    scoring and curation, which leave a core idle too; None when there is nothing to synthesize,
+    else what waits for it."""
     from flows import demo_parts as d
     from flows.child import Child
     from training_hooks.vision_pretrain import REPORT
@@ -172,14 +177,14 @@ def _uncurated(out: str, seed: int) -> dict[str, Any]:
 
 
 def _train_both(out: str, curated: dict[str, Any], seed: int, size: str, timings: dict[str, Any],
-                on_ray: bool = True) -> dict[str, Any]:
+                on_ray: bool = True, pairs_ready: Any = None) -> dict[str, Any]:
     """The curated NVILA through its five stages; beside it (on Ray Train, the curated run is a
     worker process of its own) the same NVILA on the uncurated corpus with the same steps per
     stage up to image_sft; then both image_sft checkpoints captioning the same held-out images."""
     from curation.selection.manifest import load_manifest
 
     with _timed(timings, "vision_pretrain"):
-        init, vision = _pretrained_init(out, load_manifest(curated["manifest"]), seed, size)
+        init, vision = _pretrained_init(out, load_manifest(curated["manifest"]), seed, size, pairs_ready)
         heldout = _heldout(out, seed, size)
     recipe = _train_recipe(out, init, seed, "train", on_ray=on_ray)
     steps = _curated_steps(curated["manifest"], recipe)
@@ -286,6 +291,18 @@ def _report(out: str, report: dict[str, Any], manifest: Any, curated: dict[str, 
     return {k: v for k, v in report.items() if not k.startswith("_")}
 
 
+def warm_up() -> None:
+    """What the flow needs first, done before it runs (``curate demo`` does it while Prefect's
+    database migrates in a child process, which leaves a core idle): torch's import, and the local
+    Ray its scoring would start (the CPUs the scoring recipe asks for; or the cluster in RAY_ADDRESS)."""
+    import torch  # noqa: F401
+
+    from curation.common.raycluster import ensure_ray
+    from flows import demo_parts as d
+
+    ensure_ray(d.ray_cpus())
+
+
 @flow(name="demo", log_prints=True)
 def demo_flow(out: str = "./curate-demo", size: str = "small", seed: int = 0, train: bool = True,
               ray_train: bool = True) -> dict[str, Any]:
@@ -317,19 +334,19 @@ def _demo(out: str, size: str, seed: int, train: bool, ray_train: bool, log: Any
     with _timed(timings, "train_filter_and_proxies"):
         # side by side, one torch thread each: the filter in a child process, the proxies here
         # and the vision tower's pretraining pairs in a third process, taking the core the filter leaves
+        # (it goes on through scoring and curation; the tower's pretraining waits for it)
         trusted = os.path.join(out, "trusted", "trusted_pairs")
         pairs_done = _start_pretrain_pairs(out, seed, size, train)
         filt_run = train_filter_task.submit(trusted, os.path.join(out, "models", "dfn-filter"), filter_steps, seed)
         proxies = train_proxies_task(trusted, os.path.join(out, "models", "proxies"), proxy_steps, seed)
         filt = filt_run.result()
-        if pairs_done is not None:
-            pairs_done(log)
     with _timed(timings, "score"):
         scores = _score(out, size, seed, filt["dir"], proxies)
     with _timed(timings, "curate"):
         curated = _curate(out, size, seed, filt["dir"], scores)
     manifest = load_manifest(curated["manifest"])
-    trained = _train_both(out, curated, seed, size, timings, ray_train) if train else {"training": None, "caption_eval": None}
+    trained = (_train_both(out, curated, seed, size, timings, ray_train, pairs_done and (lambda: pairs_done(log))) if train
+               else {"training": None, "caption_eval": None})
     # the phases cover the run: its CPU seconds are theirs, summed
     timings["total"] = {"wall_s": round(time.time() - t_all, 1), "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1)}
     report = {"out": out, "size": size, "seed": seed, "corpus": corpus,

@@ -104,8 +104,8 @@ def pretrain_pairs(pairs_dir: str, pairs: int, seed: int, info: Callable[[str], 
     the filter and the proxies: they depend on the seed and size only, not on the curated manifest."""
     from training_hooks.bootstrap import synthesize_pretrain_pairs
 
-    synthesize_pretrain_pairs(pairs_dir, pairs, seed)
-    info(f"{pairs} vision pretraining pairs ready in {pairs_dir}")
+    synthesize_pretrain_pairs(pairs_dir, pairs, seed, decode_for="demo")  # read and decoded here, beside the filter
+    info(f"{pairs} vision pretraining pairs ready (and decoded) in {pairs_dir}")
     return {"dir": pairs_dir, "pairs": pairs}
 
 
@@ -118,10 +118,15 @@ def train_filter(trusted: str, out: str, steps: int, seed: int, info: Callable[[
     return {"dir": out, "steps": r.steps, "final_loss": r.final_loss}
 
 
+def ray_cpus() -> int:
+    """The CPUs of the local Ray the demo scores (and trains) on."""
+    return min(2, os.cpu_count() or 1)
+
+
 def score_recipe(cfg_datasets: list[Any], filter_dir: str, proxies: dict[str, str]) -> dict[str, Any]:
     return {
         "work": "work",
-        "ray": {"num_cpus": min(2, os.cpu_count() or 1)},
+        "ray": {"num_cpus": ray_cpus()},
         "sources": [{"shards": f"corpus/{d.name}", "kind": d.kind} for d in cfg_datasets],
         "scorers": [
             {"name": "basic", "workers": 1, "batch_size": 64},

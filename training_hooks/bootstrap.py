@@ -130,23 +130,38 @@ def init_pretrained_model(manifest: Any, out_dir: str, pairs_dir: str, *, pairs:
     there (by ``workers`` processes): the stand-in for the pretrained SigLIP NVILA starts from;
     the caption-word pretraining also runs on ``workers`` data-parallel processes on a CPU.
     Returns the pretraining report."""
-    from training_hooks.vision_pretrain import pretrain_vision
+    from contextlib import nullcontext
 
-    init_tiny_model(manifest, out_dir, size=size, seed=seed, image_mode=image_mode, prompts=prompts)
-    shards = synthesize_pretrain_pairs(pairs_dir, pairs, pairs_seed, workers)
-    return pretrain_vision(out_dir, shards, objective=objective, steps=steps,
-                           batch_size=min(128, pairs // 4), seed=seed, info=info, workers=workers)
+    from training_hooks.vision_parallel import SpawnedRanks
+    from training_hooks.vision_pretrain import data_parallel_workers, pretrain_vision
+
+    parallel = data_parallel_workers(objective, workers)
+    # the data-parallel ranks start up while the model is built and the pairs are read
+    with SpawnedRanks(parallel) if parallel > 1 else nullcontext() as ranks:
+        init_tiny_model(manifest, out_dir, size=size, seed=seed, image_mode=image_mode, prompts=prompts)
+        shards = synthesize_pretrain_pairs(pairs_dir, pairs, pairs_seed, workers)
+        return pretrain_vision(out_dir, shards, objective=objective, steps=steps,
+                               batch_size=min(128, pairs // 4), seed=seed, info=info, workers=workers, ranks=ranks)
 
 
-def synthesize_pretrain_pairs(pairs_dir: str, pairs: int, pairs_seed: int, workers: int = 1) -> str:
+def synthesize_pretrain_pairs(pairs_dir: str, pairs: int, pairs_seed: int, workers: int = 1,
+                              decode_for: str | dict[str, Any] | None = None) -> str:
     """The clean pairs the vision tower pretrains on (``<pairs_dir>/pretrain_pairs``), synthesized
     unless already there; they depend on ``pairs`` and ``pairs_seed`` only (each shard is drawn
-    from its own seed, so ``workers`` changes nothing in them)."""
+    from its own seed, so ``workers`` changes nothing in them). ``decode_for`` (a size): also read
+    and decode them once for that size's tower (``training_hooks.decoded_pairs``), so that its
+    pretraining need not."""
     import os
 
     from curation.corpus.synth import DatasetSpec, SynthConfig, synthesize
+    from training_hooks import decoded_pairs
 
     if not os.path.isfile(os.path.join(pairs_dir, "ground_truth.parquet")):
         synthesize(pairs_dir, SynthConfig(seed=pairs_seed, datasets=[DatasetSpec("pretrain_pairs", "pair", pairs, {}, 1000)]),
                    workers=workers)
-    return os.path.join(pairs_dir, "pretrain_pairs")
+    shards = os.path.join(pairs_dir, "pretrain_pairs")
+    if decode_for is not None:
+        tile = int((decode_for if isinstance(decode_for, dict) else SIZES[decode_for])["vision"]["image_size"])
+        if not decoded_pairs.fresh(shards, tile):
+            decoded_pairs.write(shards, tile)
+    return shards

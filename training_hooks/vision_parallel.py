@@ -8,7 +8,8 @@ draws the same batches from the same random state and takes batch items ``rank, 
 ...``; each rank's loss is its share of the whole batch's loss (summed over its images, divided
 by the whole batch), so the step is the single-process step on the whole batch, up to the order
 of the float sums. The pairs are decoded once, by the caller: the spawned ranks get the image
-tensors through shared memory (``torch.multiprocessing``).
+tensors through shared memory (``torch.multiprocessing``). The ranks are spawned before that
+(``SpawnedRanks``): their start-up overlaps the caller's.
 """
 
 from __future__ import annotations
@@ -77,56 +78,100 @@ def _unused(tower: Any) -> list[nn.Parameter]:
     return [p for p in tower.parameters() if p.requires_grad and id(p) not in keep]
 
 
-def _spawned_rank(rank: int, world: int, init: str, model_dir: str, views: torch.Tensor, ids: list[list[int]],
-                  train: list[int], rng_state: Any, settings: dict[str, Any]) -> None:
-    """A spawned rank: its own copy of the model (DDP starts it from rank 0's weights)."""
+def _spawned_rank(rank: int, world: int, init: str, work: Any, threads: int) -> None:
+    """A spawned rank: started before its work is known (its imports overlap the caller's set-up), it
+    waits for it on ``work`` (a queue; None: nothing to do), then trains its own copy of the model
+    (DDP starts it from rank 0's weights)."""
+    torch.set_num_threads(threads)
     import torch.distributed as dist
 
     from model import NVILAForCausalLM
 
-    torch.set_num_threads(settings["threads"])
+    job = work.get()
+    if job is None:
+        return
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
-        model = NVILAForCausalLM.from_pretrained(model_dir)
-        head = WordHead(model.vision_tower.hidden_size, settings["vocab"])
+        model = NVILAForCausalLM.from_pretrained(job["model_dir"])
+        head = WordHead(model.vision_tower.hidden_size, job["settings"]["vocab"])
         rng = random.Random()
-        rng.setstate(rng_state)
-        _rank_loop(rank, world, model, head, views, ids, train, rng, settings, lambda s: None)
+        rng.setstate(job["rng_state"])
+        _rank_loop(rank, world, model, head, job["views"], job["ids"], job["train"], rng, job["settings"], lambda s: None)
     finally:
         dist.destroy_process_group()
 
 
+class SpawnedRanks:
+    """Ranks ``1 .. workers - 1`` of a data-parallel pretraining, spawned at once and waiting for their
+    work (``send``): a spawned interpreter takes seconds to import torch and the model, which it does
+    while the caller builds the model and reads the pairs. ``close`` ends any that got no work."""
+
+    def __init__(self, workers: int) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.workers = workers
+        self._tmp = tempfile.TemporaryDirectory(prefix="vision-ddp-")
+        self.init = os.path.join(self._tmp.name, "store")
+        self._queues = [ctx.SimpleQueue() for _ in range(1, workers)]
+        self.procs = [ctx.Process(target=_spawned_rank, args=(r, workers, self.init, q, torch.get_num_threads()),
+                                  daemon=True) for r, q in zip(range(1, workers), self._queues)]
+        self._sent = False
+        for p in self.procs:
+            p.start()
+
+    def send(self, job: dict[str, Any]) -> None:
+        for q in self._queues:
+            q.put(job)
+        self._sent = True
+
+    def close(self) -> None:
+        if not self._sent:
+            self.send(None)  # type: ignore[arg-type]
+        for p in self.procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "SpawnedRanks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def train_words_parallel(model_dir: str, model: Any, head: WordHead, media: Sequence[torch.Tensor],
                          ids: Sequence[list[int]], train: list[int], rng: random.Random, *, vocab: int, steps: int,
-                         batch_size: int, lr: float, workers: int, info: Callable[[str], None]) -> list[dict[str, Any]]:
+                         batch_size: int, lr: float, workers: int, info: Callable[[str], None],
+                         ranks: SpawnedRanks | None = None) -> list[dict[str, Any]]:
     """Train ``model``'s tower and ``head`` (rank 0, in this process) with ``workers - 1`` spawned
-    ranks; ``model_dir`` holds the model the spawned ranks load. Returns the loss curve."""
+    ranks (``ranks``, started beforehand, or started here); ``model_dir`` holds the model the
+    spawned ranks load. Returns the loss curve."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         raise RuntimeError("data-parallel vision pretraining needs a process with no process group of its own")
+    own = ranks is None
+    ranks = SpawnedRanks(workers) if ranks is None else ranks
+    if ranks.workers != workers:
+        raise ValueError(f"{ranks.workers} ranks started for {workers} workers")
     views = torch.stack(list(media)).share_memory_()
-    settings = {"vocab": vocab, "steps": steps, "batch_size": batch_size, "lr": lr, "threads": torch.get_num_threads()}
-    ctx = torch.multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="vision-ddp-") as tmp:
-        init = os.path.join(tmp, "store")
-        ranks = [ctx.Process(target=_spawned_rank, args=(r, workers, init, model_dir, views, list(ids), train,
-                                                          rng.getstate(), settings), daemon=True)
-                 for r in range(1, workers)]
-        for p in ranks:
-            p.start()
+    settings = {"vocab": vocab, "steps": steps, "batch_size": batch_size, "lr": lr}
+    try:
+        ranks.send({"model_dir": model_dir, "views": views, "ids": list(ids), "train": train,
+                    "rng_state": rng.getstate(), "settings": settings})
+        dist.init_process_group("gloo", init_method=f"file://{ranks.init}", rank=0, world_size=workers, timeout=TIMEOUT)
         try:
-            dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=workers, timeout=TIMEOUT)
-            try:
-                curve = _rank_loop(0, workers, model, head, views, ids, train, rng, settings, info)
-            finally:
-                dist.destroy_process_group()
+            curve = _rank_loop(0, workers, model, head, views, ids, train, rng, settings, info)
         finally:
-            for p in ranks:
+            dist.destroy_process_group()
+    finally:
+        if own:
+            ranks.close()
+        else:
+            for p in ranks.procs:
                 p.join(timeout=60)
-                if p.is_alive():
-                    p.kill()
-    failed = [p.exitcode for p in ranks if p.exitcode != 0]
+    failed = [p.exitcode for p in ranks.procs if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"a vision pretraining rank failed (exit codes {failed})")
     return curve

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training_hooks import decoded_pairs as _decoded
 from training_hooks.vision_words import (WordHead, frequency_precision, heldout_precision, image_view, multi_hot,
                                         word_loss)
 
@@ -144,6 +145,26 @@ def load_pairs(shards: Sequence[str] | str, model: Any, tok: Any,
     return media, ids, skipped
 
 
+def _decoded_pairs(decoded: dict[str, Any], tok: Any) -> tuple[list[Any], list[list[int]], Counter]:
+    """``load_pairs`` of pairs read and decoded beforehand (``training_hooks.decoded_pairs``): the same
+    samples, skipped for the same reasons, the same views."""
+    views, media, ids, skipped = decoded["views"], [], [], Counter()
+    for i, (caption, unreadable, bad) in enumerate(zip(decoded["captions"], decoded["unreadable"], decoded["bad_media"])):
+        if unreadable:
+            skipped["unreadable"] += 1
+            continue
+        text = caption.strip()
+        tokens = tok(text, add_special_tokens=False)["input_ids"] if text else []
+        if not tokens:
+            skipped["no_caption"] += 1
+        elif bad:
+            skipped[f"bad_media: {bad[1:]}"] += 1  # "!<why>"
+        else:
+            media.append(views[i])
+            ids.append(tokens)
+    return media, ids, skipped
+
+
 @torch.no_grad()
 def retrieval_accuracy(model: Any, heads: ContrastiveHeads, media: Sequence[Any], ids: Sequence[list[int]]) -> float:
     """Image-to-text top-1 among the given pairs."""
@@ -229,25 +250,45 @@ def _sigmoid(model: Any, media: list[Any], ids: list[list[int]], train: list[int
     return params, loss_of, measure, None
 
 
+def data_parallel_workers(objective: str, workers: int) -> int:
+    """The processes a pretraining runs on: ``workers`` for ``words`` on a CPU, else one."""
+    return workers if objective == "words" and not torch.cuda.is_available() else 1
+
+
 def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, objective: str = "words", steps: int = 3000,
                     batch_size: int = 128, lr: float = 2e-3, heldout: int = 128, group: int = 16, seed: int = 0,
-                    info: Callable[[str], None] = lambda s: None, workers: int = 1) -> dict[str, Any]:
+                    info: Callable[[str], None] = lambda s: None, workers: int = 1, ranks: Any = None) -> dict[str, Any]:
     """Pretrain ``model_dir``'s vision tower (``sigmoid``: and projector) on the pairs in ``shards``
     with ``objective``; save it back into ``model_dir`` and return (and write) the report.
-    ``workers`` > 1 (``words`` on CPU): that many data-parallel processes, one batch split between them."""
-    from model import NVILAForCausalLM
-    from model.nvila import load_tokenizer
-
+    ``workers`` > 1 (``words`` on CPU): that many data-parallel processes, one batch split between them,
+    the spawned ones started first (or beforehand by the caller: ``ranks``, a ``vision_parallel.SpawnedRanks``)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown vision pretraining objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if steps < 1 or batch_size < 2:
         raise ValueError("vision pretraining needs steps >= 1 and batch_size >= 2")
+    kwargs = dict(objective=objective, steps=steps, batch_size=batch_size, lr=lr, heldout=heldout, group=group, seed=seed,
+                  info=info, workers=data_parallel_workers(objective, workers))
+    if kwargs["workers"] > 1 and ranks is None:
+        from training_hooks.vision_parallel import SpawnedRanks
+
+        with SpawnedRanks(kwargs["workers"]) as started:  # their start-up overlaps reading the pairs
+            return _pretrain(model_dir, shards, ranks=started, **kwargs)
+    return _pretrain(model_dir, shards, ranks=ranks if kwargs["workers"] > 1 else None, **kwargs)
+
+
+def _pretrain(model_dir: str, shards: Sequence[str] | str, *, objective: str, steps: int, batch_size: int, lr: float,
+              heldout: int, group: int, seed: int, info: Callable[[str], None], workers: int, ranks: Any) -> dict[str, Any]:
+    from model import NVILAForCausalLM
+    from model.nvila import load_tokenizer
+
     t0 = time.time()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = NVILAForCausalLM.from_pretrained(model_dir)
     tok = load_tokenizer(model_dir)
-    media, ids, skipped = load_pairs(shards, model, tok, image_view if objective == "words" else None)
+    decoded = _decoded.load(shards, model.config.tile_size) if objective == "words" and isinstance(shards, str) else None
+    media, ids, skipped = (_decoded_pairs(decoded, tok) if decoded is not None
+                           else load_pairs(shards, model, tok, image_view if objective == "words" else None))
     order = list(range(len(media)))
     rng.shuffle(order)
     held = order[:min(heldout, len(order) // 5)]
@@ -260,12 +301,11 @@ def pretrain_vision(model_dir: str, shards: Sequence[str] | str, *, objective: s
     params, loss_of, measure, head = (_words if objective == "words" else _sigmoid)(model, media, ids, train, held,
                                                                                    len(tok), device)
     before = measure()
-    workers = workers if head is not None and device.type == "cpu" else 1  # data parallel: ``words`` on CPU
     if workers > 1:
         from training_hooks.vision_parallel import train_words_parallel
 
         curve = train_words_parallel(model_dir, model, head, media, ids, train, rng, vocab=len(tok), steps=steps,
-                                     batch_size=batch_size, lr=lr, workers=workers, info=info)
+                                     batch_size=batch_size, lr=lr, workers=workers, info=info, ranks=ranks)
     else:
         curve = _train(params, loss_of, model, _batches(rng, objective, ids, train, len(tok), batch_size, group), steps,
                        lr, info)

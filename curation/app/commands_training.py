@@ -164,11 +164,13 @@ def demo(
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from flows.demo import demo_flow
+    from flows.demo import demo_flow, warm_up
     from flows.local_server import local_prefect
 
-    # no Prefect server configured: the run gets its own database under --out (see flows/local_server.py)
-    with local_prefect(os.path.join(out, ".prefect"), info=lambda m: console.print(m, markup=False)) as where:
+    # no Prefect server configured: the run gets its own database under --out (see flows/local_server.py),
+    # migrated while the flow's Ray starts
+    with local_prefect(os.path.join(out, ".prefect"), info=lambda m: console.print(m, markup=False),
+                       meanwhile=warm_up) as where:
         console.print(f"Prefect runs recorded at {where}", markup=False, highlight=False)
         report = demo_flow(out=out, size=size, seed=seed, train=train, ray_train=ray_train)
     print_synth_summary(report["corpus"])
