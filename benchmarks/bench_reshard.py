@@ -29,9 +29,12 @@ verified copy's, and its rate >= 0.9 x the least verified copy's. The `curate re
 also run once as a subprocess (Python start-up and Ray start included); that time is printed but
 not in the ratios.
 
-With two sizes (``--samples 20000 60000``) every arm runs on both corpora and the JSON adds the
-marginal CPU seconds per GB (the difference of the median CPU seconds over the difference of the
-sizes): per-run costs (selection in DuckDB, planning, the manifest, Ray's task start) cancel.
+With two sizes or more (``--samples 20000 40000 80000``) every arm runs on each corpus and the
+JSON adds, between the first and the last size, the marginal CPU seconds per GB (the difference of
+the median CPU seconds over the difference of the sizes: per-run costs such as selection in DuckDB,
+planning, the manifest and Ray's task start cancel) and each arm's growth exponent (CPU s ~
+size^k). Each size also records the peak RSS of the Ray workers that resharded it (VmHWM; Ray
+is started afresh per size).
 
 What bounds the ratios: resharding hashes every byte twice (the input against the checksum it was
 scored with, XXH3-128 for local shards; the output for the md5 the wids index records), the least
@@ -42,7 +45,7 @@ about 1.02x the least verified copy, and the rest of the 1.15x allowed is reshar
 page cache runs at memory speed; the output md5 alone keeps anything that writes a wids index
 well below it on 2 cores.
 
-    python benchmarks/bench_reshard.py [--samples 20000 [60000]] [--keep 1.0] [--workers 2] [--repeats 3] [--json out.json]
+    python benchmarks/bench_reshard.py [--samples 20000 [40000 ...]] [--keep 1.0] [--workers 2] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -164,6 +168,22 @@ def _cpu() -> tuple[float, float]:
     return work, sum(own for cmd, own, _ in tree if _is_ray_system(cmd))
 
 
+def _ray_worker_peak_rss_mb() -> float:
+    """The largest peak RSS (VmHWM) of this run's live Ray worker processes, the processes that
+    reshard in the Ray arm (they are started per corpus, so the peak is this corpus')."""
+    from flows.cputime import process_tree
+
+    peaks = []
+    for pid, (cmd, _, _) in process_tree().items():
+        if cmd.startswith("ray::") or "default_worker.py" in cmd:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    peaks += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")]
+            except OSError:
+                pass
+    return round(max(peaks, default=0.0), 1)
+
+
 def _arms(w: int) -> list[tuple[str, str, bool, str]]:
     """(name, kind, parallel, copy mode) in the order they alternate."""
     return [(f"verified_copy_{w}", "copy", True, "verified"), (f"ours_ray{w}", "ours", True, ""),
@@ -205,6 +225,7 @@ def run_arms(args: argparse.Namespace, samples: int) -> dict:
                 if kind == "ours" and parallel:
                     ray_sys.append(s1 - s0)
                 shutil.rmtree(dst)
+        worker_rss = _ray_worker_peak_rss_mb()
         ray.shutdown()
         load = os.getloadavg()
         cli_s = None if args.no_cli else cli_once(work, policy, f"{root}/cli", args.max_samples, w)
@@ -221,6 +242,7 @@ def run_arms(args: argparse.Namespace, samples: int) -> dict:
             "cpu_s_median": {k: round(v, 3) for k, v in median.items()},
             "cpu_s_per_gb": {k: round(v / gb, 2) for k, v in median.items()},  # each arm's median repeat
             "ray_system_cpu_s_per_gb": round(ray_sys[best[f"ours_ray{w}"]] / gb, 2),
+            "ray_worker_peak_rss_mb": worker_rss,
             "cli_wall_s": round(cli_s, 2) if cli_s else None}
 
 
@@ -244,7 +266,8 @@ def report(result: dict) -> None:
               f"copy_{w}": f"plain copy, {w} processes (no target)"}
     for arm, label in labels.items():
         print(f"  {label:<38} {rate[arm]:8.1f} {cpu[arm]:9.2f}")
-    print(f"  Ray's daemons (raylet, GCS) during the Ray arm: {result['ray_system_cpu_s_per_gb']:.2f} CPU s/GB (not in the above)")
+    print(f"  Ray's daemons (raylet, GCS) during the Ray arm: {result['ray_system_cpu_s_per_gb']:.2f} CPU s/GB (not in the above);"
+          f" peak RSS of a Ray worker {result['ray_worker_peak_rss_mb']:.0f} MB")
     print(f"  {w} workers each: rate {result['reshard_vs_verified_copy']:.3f} of the least verified copy (target >= 0.9), "
           f"CPU s/GB {result['reshard_cpu_vs_verified_copy']:.3f} x (target <= 1.15)")
     print(f"  vs the copy with both hashes ({w} each): rate {result['reshard_vs_checked_copy']:.3f}, "
@@ -264,7 +287,10 @@ def marginal(small: dict, large: dict) -> dict:
     gb = (large["input_mb"] - small["input_mb"]) / 1e3
     per_gb = {k: round((large["cpu_s_median"][k] - small["cpu_s_median"][k]) / gb, 2) for k in small["cpu_s_median"]}
     w = small["workers"]
-    out = {"gb": round(gb, 3), "cpu_s_per_gb": per_gb,
+    span = math.log(large["input_mb"] / small["input_mb"])
+    exponent = {k: round(math.log(large["cpu_s_median"][k] / small["cpu_s_median"][k]) / span, 3)
+                for k in small["cpu_s_median"]}  # CPU s ~ size^exponent between the two corpora
+    out = {"gb": round(gb, 3), "cpu_s_per_gb": per_gb, "cpu_growth_exponent": exponent,
            "reshard_cpu_vs_verified_copy": round(per_gb[f"ours_ray{w}"] / per_gb[f"verified_copy_{w}"], 3),
            "reshard_cpu_vs_checked_copy": round(per_gb[f"ours_ray{w}"] / per_gb[f"checked_copy_{w}"], 3),
            "ours_1_cpu_vs_verified_copy": round(per_gb["ours_1"] / per_gb["verified_copy_1"], 3)}
@@ -274,6 +300,8 @@ def marginal(small: dict, large: dict) -> dict:
     print(f"  {w} workers each: curate reshard {out['reshard_cpu_vs_verified_copy']:.3f} x the least verified copy, "
           f"{out['reshard_cpu_vs_checked_copy']:.3f} x the copy with both hashes; 1 process: "
           f"{out['ours_1_cpu_vs_verified_copy']:.3f} x")
+    print(f"  growth exponent of CPU s with size: curate reshard (Ray) {exponent[f'ours_ray{w}']:.3f}, "
+          f"least verified copy {exponent[f'verified_copy_{w}']:.3f}")
     return out
 
 
@@ -293,7 +321,7 @@ def main() -> None:
     for samples in args.samples:
         runs.append(run_arms(args, samples))
         report(runs[-1])
-    result = runs[0] if len(runs) == 1 else {"runs": runs, "marginal": marginal(runs[0], runs[-1])}
+    result = runs[0] if len(runs) == 1 else {"runs": runs, "marginal": marginal(runs[0], runs[-1])}  # first and last size
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
